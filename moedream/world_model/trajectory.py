@@ -1,0 +1,89 @@
+"""The batch formats shared by the data loader, the world model, Serve and the coherence gate.
+
+Plain numpy/torch containers; no ray. Shapes use B = batch, T = window length (transitions),
+H = imagination horizon, N = agents, D = padded observation size, A = encoded action size
+(one-hot size for discrete actions, vector size for continuous ones).
+
+Training windows (from ``moedream.data``), as a dict of tensors:
+    obs        [B, T + 1, N, D] float32   o_0 .. o_T
+    action     [B, T, N, A]     float32   encoded a_0 .. a_{T-1}
+    reward     [B, T, N]        float32   r_t received after a_t
+    terminated [B, T, N]        float32   1.0 where the episode ended at step t (not truncation)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+WINDOW_KEYS = ("obs", "action", "reward", "terminated")
+
+
+@dataclasses.dataclass
+class Trajectories:
+    """A batch of imagined (or real) multi-agent trajectories, all of horizon H.
+
+    obs          [B, H + 1, N, D]   start observation then H predicted ones
+    action       [B, H, N, A]       encoded joint actions that were taken
+    reward       [B, H, N]          predicted (or real) rewards
+    terminated   [B, H, N]          predicted termination probabilities (or real 0/1)
+    uncertainty  [B, H] or None     ensemble spread per step (None for real data)
+    obs_std      [B, H, N, D] or None  per-feature std of the predicted next-observation
+                                     distribution where the model gives one (for KL drift)
+    expert_load  [L, E] or None     fraction of tokens routed to each expert per MoE layer
+    """
+
+    obs: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    terminated: np.ndarray
+    uncertainty: np.ndarray | None = None
+    obs_std: np.ndarray | None = None
+    expert_load: np.ndarray | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.obs.shape[0])
+
+    @property
+    def horizon(self) -> int:
+        return int(self.obs.shape[1] - 1)
+
+    def __post_init__(self) -> None:
+        b, h1 = self.obs.shape[:2]
+        for name in ("action", "reward", "terminated"):
+            arr = getattr(self, name)
+            if arr.shape[:2] != (b, h1 - 1):
+                raise ValueError(
+                    f"Trajectories.{name} has leading shape {arr.shape[:2]}, expected "
+                    f"{(b, h1 - 1)} to match obs {self.obs.shape}"
+                )
+
+    def to_dict(self) -> dict[str, list | None]:
+        """JSON-ready nested lists (None kept as None)."""
+        return {
+            f.name: None if getattr(self, f.name) is None else np.asarray(getattr(self, f.name)).tolist()
+            for f in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Trajectories:
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            value = data.get(f.name)
+            kwargs[f.name] = None if value is None else np.asarray(value, dtype=np.float32)
+        return cls(**kwargs)
+
+    def select(self, index: np.ndarray | list[int]) -> Trajectories:
+        """The trajectories at ``index`` along the batch axis."""
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return Trajectories(
+            obs=self.obs[index],
+            action=self.action[index],
+            reward=self.reward[index],
+            terminated=self.terminated[index],
+            uncertainty=pick(self.uncertainty),
+            obs_std=pick(self.obs_std),
+            expert_load=self.expert_load,
+        )

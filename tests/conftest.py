@@ -1,0 +1,50 @@
+"""Shared fixtures. Unit tests never start Ray; integration tests share one local cluster.
+
+The cluster is started with more logical CPUs than the machine has cores (8 on 2 cores), the
+one way moedream fits Train workers, Serve replicas, env runners and the gate at once on a
+laptop (see configs/quickstart.yaml). It is stopped at the end of the session: never `ray stop`,
+which would stop every Ray process on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/moedream/torch_extensions"))
+
+LOGICAL_CPUS = 8
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray cluster for every integration test of the session."""
+    import ray
+
+    ray.init(
+        num_cpus=LOGICAL_CPUS,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}},
+    )
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # Serve was never started in this session
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture
+def storage_path(tmp_path):
+    """Where Train/Tune/RLlib write, instead of ~/ray_results."""
+    path = tmp_path / "ray_results"
+    path.mkdir()
+    return str(path)
