@@ -43,15 +43,27 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 def record(name: str, title: str, body: str, command: str | None = None) -> None:
     """Replace (or append) the block of benchmark ``name`` in RESULTS.md and print it."""
-    command = command or "python " + " ".join([sys.argv[0].replace(os.getcwd() + "/", "")] + sys.argv[1:])
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = command or "python " + " ".join(
+        [sys.argv[0].replace(os.getcwd() + "/", "")] + sys.argv[1:]
+    )
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     block = (
         f"<!-- bench:{name} -->\n## {title}\n\n"
         f"Command: `{command}`  \nMachine: {machine()}  \nMeasured: {stamp}\n\n{body.strip()}\n"
         f"<!-- /bench:{name} -->"
     )
     print(block)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nLatest figures of every script in `benchmarks/`, re-run with `make bench`.\n"
-    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
-    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else "# Benchmark results\n\nLatest figures of every script in `benchmarks/`, re-run with `make bench`.\n"
+    )
+    pattern = re.compile(
+        rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S
+    )
+    text = (
+        pattern.sub(lambda _m: block, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + block + "\n"
+    )
     RESULTS.write_text(text)

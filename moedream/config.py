@@ -136,7 +136,12 @@ def _coerce(hint: Any, value: Any, field: str) -> Any:
         )
         return float(value)
     if hint is int:
-        check(isinstance(value, int) and not isinstance(value, bool), field, value, "must be an integer")
+        check(
+            isinstance(value, int) and not isinstance(value, bool),
+            field,
+            value,
+            "must be an integer",
+        )
         return value
     if hint is bool:
         check(isinstance(value, bool), field, value, "must be true or false")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from moedream.config import ConfigBase, ConfigError
 from moedream.envs.spec import EnvSpec

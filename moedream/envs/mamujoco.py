@@ -28,11 +28,19 @@ class MaMuJoCoConfig(ConfigBase):
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
         check_choice(f"{prefix}scenario", self.scenario, SCENARIOS)
-        check(isinstance(self.agent_conf, str) and "x" in self.agent_conf,
-              f"{prefix}agent_conf", self.agent_conf, "must look like '2x3' (agents x joints)")
+        check(
+            isinstance(self.agent_conf, str) and "x" in self.agent_conf,
+            f"{prefix}agent_conf",
+            self.agent_conf,
+            "must look like '2x3' (agents x joints)",
+        )
         check(self.agent_obsk >= 0, f"{prefix}agent_obsk", self.agent_obsk, "must be >= 0")
-        check(self.max_episode_steps > 0, f"{prefix}max_episode_steps", self.max_episode_steps,
-              "must be > 0")
+        check(
+            self.max_episode_steps > 0,
+            f"{prefix}max_episode_steps",
+            self.max_episode_steps,
+            "must be > 0",
+        )
 
 
 def make_mamujoco(config: MaMuJoCoConfig | None = None, render_mode: str | None = None) -> Any:

@@ -14,13 +14,13 @@ from typing import Any, Literal
 
 import numpy as np
 from gymnasium import spaces
+from overcooked_ai_py.mdp.actions import Action
+from overcooked_ai_py.mdp.overcooked_env import OvercookedEnv
+from overcooked_ai_py.mdp.overcooked_mdp import OvercookedGridworld
 from pettingzoo import ParallelEnv
 
 from moedream.config import ConfigBase, check, check_choice, check_positive
 from moedream.envs import _compat  # noqa: F401  (numpy aliases before overcooked_ai_py)
-from overcooked_ai_py.mdp.actions import Action
-from overcooked_ai_py.mdp.overcooked_env import OvercookedEnv
-from overcooked_ai_py.mdp.overcooked_mdp import OvercookedGridworld
 
 ENCODINGS = ("featurized", "grid")
 
@@ -47,8 +47,12 @@ class OvercookedConfig(ConfigBase):
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
         check_choice(f"{prefix}layout", self.layout, available_layouts())
-        check(isinstance(self.horizon, int) and self.horizon > 0, f"{prefix}horizon",
-              self.horizon, "must be an integer > 0")
+        check(
+            isinstance(self.horizon, int) and self.horizon > 0,
+            f"{prefix}horizon",
+            self.horizon,
+            "must be an integer > 0",
+        )
         check_choice(f"{prefix}encoding", self.encoding, ENCODINGS)
         check_positive(f"{prefix}shaped_reward_weight", self.shaped_reward_weight, allow_zero=True)
 
@@ -88,8 +92,7 @@ class OvercookedParallelEnv(ParallelEnv):
         self._env.reset(regen_mdp=False)
         self.agents = list(self.possible_agents)
         obs = self._encode(self._env.state)
-        return ({a: obs[i] for i, a in enumerate(self.agents)},
-                {a: {} for a in self.agents})
+        return ({a: obs[i] for i, a in enumerate(self.agents)}, {a: {} for a in self.agents})
 
     def step(self, actions: dict[str, int]):
         joint = tuple(Action.INDEX_TO_ACTION[int(actions[a])] for a in self.possible_agents)

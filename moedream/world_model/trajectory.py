@@ -63,7 +63,9 @@ class Trajectories:
     def to_dict(self) -> dict[str, list | None]:
         """JSON-ready nested lists (None kept as None)."""
         return {
-            f.name: None if getattr(self, f.name) is None else np.asarray(getattr(self, f.name)).tolist()
+            f.name: None
+            if getattr(self, f.name) is None
+            else np.asarray(getattr(self, f.name)).tolist()
             for f in dataclasses.fields(self)
         }
 

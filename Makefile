@@ -1,0 +1,50 @@
+# The two commands of the README: `make run` (set up + main job) and `make test` (set up + tests).
+# Set-up happens once: the .venv/.installed stamp is rebuilt only when pyproject.toml or
+# constraints.txt change, so re-running a target on a ready .venv installs nothing.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip
+
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/moedream/torch_extensions
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test test-unit bench lint format install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[dev]"
+	# overcooked-ai 1.1.0 pins an old gym/pygame: install it without its dependencies.
+	$(PIP) install --no-deps overcooked-ai==1.1.0
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/moedream quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests/unit
+
+bench: $(STAMP)
+	@for script in benchmarks/[a-z]*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+lint: $(STAMP)
+	$(BIN)/ruff check moedream tests benchmarks
+	$(BIN)/ruff format --check moedream tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format moedream tests benchmarks
+	$(BIN)/ruff check --fix moedream tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,36 @@
+"""Starting or joining a Ray cluster the same way from every entry point.
+
+On a laptop (no RAY_ADDRESS), moedream starts a local cluster with more logical CPUs than the
+machine has cores (``DEFAULT_LOGICAL_CPUS``): Train workers, Serve replicas, env runners and the
+gate actor then fit at once. That is the one way moedream fits them on 2 cores; the configs'
+``num_cpus`` per actor are sized for it (see configs/quickstart.yaml). On a cluster
+(RAY_ADDRESS set, or inside ``ray job submit``) it joins the existing cluster.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_LOGICAL_CPUS = 8
+
+
+def init_ray(num_cpus: int | None = None, *, address: str | None = None) -> None:
+    """Connect to RAY_ADDRESS (or ``address``) if given, else start a local cluster."""
+    import ray
+
+    # Explicit auth mode: token auth silently turns on once ~/.ray/auth_token exists.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env_vars = {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=num_cpus or DEFAULT_LOGICAL_CPUS,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": env_vars},
+        )
