@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from moedream.config import ConfigBase, ConfigError
+from moedream.envs import _compat  # noqa: F401  numpy-2 aliases, before any overcooked_ai_py import
 from moedream.envs.spec import EnvSpec
 
 

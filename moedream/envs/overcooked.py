@@ -20,7 +20,7 @@ from overcooked_ai_py.mdp.overcooked_mdp import OvercookedGridworld
 from pettingzoo import ParallelEnv
 
 from moedream.config import ConfigBase, check, check_choice, check_positive
-from moedream.envs import _compat  # noqa: F401  (numpy aliases before overcooked_ai_py)
+from moedream.envs import _compat  # noqa: F401  (already imported by moedream.envs, first)
 
 ENCODINGS = ("featurized", "grid")
 

@@ -1,0 +1,162 @@
+"""Coherence gate throughput: trajectory-steps/s and latency for batches of 64 trajectories x 15
+steps, the kernel alone vs through the central gate actor, in one run.
+
+Real data: Overcooked cramped_room (2 agents x 96 features) random-policy windows; the gate is
+fitted on other episodes. Through the actor, every call pays a ``ray.put`` of a fresh batch, the
+actor call, and the atomic write of the counters to disk (the gate persists after every call).
+"Pipelined" keeps ``in_flight`` calls outstanding (the actor still runs them one at a time).
+Starts its own local Ray (RAY_AUTH_MODE=disabled) and shuts it down at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import markdown_table, record  # noqa: E402
+
+from moedream.coherence.kernel import GateConfig, Normalizer, judge  # noqa: E402
+from moedream.platform.commands.calibrate_gate import (  # noqa: E402
+    collect_random_episodes,
+    windows_from_episodes,
+)
+
+
+@dataclasses.dataclass
+class Args:
+    env: str = "overcooked"
+    """Env whose real windows are judged (overcooked or mamujoco)."""
+    batch: int = 64
+    """Trajectories per judge call."""
+    horizon: int = 15
+    """Steps per trajectory."""
+    calls: int = 200
+    """Timed calls per mode (after 10 warm-up calls)."""
+    in_flight: int = 8
+    """Outstanding calls in the pipelined actor mode."""
+
+
+def parse_args() -> Args:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(Args):
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default
+        )
+    return Args(**vars(parser.parse_args()))
+
+
+def real_batches(args: Args):
+    """A fitted normalizer and a pool of real batches [batch, horizon+1, N, D]."""
+    episodes = collect_random_episodes(args.env, n_episodes=12, max_steps=150, seed=0)
+    config = GateConfig()
+    normalizer = Normalizer.fit([e["obs"] for e in episodes[:6]], config)
+    windows = windows_from_episodes(episodes[6:], args.horizon, stride=1)
+    rng = np.random.default_rng(0)
+    pool = [windows.select(rng.choice(len(windows.obs), args.batch)) for _ in range(16)]
+    return config, normalizer, pool
+
+
+def summarize(
+    mode: str, latencies: list[float], steps_per_call: int, wall: float | None = None
+) -> list:
+    lat = np.asarray(latencies) * 1e3
+    wall = wall if wall is not None else float(np.sum(latencies))
+    return [
+        mode,
+        len(latencies) * steps_per_call / wall,
+        float(np.median(lat)),
+        float(np.percentile(lat, 99)),
+    ]
+
+
+def time_kernel(args: Args, config, normalizer, pool) -> list[float]:
+    for b in pool[:10]:
+        judge(b, normalizer, config)
+    out = []
+    for i in range(args.calls):
+        start = time.perf_counter()
+        judge(pool[i % len(pool)], normalizer, config)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def time_actor(ray, gate, args: Args, pool) -> list[float]:
+    ray.get([gate.judge.remote(b, args.env, "bench") for b in pool[:10]])
+    out = []
+    for i in range(args.calls):
+        start = time.perf_counter()
+        ray.get(gate.judge.remote(ray.put(pool[i % len(pool)]), args.env, "bench"))
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def time_pipelined(ray, gate, args: Args, pool) -> tuple[list[float], float]:
+    """Latency of each call from submit to result, with ``in_flight`` calls outstanding."""
+    submitted: dict = {}
+    latencies: list[float] = []
+    start = time.perf_counter()
+    for i in range(args.calls):
+        if len(submitted) >= args.in_flight:
+            done, _ = ray.wait(list(submitted), num_returns=1)
+            latencies.append(time.perf_counter() - submitted.pop(done[0]))
+        ref = gate.judge.remote(ray.put(pool[i % len(pool)]), args.env, "bench")
+        submitted[ref] = time.perf_counter()
+    while submitted:
+        done, _ = ray.wait(list(submitted), num_returns=1)
+        latencies.append(time.perf_counter() - submitted.pop(done[0]))
+    return latencies, time.perf_counter() - start
+
+
+def main(args: Args) -> None:
+    torch.set_num_threads(1)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+
+    from moedream.coherence.gate import get_or_create_gate
+
+    config, normalizer, pool = real_batches(args)
+    steps = args.batch * args.horizon
+    rows = [summarize("kernel alone", time_kernel(args, config, normalizer, pool), steps)]
+    print(rows[-1], flush=True)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+    )
+    try:
+        with tempfile.TemporaryDirectory() as state_dir:
+            gate = get_or_create_gate(
+                config.replace(actor_name="bench_gate", namespace="bench"), normalizer, state_dir
+            )
+            rows.append(summarize("actor, sequential", time_actor(ray, gate, args, pool), steps))
+            print(rows[-1], flush=True)
+            lat, wall = time_pipelined(ray, gate, args, pool)
+            rows.append(summarize(f"actor, {args.in_flight} in flight", lat, steps, wall))
+            print(rows[-1], flush=True)
+            ray.kill(gate, no_restart=True)
+    finally:
+        ray.shutdown()
+    table = markdown_table(
+        ["mode", "trajectory-steps/s", "median latency (ms)", "p99 latency (ms)"], rows
+    )
+    note = (
+        f"{args.env} real windows, batches of {args.batch} trajectories x {args.horizon} steps, "
+        f"{args.calls} timed calls per mode; default GateConfig (L2 drift, stall and support "
+        "checks). The actor rows include `ray.put` of the batch, the call, and the atomic JSON "
+        "write of the counters after every call. Load average at the end: "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared machine: figures are noisy)."
+    )
+    record("gate_throughput", "Coherence gate throughput: kernel vs actor", note + "\n\n" + table)
+
+
+if __name__ == "__main__":
+    main(parse_args())
