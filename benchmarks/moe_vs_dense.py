@@ -1,0 +1,201 @@
+"""Forward + backward throughput of the sparse MoE layer vs a dense FFN with the same active
+parameters (top_k * d_hidden wide) vs DeepSpeed's MoE layer, on this machine.
+
+Goal: native MoE >= 0.7x the dense tokens/s (the MoE does the dense layer's FLOPs times the
+capacity factor, plus routing and dispatch). bf16 autocast is measured beside fp32 only where
+the CPU has AMX (else bf16 matmuls are emulated and slower than fp32; the table says so).
+
+    .venv/bin/python benchmarks/moe_vs_dense.py            # the figures in RESULTS.md
+    .venv/bin/python benchmarks/moe_vs_dense.py --tokens 1024 --repeats 3   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/moedream/torch_extensions")
+)
+
+from benchmarks._common import markdown_table, record  # noqa: E402
+from moedream.world_model.moe import MoEConfig, MoEFeedForward, count_parameters  # noqa: E402
+
+BACKENDS = ("native", "dense", "deepspeed")
+
+
+@dataclasses.dataclass
+class Args:
+    tokens: tuple[int, ...] = (2048, 8192)
+    """token counts per forward (batch x sequence, flattened)"""
+    d_models: tuple[int, ...] = (128, 256)
+    """model widths; each expert is d_hidden = hidden_mult * d_model wide"""
+    hidden_mult: int = 2
+    num_experts: int = 8
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    repeats: int = 7
+    """timed forward+backward steps per case (the median is reported)"""
+    warmup: int = 2
+    threads: int = 2
+    bf16: str = "auto"
+    """auto: measure bf16 autocast only if the CPU has AMX; on; off"""
+    record: bool = True
+    """write the table into benchmarks/RESULTS.md"""
+
+
+def parse_args() -> Args:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for f in dataclasses.fields(Args):
+        default = f.default
+        if isinstance(default, tuple):
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}", type=int, nargs="+", default=list(default)
+            )
+        elif isinstance(default, bool):
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                action=argparse.BooleanOptionalAction,
+                default=default,
+            )
+        else:
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}", type=type(default), default=default
+            )
+    ns = parser.parse_args()
+    return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items()})
+
+
+def has_amx() -> bool:
+    capability = torch.backends.cpu.get_cpu_capability()
+    if "AMX" in capability.upper():
+        return True
+    with contextlib.suppress(OSError):
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    return False
+
+
+def one_step(layer: MoEFeedForward, x: torch.Tensor, precision: str) -> float:
+    """Seconds of one forward + backward (loss = mean(y^2) + aux)."""
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    start = time.perf_counter()
+    with autocast:
+        y, stats = layer(x)
+        loss = y.float().square().mean() + stats.aux_loss
+    loss.backward()
+    seconds = time.perf_counter() - start
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    return seconds
+
+
+def build_layer(backend: str, d_model: int, args: Args) -> MoEFeedForward:
+    cfg = MoEConfig(
+        d_model=d_model,
+        d_hidden=args.hidden_mult * d_model,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        capacity_factor=args.capacity_factor,
+        backend=backend,
+    )
+    torch.manual_seed(0)
+    return MoEFeedForward(cfg)
+
+
+def measure_case(tokens: int, d_model: int, precision: str, args: Args) -> list[list]:
+    """Backends are timed round-robin (step by step), so that load from other processes on a
+    shared machine hits all of them alike. The best (minimum) step time is the figure of
+    merit, the least disturbed by other processes; the median is shown beside it."""
+    layers = {backend: build_layer(backend, d_model, args) for backend in BACKENDS}
+    x = torch.randn(tokens, d_model, requires_grad=True)
+    times: dict[str, list[float]] = {backend: [] for backend in BACKENDS}
+    for i in range(args.warmup + args.repeats):
+        for backend, layer in layers.items():
+            seconds = one_step(layer, x, precision)
+            if i >= args.warmup:
+                times[backend].append(seconds)
+    best = {b: min(t) for b, t in times.items()}
+    rows = []
+    for backend, layer in layers.items():
+        with torch.no_grad():
+            _, stats = layer(x)
+        rows.append(
+            [
+                tokens,
+                d_model,
+                precision,
+                backend,
+                count_parameters(layer)["total"],
+                round(best[backend] * 1e3, 1),
+                round(statistics.median(times[backend]) * 1e3, 1),
+                round(tokens / best[backend]),
+                stats.dropped_fraction,
+                best["dense"] / best[backend],
+            ]
+        )
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    amx = has_amx()
+    precisions = ["fp32"] + (["bf16"] if args.bf16 == "on" or (args.bf16 == "auto" and amx) else [])
+    headers = [
+        "tokens",
+        "d_model",
+        "precision",
+        "backend",
+        "params",
+        "best ms / fwd+bwd",
+        "median ms",
+        "tokens/s (best)",
+        "dropped frac",
+        "vs dense",
+    ]
+    rows = []
+    for d_model in args.d_models:
+        for tokens in args.tokens:
+            for precision in precisions:
+                case = measure_case(tokens, d_model, precision, args)
+                for row in case:
+                    print(" | ".join(str(v) for v in row), flush=True)
+                rows += case
+    native = [r[-1] for r in rows if r[3] == "native"]
+    deepspeed = [r[-1] for r in rows if r[3] == "deepspeed"]
+    body = markdown_table(headers, rows) + (
+        f"\n\n{args.num_experts} experts, top-{args.top_k}, capacity factor {args.capacity_factor}, "
+        f"expert width {args.hidden_mult} x d_model; dense = one FFN of width top_k x d_hidden "
+        f"(same active parameters). Best and median of {args.repeats} steps (backends interleaved) after {args.warmup} warm-up; ratios from the best times.\n"
+        f"Native MoE / dense: {min(native):.2f}x - {max(native):.2f}x (goal >= 0.7x); "
+        f"DeepSpeed MoE / dense: {min(deepspeed):.2f}x - {max(deepspeed):.2f}x.\n"
+        + (
+            "bf16 autocast measured beside fp32 (AMX present)."
+            if "bf16" in precisions
+            else f"bf16 not measured: no AMX on this CPU (capability "
+            f"{torch.backends.cpu.get_cpu_capability()}); bf16 matmuls would be emulated."
+        )
+    )
+    if args.record:
+        record("moe_vs_dense", "MoE vs dense feed-forward (forward + backward)", body)
+    else:
+        print(body)
+
+
+if __name__ == "__main__":
+    main()
