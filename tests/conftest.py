@@ -22,6 +22,14 @@ os.environ.setdefault(
 LOGICAL_CPUS = 8
 
 
+def pytest_configure(config):
+    """One torch thread in the test process: on 2 cores shared with Ray workers, OpenMP's
+    spinning threads slow small-model tests down several times over."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """One local Ray cluster for every integration test of the session."""

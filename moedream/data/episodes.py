@@ -129,8 +129,9 @@ def rollout_episode(
 ) -> Episode:
     """Run one episode of a PettingZoo ParallelEnv and return it as arrays."""
     obs, _ = env.reset(seed=seed)
-    for agent in env.possible_agents:
-        env.action_space(agent).seed(seed + hash(agent) % 1000)
+    for index, agent in enumerate(env.possible_agents):
+        # A stable per-agent offset: hash(str) changes per process (PYTHONHASHSEED).
+        env.action_space(agent).seed(seed * 1009 + index)
     policy = policy or random_policy(env)
     observations = [spec.stack_obs(obs)]
     actions, rewards, terms, truncs = [], [], [], []
