@@ -1,0 +1,36 @@
+"""The MoE-diffusion world model (plain PyTorch, never imports ray).
+
+Public names are imported lazily, so that ``from moedream.world_model import expert_parallel``
+(used by moe.py itself) neither cycles nor pays for diffusers::
+
+    from moedream.world_model import WorldModel, WorldModelConfig, TrainConfig
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "WorldModel": "model",
+    "WorldModelConfig": "model",
+    "WorldModelState": "model",
+    "CheckpointError": "model",
+    "LossWeights": "model",
+    "BackboneConfig": "backbone",
+    "RSSMConfig": "rssm",
+    "HeadsConfig": "heads",
+    "TrainConfig": "train_local",
+    "train_step": "train_local",
+    "evaluate": "train_local",
+    "Trajectories": "trajectory",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moedream.world_model' has no attribute {name!r}")
+    module = importlib.import_module(f"moedream.world_model.{_EXPORTS[name]}")
+    return getattr(module, name)

@@ -1,0 +1,168 @@
+"""Achieved FLOP/s of one world-model training step (forward + backward + AdamW) as a
+fraction of this machine's own matmul peak, both measured in the same run.
+
+FLOPs are counted with torch.utils.flop_counter.FlopCounterMode (matmuls, attention, convs:
+the work that matters); the peak is a square fp32 matmul (and bf16 where the CPU has AMX).
+Goal: >= 30% of peak.
+
+    .venv/bin/python benchmarks/world_model_step.py
+    .venv/bin/python benchmarks/world_model_step.py --steps 3 --no-record   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import markdown_table, record  # noqa: E402
+from moedream.envs.spec import EnvSpec  # noqa: E402
+from moedream.world_model.model import WorldModel, WorldModelConfig  # noqa: E402
+from moedream.world_model.train_local import cpu_has_amx, train_step  # noqa: E402
+
+# MaMuJoCo HalfCheetah 2x3 sizes (env_spec("mamujoco")), without building the env.
+SPEC = EnvSpec("mamujoco", ("agent_0", "agent_1"), (12, 12), "continuous", (3, 3))
+SIZES = {
+    "small (configs/world_model.yaml)": {},
+    "wide (d_model 256, 8 experts of 512)": {
+        "d_model": 256,
+        "cond_dim": 256,
+        "moe": {"d_hidden": 512, "num_experts": 8},
+        "rssm": {"deter": 256, "hidden": 256},
+        "diffusion": {"hidden": 512, "layers": 3},
+        "heads": {"hidden": 256, "ensemble_hidden": 256},
+    },  # fmt: skip
+}
+
+
+@dataclasses.dataclass
+class Args:
+    batch_size: int = 32
+    """windows per step"""
+    window: int = 8
+    steps: int = 5
+    """timed steps per case (median reported)"""
+    warmup: int = 2
+    threads: int = 2
+    matmul_size: int = 1024
+    bf16: str = "auto"
+    """auto: also measure bf16 autocast if the CPU has AMX; on; off"""
+    record: bool = True
+
+
+def parse_args() -> Args:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for f in dataclasses.fields(Args):
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    return Args(**vars(parser.parse_args()))
+
+
+def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of an n x n x n matmul in ``dtype`` (best of ``repeats``)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def batch(args: Args, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    b, t, n, d, a = args.batch_size, args.window, SPEC.n_agents, SPEC.obs_dim, SPEC.action_dim
+    return {
+        "obs": rng.normal(size=(b, t + 1, n, d)).astype(np.float32),
+        "action": rng.uniform(-1, 1, size=(b, t, n, a)).astype(np.float32),
+        "reward": rng.normal(size=(b, t, n)).astype(np.float32),
+        "terminated": np.zeros((b, t, n), np.float32),
+    }
+
+
+def measure(args: Args, overrides: dict, dtype: torch.dtype | None) -> tuple[float, float]:
+    """(FLOPs per training step, median seconds per step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    cfg = WorldModelConfig.from_yaml("configs/world_model.yaml", section="model")
+    cfg = WorldModelConfig.from_dict(_merge(cfg.to_dict(), overrides, drop=("moe.d_model",)))
+    model = WorldModel(cfg, SPEC)
+    data = batch(args)
+    model.fit_normalization(data)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = lambda: train_step(model, optimizer, data, autocast=dtype)  # noqa: E731
+    for _ in range(args.warmup):
+        step()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return float(counter.get_total_flops()), statistics.median(times)
+
+
+def _merge(base: dict, overrides: dict, drop: tuple[str, ...] = ()) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in overrides.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    for path in drop:
+        head, _, leaf = path.partition(".")
+        with contextlib.suppress(KeyError):
+            del out[head][leaf]
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    precisions: list[tuple[str, torch.dtype | None, torch.dtype]] = [("fp32", None, torch.float32)]
+    if args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_amx()):
+        precisions.append(("bf16 autocast", torch.bfloat16, torch.bfloat16))
+    rows = []
+    for name, dtype, peak_dtype in precisions:
+        peak = matmul_peak(args.matmul_size, peak_dtype)
+        for size, overrides in SIZES.items():
+            flops, seconds = measure(args, overrides, dtype)
+            achieved = flops / seconds
+            tokens = args.batch_size * args.window * SPEC.n_agents
+            rows.append([size, name, f"{flops / 1e9:.3f}", f"{seconds * 1e3:.1f}", f"{tokens / seconds:.0f}",
+                         f"{achieved / 1e9:.2f}", f"{peak / 1e9:.1f}", f"{100 * achieved / peak:.1f}%"])  # fmt: skip
+            print(rows[-1], flush=True)
+    table = markdown_table(
+        ["model", "precision", "GFLOP/step", "ms/step", "tokens/s", "achieved GFLOP/s",
+         f"matmul peak GFLOP/s ({args.matmul_size}^3)", "fraction of peak"], rows,
+    )  # fmt: skip
+    body = (
+        f"Batch {args.batch_size} windows x {args.window} steps x {SPEC.n_agents} agents (HalfCheetah 2x3 sizes), "
+        f"forward + backward + AdamW, {args.threads} threads; FLOPs from FlopCounterMode. Goal: >= 30% of "
+        f"the matmul peak measured in the same run. AMX: {cpu_has_amx()}.\n\n{table}"
+    )
+    if args.record:
+        record(
+            "world_model_step", "World-model training step: achieved FLOP/s vs matmul peak", body
+        )
+    else:
+        print(body)
+
+
+if __name__ == "__main__":
+    main()

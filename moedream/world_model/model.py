@@ -1,0 +1,830 @@
+"""The world model: MoE transformer backbone + RSSM latent + diffusion head + reward,
+termination and ensemble heads.
+
+Shape legend: (B)atch, (T)ime steps of a training window, (H)orizon, (N) agents,
+(D) padded observation size, (A) encoded action size, (d) model width, (F) per-agent
+conditioning features = d + rssm.deter + rssm.latent_dim, (C) diffusion condition size,
+(K) ensemble members, (L) MoE layers, (E) experts.
+
+One transition (o_t, a_t) -> o_{t+1}, r_t, term_t:
+
+    f_{t,i}       = Backbone(o_{<=t}, a_{<=t})_{t,i}                  [B, N, d]
+    h_t, z_t      = RSSM(h_{t-1}, z_{t-1}, a_{t-1}; e_t = [f_{t,1..N}])
+    c_{t,i}       = [f_{t,i}, h_t, z_t]                                [B, N, F]
+    cond_t        = LN(W [c_{t,1}, ..., c_{t,N}])                      [B, C]
+    x_0           = normalised o_{t+1} - o_t (all agents jointly)     [B, N*D]
+    x_0 ~ Diffusion(. | cond_t)   (around a regression mean m(cond_t) if
+                                   diffusion_target == "residual", CorrDiff-style)
+    r_{t,i}       = RewardHead(c_{t,i}),  term_{t,i} = TerminationHead(c_{t,i})
+    sigma_t       = std over K ensemble members of [delta, r] predictions
+
+Observations are normalised with statistics kept as buffers (fitted from data with
+``fit_normalization``, or from the first training batch), so the model works on any scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moedream.config import ConfigBase, ConfigError, check, check_positive
+from moedream.envs.spec import EnvSpec
+from moedream.world_model.backbone import Backbone, BackboneConfig
+from moedream.world_model.diffusion import (
+    Denoiser,
+    DiffusionConfig,
+    DiffusionSampler,
+    SamplerConfig,
+    check_compatible,
+)
+from moedream.world_model.heads import AgentScalarHead, Ensemble, HeadsConfig, mlp
+from moedream.world_model.moe import MoEConfig, MoEStats
+from moedream.world_model.rssm import RSSM, RSSMConfig, balanced_kl
+from moedream.world_model.trajectory import WINDOW_KEYS, Trajectories
+
+FORMAT = "moedream.world_model"
+FORMAT_VERSION = "1"
+WEIGHTS_FILE = "world_model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A world-model checkpoint is missing, corrupted, foreign or does not match."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LossWeights(ConfigBase):
+    diffusion: float = 1.0
+    mean: float = 1.0
+    """Regression of the next-observation mean (the residual diffusion's centre)."""
+    reward: float = 1.0
+    termination: float = 1.0
+    kl: float = 1.0
+    moe: float = 1.0
+    """Multiplies the MoE layers' aux losses (already weighted by moe.balance_loss_weight and
+    moe.z_loss_weight)."""
+    ensemble: float = 1.0
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        for f in dataclasses.fields(self):
+            check_positive(f"{prefix}{f.name}", getattr(self, f.name), allow_zero=True)
+
+
+def _default_moe() -> MoEConfig:
+    return MoEConfig(d_model=64, d_hidden=128, num_experts=4, top_k=2)
+
+
+def _default_diffusion() -> DiffusionConfig:
+    return DiffusionConfig(hidden=128, layers=2)
+
+
+@dataclasses.dataclass
+class WorldModelConfig(ConfigBase):
+    d_model: int = 64
+    """Transformer width, shared with moe.d_model (wired here; do not set moe.d_model)."""
+    cond_dim: int = 128
+    """Size of the joint condition the diffusion head and ensemble receive."""
+    diffusion_target: Literal["delta", "residual"] = "residual"
+    """delta: diffuse the normalised o_{t+1} - o_t; residual: diffuse it minus a regressed mean."""
+    norm_std_floor: float = 1e-3
+    """Lower bound of every normalisation std (constant features stay finite)."""
+    delta_std_floor_ratio: float = 0.5
+    """Lower bound of each feature's delta std as a fraction of the mean delta std over
+    features: rarely changing features (std near 0) would otherwise get huge normalised
+    targets that dominate the loss."""
+    backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
+    moe: MoEConfig = dataclasses.field(default_factory=_default_moe)
+    rssm: RSSMConfig = dataclasses.field(default_factory=RSSMConfig)
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=_default_diffusion)
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    heads: HeadsConfig = dataclasses.field(default_factory=HeadsConfig)
+    loss_weights: LossWeights = dataclasses.field(default_factory=LossWeights)
+
+    def __post_init__(self) -> None:
+        # Cross-field wiring, in one place: the MoE layers run at the transformer's width.
+        if isinstance(self.moe, MoEConfig) and isinstance(self.d_model, int):
+            self.moe.d_model = self.d_model
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, prefix: str = "") -> WorldModelConfig:
+        data = dict(data or {})
+        moe = data.get("moe") or {}
+        d_model = data.get("d_model", cls.d_model)
+        if isinstance(moe, dict) and "d_model" in moe and moe["d_model"] != d_model:
+            raise ConfigError(
+                f"config field `{prefix}moe.d_model` = {moe['d_model']!r} differs from "
+                f"`{prefix}d_model` = {d_model!r}: remove moe.d_model, it is set from d_model"
+            )
+        return super().from_dict(data, prefix=prefix)
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        for name in ("d_model", "cond_dim"):
+            value = getattr(self, name)
+            check(
+                isinstance(value, int) and value > 0,
+                f"{prefix}{name}",
+                value,
+                "must be an integer > 0",
+            )
+        check(
+            self.d_model % self.backbone.num_heads == 0,
+            f"{prefix}d_model",
+            self.d_model,
+            f"must be divisible by backbone.num_heads ({self.backbone.num_heads})",
+        )
+        check(
+            self.moe.d_model == self.d_model,
+            f"{prefix}moe.d_model",
+            self.moe.d_model,
+            f"must equal d_model ({self.d_model}); leave it unset",
+        )
+        check_positive(f"{prefix}norm_std_floor", self.norm_std_floor)
+        check_positive(
+            f"{prefix}delta_std_floor_ratio", self.delta_std_floor_ratio, allow_zero=True
+        )
+        try:
+            check_compatible(self.diffusion, self.sampler)
+        except ConfigError as err:
+            raise ConfigError(f"{prefix}diffusion/sampler: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Imagination state and policies
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class WorldModelState:
+    """Where imagination continues from.
+
+    obs     [B, C, N, D] raw context observations; the last one is the current observation
+    action  [B, C - 1, N, A] encoded actions taken between them
+    rssm    {"h": [B, H], "z": [B, Z], "a": [B, N*A]}: the latent state before the current step
+    """
+
+    obs: Tensor
+    action: Tensor
+    rssm: dict[str, Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.obs.shape[0])
+
+    @property
+    def current_obs(self) -> Tensor:
+        return self.obs[:, -1]  # [B, N, D]
+
+
+Policy = Callable[[Tensor], Any]
+
+
+class ActionPlan:
+    """A fixed plan [B, H, N, A] as a policy: the k-th call returns plan[:, k]."""
+
+    def __init__(self, plan: Tensor) -> None:
+        self.plan = plan
+        self.step = 0
+
+    def __call__(self, obs: Tensor) -> Tensor:
+        if self.step >= self.plan.shape[1]:
+            raise ValueError(
+                f"the action plan has {self.plan.shape[1]} steps, fewer than the horizon; "
+                "pass a plan of shape [B, horizon, N, A]"
+            )
+        action = self.plan[:, self.step]
+        self.step += 1
+        return action
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class WorldModel(nn.Module):
+    """MoE-diffusion world model of one multi-agent env (``spec``)."""
+
+    def __init__(
+        self, config: WorldModelConfig, spec: EnvSpec, *, ep_group: dist.ProcessGroup | None = None
+    ) -> None:
+        super().__init__()
+        config.validate()
+        self.config, self.spec = config, spec
+        n, d_obs, d_act = spec.n_agents, spec.obs_dim, spec.action_dim
+        self.backbone = Backbone(
+            cfg=config.backbone, moe=config.moe, obs_dim=d_obs, action_dim=d_act, n_agents=n,
+            ep_group=ep_group,
+        )  # fmt: skip
+        self.rssm = RSSM(cfg=config.rssm, embed_dim=n * config.d_model, action_dim=n * d_act)
+        feature_dim = config.d_model + self.rssm.feature_dim  # F
+        self.cond_proj = nn.Sequential(
+            nn.Linear(n * feature_dim, config.cond_dim), nn.LayerNorm(config.cond_dim)
+        )
+        self.denoiser = Denoiser(config.diffusion, x_dim=n * d_obs, cond_dim=config.cond_dim)
+        self.mean_head = mlp(config.cond_dim, config.heads.hidden, n * d_obs)
+        self.reward_head = AgentScalarHead(feature_dim, config.heads.hidden)
+        self.termination_head = AgentScalarHead(feature_dim, config.heads.hidden)
+        self.ensemble = Ensemble(
+            members=config.heads.ensemble_size,
+            d_in=config.cond_dim + n * (d_obs + d_act),
+            hidden=config.heads.ensemble_hidden,
+            d_out=n * d_obs + n,
+            bootstrap=config.heads.bootstrap,
+        )
+        self._register_normalization(spec)
+
+    # ----------------------------------------------------------------------- normalisation
+
+    def _register_normalization(self, spec: EnvSpec) -> None:
+        n, d = spec.n_agents, spec.obs_dim
+        mask = torch.zeros(n, d)
+        for i, dim in enumerate(spec.obs_dims):
+            mask[i, :dim] = 1.0
+        self.register_buffer("obs_mask", mask)  # [N, D], 0 on padding
+        for name, shape in (("obs", (n, d)), ("delta", (n, d)), ("reward", (n,))):
+            self.register_buffer(f"{name}_mean", torch.zeros(shape))
+            self.register_buffer(f"{name}_std", torch.ones(shape))
+        self.register_buffer("normalization_fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit_normalization(self, windows: dict[str, Any]) -> None:
+        """Fit observation, delta and reward statistics from training windows (numpy or torch:
+        obs [B, T+1, N, D], reward [B, T, N])."""
+        device = self.obs_mean.device
+        obs = torch.as_tensor(np.asarray(windows["obs"]), dtype=torch.float32, device=device)
+        reward = torch.as_tensor(np.asarray(windows["reward"]), dtype=torch.float32, device=device)
+        floor = self.config.norm_std_floor
+        flat_obs = obs.flatten(0, 1)  # [B*(T+1), N, D]
+        delta = (obs[:, 1:] - obs[:, :-1]).flatten(0, 1)  # [B*T, N, D]
+        flat_reward = reward.flatten(0, 1)  # [B*T, N]
+        for name, values in (("obs", flat_obs), ("delta", delta), ("reward", flat_reward)):
+            getattr(self, f"{name}_mean").copy_(values.mean(0))
+            getattr(self, f"{name}_std").copy_(values.std(0, correction=0).clamp_min(floor))
+        real = self.obs_mask.bool()
+        relative_floor = self.config.delta_std_floor_ratio * self.delta_std[real].mean()
+        self.delta_std.copy_(self.delta_std.clamp_min(float(relative_floor)))
+        self.normalization_fitted.fill_(True)
+
+    def normalize_obs(self, obs: Tensor) -> Tensor:
+        return (obs - self.obs_mean) / self.obs_std  # [..., N, D]
+
+    # ----------------------------------------------------------------------- conditioning
+
+    def _condition(self, features: Tensor, h: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """features [..., N, d], h [..., H], z [..., Z] -> (per-agent c [..., N, F],
+        joint cond [..., C])."""
+        n = features.shape[-2]
+        latent = (
+            torch.cat([h, z], -1).unsqueeze(-2).expand(*features.shape[:-1], -1)
+        )  # [..., N, H+Z]
+        per_agent = torch.cat([features.float(), latent.float()], -1)  # [..., N, F]
+        joint = self.cond_proj(per_agent.flatten(-2))  # [..., C]
+        assert per_agent.shape[-2] == n
+        return per_agent, joint
+
+    def _ensemble_input(self, cond: Tensor, obs_norm: Tensor, action: Tensor) -> Tensor:
+        """[M, C], [M, N, D], [M, N, A] -> [M, C + N*(D+A)]. The condition is detached: the
+        ensemble measures uncertainty, it does not shape the backbone."""
+        return torch.cat([cond.detach(), obs_norm.flatten(-2), action.flatten(-2)], -1)
+
+    # ----------------------------------------------------------------------- training loss
+
+    def forward(
+        self, batch: dict[str, Any], *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Same as :meth:`loss`, so that a DistributedDataParallel wrapper can call it."""
+        return self.loss(batch, generator=generator)
+
+    def _encode_windows(
+        self, batch: dict[str, Tensor], generator: torch.Generator | None, *, sample: bool = True
+    ) -> dict[str, Any]:
+        """The teacher-forced pass over windows: every step t sees the real o_{<=t}, a_{<=t}.
+        ``sample`` False uses the posterior's mode instead of a sample of z."""
+        obs, action = batch["obs"], batch["action"]  # [B, T+1, N, D], [B, T, N, A]
+        b, t, n, d = obs.shape[0], action.shape[1], obs.shape[2], obs.shape[3]
+        obs_norm = self.normalize_obs(obs[:, :t])  # [B, T, N, D]
+        features, stats = self.backbone(obs=obs_norm, action=action)  # [B, T, N, d]
+        latent = self.rssm.observe(
+            embed=features.flatten(-2),
+            action=action.flatten(-2),
+            sample=sample,
+            generator=generator,
+        )  # h [B, T, H], z [B, T, Z]
+        per_agent, cond = self._condition(features, latent["h"], latent["z"])  # [B,T,N,F], [B,T,C]
+        m = b * t
+        return {
+            "latent": latent,
+            "stats": stats,
+            "per_agent": per_agent.reshape(m, n, -1),  # [M, N, F]
+            "cond": cond.reshape(m, -1),  # [M, C]
+            "ensemble_in": self._ensemble_input(
+                cond.reshape(m, -1), obs_norm.reshape(m, n, d), action.reshape(m, n, -1)
+            ),  # [M, C + N*(D+A)]
+        }
+
+    def loss(
+        self, batch: dict[str, Any], *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Training loss on a batch of windows (see trajectory.py) -> (scalar, logs)."""
+        batch = self._batch_tensors(batch)
+        if not bool(self.normalization_fitted):
+            self.fit_normalization(batch)
+        obs, t = batch["obs"], batch["action"].shape[1]
+        b, n, d = obs.shape[0], obs.shape[2], obs.shape[3]
+        enc = self._encode_windows(batch, generator)
+        cond, per_agent = enc["cond"], enc["per_agent"]  # [M, C], [M, N, F]
+        delta = (obs[:, 1:] - obs[:, :t] - self.delta_mean) / self.delta_std  # [B, T, N, D]
+        delta = (delta * self.obs_mask).reshape(b * t, n * d)  # x_0 [M, N*D]
+        reward = ((batch["reward"] - self.reward_mean) / self.reward_std).reshape(
+            b * t, n
+        )  # [M, N]
+
+        terms = {}
+        mean = self.mean_head(cond).float()  # [M, N*D]
+        terms["mean"] = F.mse_loss(mean, delta)
+        x0 = delta - mean.detach() if self.config.diffusion_target == "residual" else delta
+        terms["diffusion"], diff_logs = self.denoiser.loss(x0, cond, generator=generator)
+        terms["reward"] = F.mse_loss(self.reward_head(per_agent), reward)  # [M, N] vs [M, N]
+        terms["termination"] = F.binary_cross_entropy_with_logits(
+            self.termination_head(per_agent), batch["terminated"].reshape(b * t, n)
+        )
+        latent = enc["latent"]
+        terms["kl"], kl_logs = balanced_kl(latent["post"], latent["prior"], self.config.rssm)
+        terms["moe"] = torch.stack([s.aux_loss for s in enc["stats"]]).sum()
+        terms["ensemble"] = self.ensemble.loss(enc["ensemble_in"], torch.cat([delta, reward], -1))
+
+        weights = self.config.loss_weights
+        total = sum(getattr(weights, k) * v for k, v in terms.items())
+        logs = {f"wm/{k}": float(v.detach()) for k, v in terms.items() if k != "moe"}
+        logs.update(kl_logs)
+        logs.update(diff_logs)
+        logs.update(moe_logs(enc["stats"]))
+        logs["wm/loss"] = float(total.detach())
+        return total, logs
+
+    @torch.no_grad()
+    def predict_windows(
+        self,
+        batch: dict[str, Any],
+        *,
+        sampler: SamplerConfig | None = None,
+        noise_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """One-step predictions at every step of real windows (teacher forcing):
+        next_obs [B, T, N, D] (diffusion head; ``noise_scale`` 0 gives its deterministic
+        prediction), next_obs_mean [B, T, N, D] (the regressed mean alone),
+        reward [B, T, N], terminated [B, T, N] probabilities, uncertainty [B, T]."""
+        batch = self._batch_tensors(batch)
+        obs, t = batch["obs"], batch["action"].shape[1]
+        b, n, d = obs.shape[0], obs.shape[2], obs.shape[3]
+        with self._eval_mode():
+            enc = self._encode_windows(batch, generator, sample=False)
+            cond, per_agent = enc["cond"], enc["per_agent"]
+            x0 = self._sample_delta(
+                cond, self._sampler(sampler), noise_scale, generator
+            )  # [M, N*D]
+            mean = self.mean_head(cond).float()
+            ens = self.ensemble(enc["ensemble_in"])  # [K, M, O]
+            term = torch.sigmoid(self.termination_head(per_agent))  # [M, N]
+            reward = self.reward_head(per_agent) * self.reward_std + self.reward_mean  # [M, N]
+        current = obs[:, :t]  # [B, T, N, D]
+        to_obs = lambda x: (
+            (current + x.view(b, t, n, d) * self.delta_std + self.delta_mean) * self.obs_mask
+        )  # noqa: E731
+        return {
+            "next_obs": to_obs(x0),
+            "next_obs_mean": to_obs(mean),
+            "reward": reward.view(b, t, n),
+            "terminated": term.view(b, t, n),
+            "uncertainty": Ensemble.spread(ens).view(b, t),
+        }
+
+    def _sample_delta(
+        self,
+        cond: Tensor,
+        sampler: DiffusionSampler,
+        noise_scale: float | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Normalised next-observation deltas x0 [M, N*D] drawn by the diffusion head."""
+        x_dim = self.denoiser.x_dim
+        scale = sampler.cfg.noise_scale if noise_scale is None else noise_scale
+        noise = torch.randn(
+            cond.shape[0], x_dim, generator=generator, device=cond.device, dtype=cond.dtype
+        )
+        x0 = sampler.sample(
+            self.denoiser, cond, x_dim, generator=generator, noise_scale=scale, x_init=scale * noise
+        )  # every scheduler here starts from unit-variance noise
+        if self.config.diffusion_target == "residual":
+            x0 = x0 + self.mean_head(cond).float()
+        return x0
+
+    def _batch_tensors(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        missing = [k for k in WINDOW_KEYS if k not in batch]
+        if missing:
+            raise ValueError(
+                f"world-model batch lacks {missing}; a training window has {list(WINDOW_KEYS)}"
+            )
+        out = {k: self._tensor(batch[k]).float() for k in WINDOW_KEYS}
+        self._check_window(out["obs"], out["action"], "batch")
+        return out
+
+    def _check_window(self, obs: Tensor, action: Tensor, name: str) -> None:
+        n, d, a = self.spec.n_agents, self.spec.obs_dim, self.spec.action_dim
+        ok = obs.dim() == 4 and obs.shape[2:] == (n, d) and action.dim() == 4
+        ok = (
+            ok
+            and action.shape[2:] == (n, a)
+            and action.shape[:2] == (obs.shape[0], obs.shape[1] - 1)
+        )
+        if not ok:
+            raise ValueError(
+                f"{name}: expected obs [B, T+1, {n}, {d}] and encoded action [B, T, {n}, {a}] "
+                f"(one observation more than actions), got {tuple(obs.shape)} and {tuple(action.shape)}"
+            )
+
+    # ----------------------------------------------------------------------- imagination
+
+    @torch.no_grad()
+    def observe(self, obs: Any, action: Any | None = None) -> WorldModelState:
+        """Build the state from real context: obs [B, T+1, N, D] (o_0 .. o_T, the last is the
+        current one) and encoded actions [B, T, N, A] taken between them (T may be 0)."""
+        device = self.obs_mean.device
+        obs = self._tensor(obs).float()
+        if obs.dim() != 4:
+            raise ValueError(f"observe: obs must be [B, T+1, N, D], got shape {tuple(obs.shape)}")
+        lead = (obs.shape[0], obs.shape[1] - 1)
+        if action is None:
+            action = obs.new_zeros(*lead, self.spec.n_agents, self.spec.action_dim)
+        action = self._encode_action(action, lead)
+        self._check_window(obs, action, "observe(obs, action)")
+        keep = self.config.backbone.max_context
+        obs, action = obs[:, -keep:], action[:, action.shape[1] - (min(obs.shape[1], keep) - 1) :]
+        b, t = obs.shape[0], action.shape[1]
+        with self._eval_mode():
+            prev = self.rssm.initial(b, device)
+            if t > 0:
+                features, _ = self.backbone(obs=self.normalize_obs(obs[:, :t]), action=action)
+                latent = self.rssm.observe(
+                    embed=features.flatten(-2), action=action.flatten(-2), prev=prev
+                )
+                prev = latent["last"]
+        return WorldModelState(obs=obs, action=action, rssm=prev)
+
+    def _tensor(self, x: Any) -> Tensor:
+        """numpy / list / tensor -> tensor on the model's device (dtype kept)."""
+        return torch.as_tensor(
+            x if torch.is_tensor(x) else np.asarray(x), device=self.obs_mean.device
+        )
+
+    def _encode_action(self, action: Any, lead: tuple[int, ...]) -> Tensor:
+        """Encoded actions [*lead, N, A] (discrete indices [*lead, N] are one-hot encoded)."""
+        action = self._tensor(action)
+        n, a = self.spec.n_agents, self.spec.action_dim
+        if self.spec.action_kind == "discrete" and tuple(action.shape) == (*lead, n):
+            action = F.one_hot(action.long(), a)
+        if tuple(action.shape) != (*lead, n, a):
+            raise ValueError(
+                f"actions of shape {tuple(action.shape)}: expected encoded actions "
+                f"{[*lead, n, a]} (or indices {[*lead, n]} for discrete actions)"
+            )
+        return action.float()
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    def _sampler(self, sampler: SamplerConfig | None) -> DiffusionSampler:
+        scfg = sampler or self.config.sampler
+        check_compatible(self.config.diffusion, scfg)
+        return DiffusionSampler(self.config.diffusion, scfg)
+
+    @torch.no_grad()
+    def transition(
+        self,
+        state: WorldModelState,
+        action: Tensor,
+        *,
+        sampler: DiffusionSampler,
+        noise_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[dict[str, Tensor], WorldModelState]:
+        """One imagined joint step from ``state`` with encoded actions [B, N, A]."""
+        keep = self.config.backbone.max_context
+        ctx_obs = state.obs[:, -keep:]  # [B, c, N, D]
+        ctx_act = torch.cat(
+            [state.action[:, state.action.shape[1] - (ctx_obs.shape[1] - 1) :], action[:, None]], 1
+        )
+        features, stats = self.backbone(
+            obs=self.normalize_obs(ctx_obs), action=ctx_act
+        )  # [B, c, N, d]
+        f_t = features[:, -1]  # [B, N, d]
+        h, z, _, _ = self.rssm.step(prev=state.rssm, embed=f_t.flatten(-2), generator=generator)
+        per_agent, cond = self._condition(f_t, h, z)  # [B, N, F], [B, C]
+        b, n, d = ctx_obs.shape[0], ctx_obs.shape[2], ctx_obs.shape[3]
+        x0 = self._sample_delta(cond, sampler, noise_scale, generator)  # [B, N*D]
+        delta = x0.view(b, n, d) * self.delta_std + self.delta_mean  # [B, N, D]
+        current = state.obs[:, -1]
+        next_obs = (current + delta) * self.obs_mask  # [B, N, D]
+        ens = self.ensemble(
+            self._ensemble_input(cond, self.normalize_obs(current), action)
+        )  # [K, B, O]
+        out = {
+            "next_obs": next_obs,
+            "reward": self.reward_head(per_agent) * self.reward_std + self.reward_mean,  # [B, N]
+            "terminated": torch.sigmoid(self.termination_head(per_agent)),  # [B, N]
+            "uncertainty": Ensemble.spread(ens),  # [B]
+            "obs_std": ens[..., : n * d].std(0).view(b, n, d) * self.delta_std * self.obs_mask,
+            "expert_load": torch.stack([s.expert_load.float() for s in stats]),  # [L, E]
+        }
+        new_state = WorldModelState(
+            obs=torch.cat([state.obs, next_obs[:, None]], 1)[:, -keep:],
+            action=torch.cat([state.action, action[:, None]], 1)[:, -(keep - 1) :]
+            if keep > 1
+            else state.action[:, :0],
+            rssm={"h": h, "z": z, "a": action.flatten(-2)},
+        )
+        return out, new_state
+
+    @torch.no_grad()
+    def step(
+        self,
+        obs: Any,
+        action: Any,
+        *,
+        state: WorldModelState | None = None,
+        sampler: SamplerConfig | None = None,
+        noise_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Any]:
+        """One joint transition (used by Serve): obs [B, N, D] (ignored when ``state`` is
+        given), encoded actions [B, N, A] -> next_obs, reward, terminated, uncertainty (numpy)
+        and the ``state`` to continue from."""
+        state = state or self.observe(self._tensor(obs)[:, None])
+        action = self._encode_action(action, (state.batch_size,))
+        with self._eval_mode():
+            out, new_state = self.transition(
+                state,
+                action,
+                sampler=self._sampler(sampler),
+                noise_scale=noise_scale,
+                generator=generator,
+            )
+        result: dict[str, Any] = {k: v.cpu().numpy() for k, v in out.items()}
+        result["state"] = new_state
+        return result
+
+    @torch.no_grad()
+    def imagine(
+        self,
+        start: WorldModelState | Any,
+        policy: Policy | Any,
+        horizon: int,
+        *,
+        context: dict[str, Any] | None = None,
+        sampler: SamplerConfig | None = None,
+        noise_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Trajectories:
+        """Roll the model forward ``horizon`` steps.
+
+        start    a state from :meth:`observe`, or raw observations [B, N, D] (optionally after
+                 ``context`` = {"obs": [B, T, N, D], "action": [B, T, N, A]}: earlier steps)
+        policy   callable obs [B, N, D] tensor -> encoded actions [B, N, A] (or indices [B, N]
+                 for discrete actions), or an action plan [B, horizon, N, A]
+        """
+        if not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f"imagine: horizon = {horizon!r} must be an integer >= 1")
+        state = start if isinstance(start, WorldModelState) else self._start_state(start, context)
+        policy = self._as_policy(policy, state.batch_size, horizon)
+        run_sampler = self._sampler(sampler)
+        obs, actions, outs = [state.current_obs], [], []
+        with self._eval_mode():
+            for _ in range(horizon):
+                action = self._encode_action(policy(state.current_obs), (state.batch_size,))
+                out, state = self.transition(
+                    state, action, sampler=run_sampler, noise_scale=noise_scale, generator=generator
+                )
+                obs.append(out["next_obs"])
+                actions.append(action)
+                outs.append(out)
+        stack = lambda key: torch.stack([o[key] for o in outs], 1).cpu().numpy()  # noqa: E731
+        return Trajectories(
+            obs=torch.stack(obs, 1).cpu().numpy(),  # [B, H+1, N, D]
+            action=torch.stack(actions, 1).cpu().numpy(),  # [B, H, N, A]
+            reward=stack("reward"),  # [B, H, N]
+            terminated=stack("terminated"),  # [B, H, N]
+            uncertainty=stack("uncertainty"),  # [B, H]
+            obs_std=stack("obs_std"),  # [B, H, N, D]
+            expert_load=torch.stack([o["expert_load"] for o in outs])
+            .mean(0)
+            .cpu()
+            .numpy(),  # [L, E]
+        )
+
+    def _start_state(self, start: Any, context: dict[str, Any] | None) -> WorldModelState:
+        start = self._tensor(start).float()
+        if start.dim() != 3:
+            raise ValueError(
+                f"imagine: start must be a WorldModelState or observations [B, N, D], got shape {tuple(start.shape)}"
+            )
+        if context is None:
+            return self.observe(start[:, None])
+        ctx_obs = self._tensor(context["obs"]).float()
+        return self.observe(torch.cat([ctx_obs, start[:, None]], 1), context["action"])
+
+    def _as_policy(self, policy: Any, batch: int, horizon: int) -> Policy:
+        if callable(policy):
+            return policy
+        plan = self._tensor(policy)
+        if plan.dim() < 3 or plan.shape[0] != batch or plan.shape[1] < horizon:
+            raise ValueError(
+                f"imagine: an action plan must have shape [B={batch}, H>={horizon}, N, A] (or [B, H, N] "
+                f"indices for discrete actions), got {tuple(plan.shape)}"
+            )
+        return ActionPlan(plan)
+
+    # ----------------------------------------------------------------------- checkpoints
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything needed to rebuild the model: for a trainer saving optimizer state next to
+        it with torch.save (plain types and tensors: loadable with weights_only=True)."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+            "env_spec": self.spec.to_json(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+        }
+
+    @classmethod
+    def from_checkpoint_state(
+        cls,
+        state: dict[str, Any],
+        *,
+        expected_config: WorldModelConfig | None = None,
+        source: str = "<checkpoint state>",
+    ) -> WorldModel:
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise CheckpointError(
+                f"{source} is not a moedream world-model checkpoint (no format {FORMAT!r})"
+            )
+        if state.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{source} has world-model format version {state.get('format_version')!r}; this "
+                f"moedream reads version {FORMAT_VERSION}: retrain or convert it"
+            )
+        try:
+            config = WorldModelConfig.from_dict(json.loads(state["config"]))
+            spec = EnvSpec.from_json(state["env_spec"])
+        except (ConfigError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(
+                f"{source}: stored config or env spec is unreadable ({err})"
+            ) from None
+        if expected_config is not None:
+            _check_same_config(config, expected_config, source)
+        model = cls(config, spec)
+        try:
+            model.load_state_dict(state["state_dict"], strict=True)
+        except (RuntimeError, KeyError) as err:
+            raise CheckpointError(
+                f"{source}: weights do not fit the stored config ({err})"
+            ) from None
+        return model
+
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file (weights + config + env spec + format version + sha256 of
+        the weights). A directory path gets ``world_model.safetensors`` inside it."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / WEIGHTS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = self.checkpoint_state()
+        tensors = {k: v.contiguous() for k, v in state.pop("state_dict").items()}
+        metadata = {k: str(v) for k, v in state.items()}
+        metadata["sha256"] = _tensors_digest(tensors)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)  # readers never see a half-written checkpoint
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        expected_config: WorldModelConfig | None = None,
+        *,
+        map_location: str | torch.device = "cpu",
+    ) -> WorldModel:
+        """Rebuild a saved model; raises CheckpointError naming the path and the problem."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / WEIGHTS_FILE
+        if not path.is_file():
+            raise CheckpointError(f"world-model checkpoint {str(path)!r} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(
+                f"{str(path)!r} is not a readable world-model checkpoint (truncated or corrupted? {err})"
+            ) from None
+        if metadata.get("format") != FORMAT:
+            raise CheckpointError(
+                f"{str(path)!r} is a safetensors file but not a moedream world-model checkpoint"
+            )
+        if metadata.get("sha256") != _tensors_digest(tensors):
+            raise CheckpointError(
+                f"{str(path)!r} is corrupted: its weights do not match the stored sha256"
+            )
+        state = {**metadata, "state_dict": tensors}
+        model = cls.from_checkpoint_state(
+            state, expected_config=expected_config, source=repr(str(path))
+        )
+        return model.to(map_location)
+
+    # ----------------------------------------------------------------------- introspection
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters per top-level component, and the total."""
+        counts = {
+            name: sum(p.numel() for p in child.parameters())
+            for name, child in self.named_children()
+        }
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+
+def moe_logs(stats: list[MoEStats]) -> dict[str, float]:
+    """moe/balance, moe/z_loss, moe/dropped and moe/load_l{i}_e{j} of every layer."""
+    logs = {
+        "moe/balance": float(sum(float(s.balance_loss.detach()) for s in stats)),
+        "moe/z_loss": float(sum(float(s.z_loss.detach()) for s in stats)),
+        "moe/aux_loss": float(sum(float(s.aux_loss.detach()) for s in stats)),
+        "moe/dropped": sum(float(s.dropped_tokens) for s in stats)
+        / max(1, sum(s.tokens for s in stats)),
+    }
+    for i, s in enumerate(stats):
+        for j, load in enumerate(s.expert_load.tolist()):
+            logs[f"moe/load_l{i}_e{j}"] = float(load)
+    return logs
+
+
+def _tensors_digest(tensors: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_same_config(found: WorldModelConfig, expected: WorldModelConfig, source: str) -> None:
+    a, b = _flatten(found.to_dict()), _flatten(expected.to_dict())
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        shown = ", ".join(
+            f"{k}: checkpoint {a.get(k)!r} vs expected {b.get(k)!r}" for k in diff[:8]
+        )
+        raise CheckpointError(
+            f"{source} was saved with a different world-model config ({len(diff)} field(s) differ: "
+            f"{shown}); load it without expected_config or use the matching config"
+        )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
