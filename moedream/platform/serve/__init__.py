@@ -1,0 +1,33 @@
+"""Serving the world model with Ray Serve: deployment + FastAPI ingress (``app``), request
+schemas (``schemas``), job execution without ray (``runner``) and an HTTP client (``client``).
+
+``build_app`` is the ``serve run`` / ``serve deploy`` entry (import_path
+``moedream.platform.serve:build_app``). Attributes load lazily so that the client works
+without importing ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "build_app": "app",
+    "WorldModelDeployment": "app",
+    "APP_NAME": "app",
+    "DEPLOYMENT_NAME": "app",
+    "ServeConfig": "schemas",
+    "RequestError": "schemas",
+    "random_plan": "schemas",
+    "WorldModelClient": "client",
+    "ServeRequestError": "client",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+    return getattr(module, name)

@@ -1,0 +1,123 @@
+"""A small HTTP client of the world-model endpoint (JSON over ``requests``; no ray, no torch).
+
+    client = WorldModelClient("http://127.0.0.1:8000")
+    traj = client.imagine(start_obs, actions=plan, horizon=10, seed=0)   # Trajectories
+    out = client.step(obs, action, seed=0)                                # dict of numpy arrays
+
+A 4xx answer raises :class:`ServeRequestError` carrying the server's message, which names the
+offending field (``start_obs[0][1][3]: is nan: send finite numbers``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import requests
+
+from moedream.world_model.trajectory import Trajectories
+
+JSON = dict[str, Any]
+
+
+class ServeRequestError(RuntimeError):
+    """The server refused a request (4xx) or failed (5xx)."""
+
+    def __init__(self, status: int, field: str | None, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status, self.field, self.message = status, field, message
+
+
+class WorldModelClient:
+    """HTTP client; one keep-alive session per client (not shared across threads)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, timeout: float = 60.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    # ------------------------------------------------------------------ raw JSON
+
+    def request(self, method: str, path: str, body: JSON | None = None) -> JSON:
+        response = self.session.request(
+            method, self.base_url + path, json=body, timeout=self.timeout
+        )
+        if response.status_code >= 400:
+            raise _error(response)
+        return response.json()
+
+    def imagine_json(self, body: JSON) -> JSON:
+        return self.request("POST", "/v1/imagine", body)
+
+    def step_json(self, body: JSON) -> JSON:
+        return self.request("POST", "/v1/step", body)
+
+    # ------------------------------------------------------------------ typed helpers
+
+    def health(self) -> JSON:
+        return self.request("GET", "/healthz")
+
+    def info(self) -> JSON:
+        return self.request("GET", "/v1/info")
+
+    def imagine(
+        self,
+        start_obs: Any,
+        actions: Any = None,
+        *,
+        horizon: int,
+        policy: str | None = None,
+        num_samples: int = 1,
+        seed: int = 0,
+        noise_scale: float | None = None,
+        sampler: JSON | None = None,
+        context: JSON | None = None,
+    ) -> Trajectories:
+        """Imagined rollouts as :class:`Trajectories` (float32 numpy arrays; null -> NaN)."""
+        body = {"start_obs": _jsonable(start_obs), "horizon": horizon, "num_samples": num_samples,
+                "seed": seed}  # fmt: skip
+        optional = {"actions": actions, "policy": policy, "noise_scale": noise_scale,
+                    "sampler": sampler, "context": context}  # fmt: skip
+        body.update({k: _jsonable(v) for k, v in optional.items() if v is not None})
+        return Trajectories.from_dict(self.imagine_json(body))
+
+    def step(
+        self,
+        obs: Any,
+        action: Any,
+        *,
+        seed: int = 0,
+        noise_scale: float | None = None,
+        sampler: JSON | None = None,
+    ) -> dict[str, Any]:
+        """One joint transition: next_obs, reward, terminated, uncertainty, ... as numpy."""
+        body = {"obs": _jsonable(obs), "action": _jsonable(action), "seed": seed}
+        if noise_scale is not None:
+            body["noise_scale"] = noise_scale
+        if sampler is not None:
+            body["sampler"] = sampler
+        return {k: _as_array(v) for k, v in self.step_json(body).items()}
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy arrays (also inside dicts, e.g. per-agent observations) -> nested lists."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _as_array(value: Any) -> Any:
+    if isinstance(value, list) and value and not isinstance(value[0], str):
+        return np.asarray(value, dtype=np.float32)
+    return value
+
+
+def _error(response: requests.Response) -> ServeRequestError:
+    try:
+        data = response.json()
+        message, field = data.get("error") or str(data), data.get("field")
+    except ValueError:
+        message, field = response.text[:500] or response.reason, None
+    return ServeRequestError(response.status_code, field, message)
