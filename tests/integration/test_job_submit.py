@@ -1,0 +1,173 @@
+"""`ray job submit` of distributed world-model training to a local head.
+
+The shared `ray_cluster` fixture has no dashboard (no job server), so this test starts its own
+head: `ray start --head --include-dashboard true --block` in a new session with a private temp
+dir, submits the job over the dashboard's HTTP address, and stops only that head: SIGTERM to
+its `ray start --block`, then SIGKILL to the leftovers of that process group / temp dir (the
+approach of test_fake_autoscaling.py). Never `ray stop`: it would stop every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moedream.data import collect_episodes
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[2]
+RAY_BIN = Path(sys.executable).with_name("ray")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 1.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def processes_of(temp_dir: str, pgid: int) -> list:
+    """Processes of this head only: in its process group, or naming its temp dir."""
+    import psutil
+
+    mine = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            in_group = os.getpgid(proc.info["pid"]) == pgid
+            names_dir = temp_dir in " ".join(proc.info["cmdline"] or [])
+        except (ProcessLookupError, psutil.Error):
+            continue
+        if (in_group or names_dir) and proc.info["pid"] != os.getpid():
+            mine.append(proc)
+    return mine
+
+
+def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """SIGTERM the head's `ray start --block` (graceful), then SIGKILL its leftovers."""
+    import psutil
+
+    if head.poll() is None:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(timeout=10)
+    leftovers = processes_of(temp_dir, head.pid)
+    for proc in leftovers:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(leftovers, timeout=10)
+
+
+def head_env() -> dict[str, str]:
+    venv_bin = str(Path(sys.executable).parent)
+    return dict(
+        os.environ,
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python`
+    )
+
+
+@pytest.fixture
+def local_head():
+    """A private head with a dashboard (job server); yields its HTTP address; always stopped."""
+    temp_dir = tempfile.mkdtemp(prefix="mdj", dir="/tmp")  # short: unix socket paths <= 107 B
+    port, dashboard_port = free_port(), free_port()
+    cmd = [
+        str(RAY_BIN), "start", "--head", "--block",
+        f"--port={port}", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}",
+        f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
+    ]  # fmt: skip
+    log = open(Path(temp_dir) / "head.log", "w")
+    head = subprocess.Popen(
+        cmd, env=head_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+
+        def job_server_up() -> bool:
+            if head.poll() is not None:
+                raise AssertionError(
+                    f"ray start exited: {(Path(temp_dir) / 'head.log').read_text()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=5) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        wait_for(job_server_up, 180, "the head's job server", 1.0)
+        yield address
+    finally:
+        stop_head(head, temp_dir)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def tiny_job_config(path: Path) -> Path:
+    config = yaml.safe_load((REPO / "configs" / "world_model_distributed.yaml").read_text())
+    config.update(name="job", checkpoint_every=3, progress=True, cpus_per_worker=1)
+    config["train"].update(
+        steps=6, batch_size=8, window=4, log_every=3, eval_every=3, eval_windows=8, precision="fp32"
+    )
+    config["model"] = {"d_model": 32, "cond_dim": 32, "moe": {"d_hidden": 32, "num_experts": 4},
+                       "diffusion": {"hidden": 32, "layers": 1}}  # fmt: skip
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_ray_job_submit_trains_and_leaves_a_checkpoint(local_head, tmp_path):
+    data = tmp_path / "episodes"
+    for shard in range(2):
+        collect_episodes(
+            "mamujoco", {"max_episode_steps": 20}, 2, data / f"shard-{shard}.parquet", seed=shard
+        )
+    config = tiny_job_config(tmp_path / "job.yaml")
+    storage = tmp_path / "ray_results"
+    submission_id = f"moedream-test-{os.getpid()}"
+    submit = [
+        str(RAY_BIN), "job", "submit", "--address", local_head, "--submission-id", submission_id,
+        "--working-dir", ".", "--",
+        "python", "-m", "moedream.platform.jobs.train_world_model", "--config", str(config),
+        "--data", str(data), "--storage-path", str(storage),
+    ]  # fmt: skip
+    job = subprocess.run(
+        submit, cwd=REPO, env=head_env(), capture_output=True, text=True, timeout=540
+    )
+    logs = job.stdout[-4000:] + job.stderr[-4000:]
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    status = JobSubmissionClient(local_head).get_job_status(submission_id)
+    assert status == JobStatus.SUCCEEDED, f"job status {status}; logs:\n{logs}"
+    assert "finished at step 6" in job.stdout, logs
+
+    checkpoints = sorted(p for p in (storage / "job").glob("checkpoint_*") if p.is_dir())
+    assert checkpoints, f"no checkpoint under {storage / 'job'}"
+    assert (checkpoints[-1] / "world_model.safetensors").is_file()
+    assert (checkpoints[-1] / "trainer_state.json").is_file()
