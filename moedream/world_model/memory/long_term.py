@@ -1,0 +1,220 @@
+"""Long-term memory expert: per-episode LoRA adapters finetuned at test time (peft).
+
+Design choice: one private copy of the shared network is wrapped once as a peft ``PeftModel``
+and holds every episode's adapter side by side (peft's multi-adapter API: ``add_adapter``,
+``set_adapter``, ``delete_adapter``), LoRA on every ``nn.Linear`` of the denoiser. Why:
+- switching episodes costs nothing (no tensor copies), and a batch mixing several episodes is
+  one forward pass (peft's ``adapter_names=[...]`` mixed-batch inference), which is what a
+  Serve replica batching requests of many episodes needs;
+- the memory is bounded: at most ``max_adapters`` adapters (each ``rank * (in + out)`` floats
+  per targeted layer), the least recently used one evicted (or the oldest, ``eviction='fifo'``);
+- the base weights are frozen in the copy and the caller's network is never touched (the copy
+  is private); after the base network trains further, ``sync_base(net)`` refreshes the copy.
+An adapter can leave the store as a state dict (``export`` / ``import_adapter``), e.g. to move
+an episode's memory between Serve replicas.
+
+Adapter names are ``ep<n>`` (episode ids may hold characters peft's module dicts refuse).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import Tensor, nn
+
+from moedream.world_model.memory.config import MemoryConfig
+from moedream.world_model.memory.network import (
+    EpisodeHistory,
+    MemoryBatch,
+    MemoryDenoiserNet,
+    transitions,
+)
+
+ANCHOR = "anchor"  # a never-trained adapter (B = 0) so the PeftModel exists with no episode
+BASE = "__base__"  # peft's name for "no adapter" in mixed batches
+
+
+class MemoryStore:
+    """Bounded per-episode LoRA adapters on a frozen copy of ``net``."""
+
+    def __init__(self, net: MemoryDenoiserNet, cfg: MemoryConfig | None = None) -> None:
+        self.cfg = cfg or net.cfg
+        self.cfg.validate()
+        private = copy.deepcopy(net).eval()
+        targets = [
+            name
+            for name, module in private.named_modules()
+            if isinstance(module, nn.Linear) and name.startswith("denoiser.")
+        ]
+        self.lora_config = LoraConfig(
+            r=self.cfg.lora_rank,
+            lora_alpha=self.cfg.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=targets,
+            bias="none",
+        )
+        self.model = get_peft_model(private, self.lora_config, adapter_name=ANCHOR)
+        self.model.eval()
+        self._adapters: OrderedDict[str, str] = OrderedDict()  # episode id -> adapter name
+        self._next = 0
+        self._trainable = False
+        self.last_finetune_seconds = 0.0
+
+    # ----- bookkeeping -------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def __contains__(self, episode_id: str) -> bool:
+        return episode_id in self._adapters
+
+    @property
+    def episode_ids(self) -> list[str]:
+        """Episodes with an adapter, least recently used first (eviction order)."""
+        return list(self._adapters)
+
+    def get(self, episode_id: str) -> str | None:
+        """The adapter name of ``episode_id`` (marks it used), or None if it has none."""
+        name = self._adapters.get(episode_id)
+        if name is not None and self.cfg.eviction == "lru":
+            self._adapters.move_to_end(episode_id)
+        return name
+
+    def evict(self, episode_id: str | None = None) -> str | None:
+        """Drop ``episode_id``'s adapter, or the next one in eviction order if None.
+
+        Returns the evicted episode id (None if the store was empty)."""
+        if episode_id is None:
+            if not self._adapters:
+                return None
+            episode_id = next(iter(self._adapters))
+        if episode_id not in self._adapters:
+            raise KeyError(f"episode {episode_id!r} has no adapter; stored: {self.episode_ids}")
+        name = self._adapters.pop(episode_id)
+        self._activate(ANCHOR)
+        self.model.delete_adapter(name)
+        return episode_id
+
+    def _create(self, episode_id: str) -> str:
+        while len(self._adapters) >= self.cfg.max_adapters:
+            self.evict()
+        name = f"ep{self._next}"
+        self._next += 1
+        self.model.add_adapter(name, self.lora_config)
+        self._adapters[episode_id] = name
+        return name
+
+    # ----- test-time finetuning ----------------------------------------------------------
+    def finetune(
+        self,
+        episode_id: str,
+        history: EpisodeHistory | MemoryBatch,
+        *,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, float]:
+        """Fit ``episode_id``'s adapter to its own (context, next obs) pairs; base frozen.
+
+        Creates the adapter if needed (evicting beyond ``max_adapters``), else continues
+        training it (call again as the episode grows). Cost is ``steps`` x one minibatch of
+        ``lora_batch_size``, independent of the episode length.
+        """
+        start = time.perf_counter()
+        if isinstance(history, EpisodeHistory):  # the short-term cond only: no spatial lookups
+            data = transitions(history, self.cfg, with_spatial=False)
+        else:
+            data = history
+        if data.target is None:
+            raise ValueError("MemoryStore.finetune needs transitions with `target` (the next obs)")
+        name = self.get(episode_id) or self._create(episode_id)
+        self.model.set_adapter(name)  # only this adapter's LoRA weights require grad
+        self._trainable = True
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=self.cfg.lora_lr)
+        net = self.model.get_base_model()
+        self.model.train()
+        first = last = float("nan")
+        dev = data.action.device
+        for step in range(steps or self.cfg.lora_steps):
+            size = min(self.cfg.lora_batch_size, len(data))
+            batch = data.index(
+                torch.randint(0, len(data), (size,), generator=generator, device=dev)
+            )
+            cond = net.cond(batch, use_context=True, use_spatial=False)  # the short-term cond
+            loss, _ = net.denoiser.loss(batch.target, cond, generator=generator)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            first = loss.item() if step == 0 else first
+            last = loss.item()
+        self.model.eval()
+        self._activate(name)
+        self.last_finetune_seconds = time.perf_counter() - start
+        return {
+            "lora/loss_first": first,
+            "lora/loss_last": last,
+            "lora/seconds": self.last_finetune_seconds,
+        }
+
+    # ----- inference ---------------------------------------------------------------------
+    def predict(
+        self, x_t: Tensor, t: Tensor, cond: Tensor, episode_ids: Sequence[str | None]
+    ) -> Tensor:
+        """Each row with its episode's adapter (base weights where it has none) -> [B, X]."""
+        if len(episode_ids) != x_t.shape[0]:
+            raise ValueError(
+                f"`episode_ids` has {len(episode_ids)} entries for a batch of {x_t.shape[0]}"
+            )
+        names = [self.get(e) or BASE if e is not None else BASE for e in episode_ids]
+        if len(set(names)) == 1:  # one adapter for the whole batch: no per-row dispatch
+            if names[0] == BASE:
+                return self.predict_base(x_t, t, cond)
+            self._activate(names[0])
+            return self.model.get_base_model()(x_t, t, cond)
+        return self.model(x_t, t, cond, adapter_names=names)
+
+    def _activate(self, name: str) -> None:
+        """Make ``name`` the active adapter (frozen); a no-op when it already is (set_adapter
+        walks every module, too slow to repeat at each denoising step)."""
+        if self.model.active_adapter != name or self._trainable:
+            self.model.set_adapter(name, inference_mode=True)
+            self._trainable = False
+
+    def predict_base(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        with self.model.disable_adapter():
+            return self.model.get_base_model()(x_t, t, cond)
+
+    # ----- base weights and adapter transfer ---------------------------------------------
+    def base_state_dict(self) -> dict[str, Tensor]:
+        """The copy's frozen base weights under the original network's names."""
+        out = {}
+        for key, value in self.model.get_base_model().state_dict().items():
+            if "lora_" not in key:
+                out[key.replace(".base_layer", "")] = value
+        return out
+
+    @torch.no_grad()
+    def sync_base(self, net: MemoryDenoiserNet) -> None:
+        """Copy ``net``'s current weights into the frozen base (adapters are kept)."""
+        base = self.base_state_dict()
+        for key, value in net.state_dict().items():
+            base[key].copy_(value)
+
+    def export(self, episode_id: str) -> dict[str, Tensor]:
+        """The LoRA weights of ``episode_id`` (a state dict to move or save the memory)."""
+        name = self.get(episode_id)
+        if name is None:
+            raise KeyError(f"episode {episode_id!r} has no adapter; stored: {self.episode_ids}")
+        return {
+            k: v.detach().clone()
+            for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()
+        }
+
+    def import_adapter(self, episode_id: str, state: dict[str, Tensor]) -> None:
+        """Install LoRA weights from :meth:`export` as ``episode_id``'s adapter."""
+        name = self.get(episode_id) or self._create(episode_id)
+        set_peft_model_state_dict(self.model, state, adapter_name=name)
