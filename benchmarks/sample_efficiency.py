@@ -1,0 +1,218 @@
+"""Team return vs real env steps: with imagination vs model-free MAPPO, same seeds, one run.
+
+    python benchmarks/sample_efficiency.py --provider env_replay --env-steps 200000
+
+For each env (Overcooked cramped_room, MaMuJoCo HalfCheetah 2x3) and seed it trains the
+model-free baseline (imagination off) and the same config with imagination from
+``--provider``, then plots team return vs REAL env steps (PNG) and records a table in
+RESULTS.md. Headline: how many times fewer real steps the imagination run needs to reach the
+model-free run's final return.
+
+Honesty: ``env_replay`` (EnvReplayImaginer) steps real env copies, it is NOT a world model, so
+its own env steps are added to its real-step axis and the run is labelled "env-replay
+stand-in", never "model-based". Plug a world-model provider into
+``moedream.platform.agents.PROVIDERS``/``provider_factory`` and pass its name here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import markdown_table, parse_args, publish  # noqa: E402
+
+CONFIGS = {
+    "overcooked": "configs/agents_overcooked.yaml",
+    "mamujoco": "configs/agents_mamujoco.yaml",
+}
+STAND_INS = {"env_replay"}  # providers that are real env steps, not a world model
+
+
+@dataclasses.dataclass
+class Args:
+    envs: tuple[str, ...] = ("overcooked", "mamujoco")
+    """Envs to run (overcooked = cramped_room, mamujoco = HalfCheetah 2x3)."""
+    provider: str = "env_replay"
+    """Imagination provider of the model-based run (env_replay is a stand-in, see docstring)."""
+    env_steps: int = 200_000
+    """Real env step budget per run."""
+    seeds: tuple[int, ...] = (0,)
+    train_batch_size: int = 8000
+    minibatch_size: int = 1000
+    num_epochs: int = 6
+    horizon: int = 10
+    """Imagination horizon."""
+    imagined_ratio: float = 1.0
+    num_env_runners: int = 2
+    episode_horizon: int = 0
+    """Override the env's episode length (0 = the config's: 400 Overcooked, 1000 MuJoCo)."""
+    storage_path: str = "runs/bench_sample_efficiency"
+    plots: str = "benchmarks/plots"
+    record: bool = True
+    """Write the block in benchmarks/RESULTS.md."""
+
+
+def run_config(args: Args, env: str, seed: int, imagination: bool):
+    from moedream.config import load_yaml
+    from moedream.platform.agents import AgentsConfig
+
+    data = load_yaml(CONFIGS[env])
+    data.update(
+        seed=seed,
+        train_batch_size=args.train_batch_size,
+        num_env_runners=args.num_env_runners,
+        minibatch_size=min(args.minibatch_size, args.train_batch_size),
+        num_epochs=args.num_epochs,
+    )
+    if args.episode_horizon:
+        key = "horizon" if env == "overcooked" else "max_episode_steps"
+        data["env_options"] = {**data["env_options"], key: args.episode_horizon}
+    data["imagination"] = {
+        **data.get("imagination", {}),
+        "enabled": imagination,
+        "provider": args.provider,
+        "horizon": args.horizon,
+        "imagined_ratio": args.imagined_ratio,
+    }
+    return AgentsConfig.from_dict(data)
+
+
+def curve(
+    history: list[dict[str, float]], count_provider_steps: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(real env steps, team return) per iteration; stand-in providers' steps count as real."""
+    steps = np.array(
+        [
+            h["charts/real_env_steps"]
+            + (h["charts/provider_env_steps"] if count_provider_steps else 0)
+            for h in history
+        ]
+    )
+    returns = np.array([h["charts/team_return"] for h in history])
+    return steps, returns
+
+
+def steps_to_reach(steps: np.ndarray, returns: np.ndarray, target: float) -> float:
+    """First real-step count at which the return reaches ``target`` (NaN if never)."""
+    hit = np.flatnonzero(np.nan_to_num(returns, nan=-np.inf) >= target)
+    return float(steps[hit[0]]) if hit.size else float("nan")
+
+
+def plot(env: str, curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, runs in curves.items():
+        for k, (x, y) in enumerate(runs):
+            ax.plot(
+                x,
+                y,
+                label=label if k == 0 else None,
+                color="C0" if label == "model-free" else "C1",
+                alpha=0.8,
+            )
+    ax.set_xlabel("real env steps")
+    ax.set_ylabel("team return per episode")
+    ax.set_title(f"{env}: team return vs real env steps")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    from moedream.platform.agents import train
+    from moedream.platform.ray_setup import init_ray
+
+    args = parse_args(Args, __doc__.split("\n\n")[0], argv)
+    torch.set_num_threads(1)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    init_ray()
+    stand_in = args.provider in STAND_INS
+    mb_label = (
+        f"{args.provider} stand-in (not a world model)"
+        if stand_in
+        else f"model-based ({args.provider})"
+    )
+    rows, plots = [], []
+    for env in args.envs:
+        curves: dict[str, list] = {"model-free": [], mb_label: []}
+        for seed in args.seeds:
+            results = {}
+            for imagination, label in ((False, "model-free"), (True, mb_label)):
+                start = time.perf_counter()
+                result = train(
+                    run_config(args, env, seed, imagination),
+                    args.storage_path,
+                    env_steps=args.env_steps,
+                    run_name=f"{env}_s{seed}_{'mb' if imagination else 'mf'}",
+                    checkpoint=False,
+                )
+                x, y = curve(result.history, count_provider_steps=imagination and stand_in)
+                curves[label].append((x, y))
+                results[label] = (x, y, time.perf_counter() - start, result.history[-1])
+            x_mf, y_mf, t_mf, _ = results["model-free"]
+            x_mb, y_mb, t_mb, last_mb = results[mb_label]
+            target = y_mf[-1]
+            reach = steps_to_reach(x_mb, y_mb, target)
+            rows.append(
+                [
+                    env,
+                    seed,
+                    int(x_mf[-1]),
+                    float(y_mf[-1]),
+                    round(t_mf),
+                    int(x_mb[-1]),
+                    float(y_mb[-1]),
+                    int(last_mb["charts/imagined_env_steps"]),
+                    round(t_mb),
+                    float(x_mf[-1] / reach) if reach == reach and reach > 0 else float("nan"),
+                ]
+            )
+        path = Path(args.plots) / f"sample_efficiency_{env}.png"
+        plot(env, curves, path)
+        plots.append(path)
+    headers = [
+        "env",
+        "seed",
+        "MF real steps",
+        "MF final return",
+        "MF time s",
+        "MB real steps",
+        "MB final return",
+        "MB imagined steps",
+        "MB time s",
+        "real-step ratio to reach MF final",
+    ]
+    body = (
+        f"Model-based run: **{mb_label}**, imagination horizon {args.horizon}, imagined:real "
+        f"{args.imagined_ratio}, budget {args.env_steps} real env steps per run, batch "
+        f"{args.train_batch_size}.\n\n"
+        + markdown_table(headers, rows)
+        + "\n\n"
+        + "\n".join(f"![{p.stem}]({os.path.relpath(p, 'benchmarks')})" for p in plots)
+        + (
+            "\n\nThe env-replay stand-in is real env data: its own env steps are counted as real "
+            "steps and it is not evidence for model-based learning."
+            if stand_in
+            else ""
+        )
+    )
+    publish("sample_efficiency", "Sample efficiency: return vs real env steps", body, args.record)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""Agent training on RLlib: the typed config, the MBMAPPO config it builds, and the train loop.
+
+>>> cfg = AgentsConfig.from_yaml("configs/agents_overcooked.yaml")
+>>> result = train(cfg, storage_path="runs/agents", iterations=5)
+
+Resources: the local cluster has 8 logical CPUs on 2 physical cores (tests/conftest.py), shared
+with Train workers, Serve replicas and the gate. Env runners ask for ``num_cpus_per_env_runner``
+(0.5 by default): two runners step the envs in parallel with the learner (the driver process)
+without reserving CPUs that would starve the other actors; more runners than cores would only
+add contention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from moedream.config import ConfigBase, ConfigError, check, check_choice, check_positive
+from moedream.envs import env_names, env_spec
+
+PROVIDERS = ("world_model", "env_replay")
+
+
+@dataclasses.dataclass
+class TeamConfig(ConfigBase):
+    """Sizes of perceiver, planner and reflector."""
+
+    embedding_dim: int = 128
+    """Perceiver output size (E)."""
+    perceiver_hidden: list[int] = dataclasses.field(default_factory=lambda: [128])
+    planner_hidden: list[int] = dataclasses.field(default_factory=lambda: [128])
+    reflector_hidden: list[int] = dataclasses.field(default_factory=lambda: [128])
+    agent_embedding_dim: int = 8
+    """Size of the agent-id embedding of the shared planner and the reflector."""
+    shared_planner: bool = True
+    """One planner for all agents (with agent-id embedding) or one planner per agent."""
+    mode: Literal["policy", "mpc"] = "policy"
+    """Acting at inference: 'policy' samples the planner; 'mpc' plans through a world model."""
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        for name in ("embedding_dim", "agent_embedding_dim"):
+            check(
+                isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                f"{prefix}{name}",
+                getattr(self, name),
+                "must be an integer >= 0",
+            )
+        check(self.embedding_dim > 0, f"{prefix}embedding_dim", self.embedding_dim, "must be > 0")
+        for name in ("perceiver_hidden", "planner_hidden", "reflector_hidden"):
+            sizes = getattr(self, name)
+            check(
+                all(isinstance(s, int) and s > 0 for s in sizes),
+                f"{prefix}{name}",
+                sizes,
+                "must be a list of positive layer sizes, e.g. [128, 128]",
+            )
+        check_choice(f"{prefix}mode", self.mode, ("policy", "mpc"))
+
+
+@dataclasses.dataclass
+class ImaginationConfig(ConfigBase):
+    enabled: bool = False
+    """Learn from imagined rollouts too (false = the model-free MAPPO baseline)."""
+    provider: str = "env_replay"
+    """Who imagines: 'world_model' (the Serve deployment `serve_app_name`, gated by the
+    coherence gate actor) or 'env_replay' (steps real env copies: a test stand-in, NOT a world
+    model)."""
+    horizon: int = 10
+    """Steps per imagined rollout."""
+    imagined_ratio: float = 1.0
+    """Imagined env steps requested per real env step, each iteration."""
+    world_model_retrain_every: int = 0
+    """Retrain the world model every this many iterations (0 = never)."""
+    gate: bool = True
+    """Learn only from trajectories the coherence gate keeps."""
+    serve_app_name: str = "world_model"
+    """Ray Serve application serving the world model."""
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        check_choice(f"{prefix}provider", self.provider, PROVIDERS)
+        check(self.horizon > 0, f"{prefix}horizon", self.horizon, "must be an integer > 0")
+        check_positive(f"{prefix}imagined_ratio", self.imagined_ratio, allow_zero=not self.enabled)
+        check(
+            self.world_model_retrain_every >= 0,
+            f"{prefix}world_model_retrain_every",
+            self.world_model_retrain_every,
+            "must be >= 0 (0 = never)",
+        )
+
+
+@dataclasses.dataclass
+class AgentsConfig(ConfigBase):
+    """Everything `moedream train-agents` needs (configs/agents_*.yaml)."""
+
+    env: str = "overcooked"
+    """Env name: overcooked or mamujoco."""
+    env_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Options of the env, e.g. {layout: cramped_room, shaped_reward_weight: 1.0}."""
+    seed: int = 0
+    num_env_runners: int = 2
+    num_cpus_per_env_runner: float = 0.5
+    """Fractional CPUs per env runner (8 logical CPUs on 2 cores: see the module docstring)."""
+    num_envs_per_env_runner: int = 1
+    train_batch_size: int = 8000
+    """Real env steps per iteration."""
+    minibatch_size: int = 1000
+    num_epochs: int = 6
+    lr: float = 5e-4
+    gamma: float = 0.99
+    lambda_: float = 0.95
+    entropy_coeff: float = 0.01
+    clip_param: float = 0.2
+    vf_loss_coeff: float = 0.5
+    grad_clip: float = 0.5
+    torch_num_threads: int = 1
+    """torch threads of the learner process (1: no OpenMP spin-waiting on shared cores)."""
+    shared_team_reward: bool = True
+    """Every agent receives the team reward (true for Overcooked and MaMuJoCo)."""
+    iterations: int = 10
+    """Training iterations (ignored when env_steps > 0)."""
+    env_steps: int = 0
+    """Real env step budget (0 = use iterations)."""
+    team: TeamConfig = dataclasses.field(default_factory=TeamConfig)
+    imagination: ImaginationConfig = dataclasses.field(default_factory=ImaginationConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        check_choice(f"{prefix}env", self.env, [n for n in env_names() if n != "memory"])
+        check(
+            self.num_env_runners >= 0,
+            f"{prefix}num_env_runners",
+            self.num_env_runners,
+            "must be >= 0",
+        )
+        check_positive(f"{prefix}num_cpus_per_env_runner", self.num_cpus_per_env_runner)
+        for name in (
+            "num_envs_per_env_runner",
+            "train_batch_size",
+            "minibatch_size",
+            "num_epochs",
+            "iterations",
+        ):
+            check(
+                isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                f"{prefix}{name}",
+                getattr(self, name),
+                "must be an integer > 0",
+            )
+        check(
+            self.minibatch_size <= self.train_batch_size,
+            f"{prefix}minibatch_size",
+            self.minibatch_size,
+            f"must be <= train_batch_size ({self.train_batch_size})",
+        )
+        for name in ("lr", "clip_param", "vf_loss_coeff", "grad_clip"):
+            check_positive(f"{prefix}{name}", getattr(self, name))
+        check_positive(f"{prefix}entropy_coeff", self.entropy_coeff, allow_zero=True)
+        for name in ("gamma", "lambda_"):
+            check(
+                0.0 <= getattr(self, name) <= 1.0,
+                f"{prefix}{name}",
+                getattr(self, name),
+                "must be in [0, 1]",
+            )
+        check(
+            self.env_steps >= 0,
+            f"{prefix}env_steps",
+            self.env_steps,
+            "must be >= 0 (0 = use iterations)",
+        )
+
+
+def provider_factory(cfg: AgentsConfig):
+    """The imagination provider factory named by ``cfg.imagination.provider``."""
+    from moedream.policies.imagination import EnvReplayImaginerFactory
+
+    if cfg.imagination.provider == "env_replay":
+        return EnvReplayImaginerFactory(cfg.env, dict(cfg.env_options))
+    if cfg.imagination.provider == "world_model":
+        from moedream.platform.model_based import ServedWorldModelImaginerFactory
+
+        return ServedWorldModelImaginerFactory(cfg.env, app_name=cfg.imagination.serve_app_name)
+    raise ConfigError(
+        f"config field `imagination.provider` = {cfg.imagination.provider!r} is invalid: "
+        f"must be one of {list(PROVIDERS)}"
+    )
+
+
+def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
+    """AgentsConfig -> MBMAPPOConfig (new API stack, team MultiRLModule, MAPPO connectors)."""
+    from moedream.envs import register_rllib_envs
+    from moedream.policies.algorithm import MBMAPPOConfig, TeamMetricsCallback, TeamPPOTorchLearner
+    from moedream.policies.connectors import (
+        env_to_module_pieces,
+        learner_pieces,
+        map_agent_to_planner,
+    )
+    from moedream.policies.rl_modules import team_module_spec
+
+    register_rllib_envs()
+    spec = env_spec(cfg.env, **cfg.env_options)
+    if cfg.team.shared_planner and len(set(spec.obs_dims)) > 1:
+        raise ConfigError(
+            f"config field `team.shared_planner` = True is invalid: agents of {cfg.env} have "
+            f"different observation sizes {spec.obs_dims}; set team.shared_planner: false"
+        )
+    agent_ids = list(spec.agent_ids)
+    t, im = cfg.team, cfg.imagination
+    config = (
+        MBMAPPOConfig()
+        .environment(f"moedream/{cfg.env}", env_config=dict(cfg.env_options))
+        .env_runners(
+            num_env_runners=cfg.num_env_runners,
+            num_cpus_per_env_runner=cfg.num_cpus_per_env_runner,
+            num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+            env_to_module_connector=functools.partial(env_to_module_pieces, agent_ids=agent_ids),
+        )
+        .learners(num_learners=0)
+        .training(
+            learner_class=TeamPPOTorchLearner,
+            learner_connector=functools.partial(
+                learner_pieces, agent_ids=agent_ids, obs_dim=spec.obs_dim
+            ),
+            train_batch_size_per_learner=cfg.train_batch_size,
+            minibatch_size=cfg.minibatch_size,
+            num_epochs=cfg.num_epochs,
+            lr=cfg.lr,
+            gamma=cfg.gamma,
+            lambda_=cfg.lambda_,
+            entropy_coeff=cfg.entropy_coeff,
+            clip_param=cfg.clip_param,
+            vf_loss_coeff=cfg.vf_loss_coeff,
+            grad_clip=cfg.grad_clip,
+            vf_clip_param=float("inf"),
+        )
+        .multi_agent(
+            policies=set(map_agent_to_planner(a, shared=t.shared_planner) for a in agent_ids),
+            policy_mapping_fn=functools.partial(map_agent_to_planner, shared=t.shared_planner),
+            policies_to_train=None,
+        )
+        .rl_module(
+            rl_module_spec=team_module_spec(
+                spec,
+                embedding_dim=t.embedding_dim,
+                perceiver_hidden=t.perceiver_hidden,
+                planner_hidden=t.planner_hidden,
+                reflector_hidden=t.reflector_hidden,
+                agent_embedding_dim=t.agent_embedding_dim,
+                shared_planner=t.shared_planner,
+            )
+        )
+        .callbacks(TeamMetricsCallback)
+        .debugging(seed=cfg.seed, log_level="ERROR")
+        .model_based(
+            imagination=im.enabled,
+            imagination_horizon=im.horizon,
+            imagined_ratio=im.imagined_ratio,
+            world_model_retrain_every=im.world_model_retrain_every,
+            gate=im.gate,
+            serve_app_name=im.serve_app_name,
+            imagination_provider=provider_factory(cfg) if im.enabled else None,
+            env_spec_json=spec.to_json(),
+            shared_planner=t.shared_planner,
+            shared_team_reward=cfg.shared_team_reward,
+            logdir_root=logdir_root,
+            torch_num_threads=cfg.torch_num_threads,
+        )
+    )
+    config.validate_model_based()
+    return config
+
+
+@dataclasses.dataclass
+class TrainResult:
+    history: list[dict[str, float]]
+    """One dict of metrics per iteration (see moedream.policies.metrics.iteration_metrics)."""
+    run_dir: str
+    checkpoint: str | None
+
+
+def train(
+    cfg: AgentsConfig,
+    storage_path: str | Path,
+    *,
+    iterations: int | None = None,
+    env_steps: int | None = None,
+    run_name: str | None = None,
+    progress: bool = True,
+    checkpoint: bool = True,
+) -> TrainResult:
+    """Train a team; TensorBoard scalars and the final checkpoint go under storage_path/run_name.
+
+    Stops after ``iterations`` (default cfg.iterations) or, if ``env_steps`` (default
+    cfg.env_steps) > 0, once that many real env steps were sampled.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    from moedream.policies.metrics import iteration_metrics
+
+    if storage_path is None:
+        raise ConfigError("train(): storage_path is required (RLlib would write to ~/ray_results)")
+    run_dir = Path(storage_path) / (
+        run_name
+        or f"{cfg.env}_{'mb' if cfg.imagination.enabled else 'mf'}_{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    iterations = cfg.iterations if iterations is None else iterations
+    env_steps = cfg.env_steps if env_steps is None else env_steps
+    algo = build_algo_config(cfg, logdir_root=str(run_dir / "rllib")).build_algo()
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    history: list[dict[str, float]] = []
+    bar = tqdm(
+        total=env_steps or iterations,
+        disable=not progress,
+        unit="steps" if env_steps else "it",
+        desc=f"train-agents {cfg.env}",
+    )
+    try:
+        start = time.perf_counter()
+        while True:
+            metrics = iteration_metrics(algo.train())
+            metrics["charts/wall_time_s"] = time.perf_counter() - start
+            metrics["iteration"] = float(len(history) + 1)
+            history.append(metrics)
+            _write_scalars(writer, metrics)
+            real = metrics["charts/real_env_steps"]
+            bar.update(metrics["charts/real_env_steps_iter"] if env_steps else 1)
+            bar.set_postfix(team_return=f"{metrics['charts/team_return']:.1f}", real=int(real))
+            if (env_steps and real >= env_steps) or (not env_steps and len(history) >= iterations):
+                break
+        ckpt = str(algo.save_to_path(str(run_dir / "checkpoint"))) if checkpoint else None
+    finally:
+        bar.close()
+        writer.close()
+        algo.stop()
+    return TrainResult(history=history, run_dir=str(run_dir), checkpoint=ckpt)
+
+
+def _write_scalars(writer, metrics: dict[str, float]) -> None:
+    step = int(metrics["charts/real_env_steps"])
+    for key, value in metrics.items():
+        if key != "iteration" and value == value:  # skip NaN
+            writer.add_scalar(key, value, step)
+    writer.flush()
+
+
+def load_team_module(checkpoint: str | Path):
+    """The trained team MultiRLModule (perceiver, reflector, planners) of an algorithm checkpoint."""
+    from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE
+    from ray.rllib.core.rl_module.multi_rl_module import MultiRLModule
+
+    path = Path(checkpoint) / COMPONENT_LEARNER_GROUP / COMPONENT_LEARNER / COMPONENT_RL_MODULE
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist: pass the folder train() returned as `checkpoint`"
+        )
+    return MultiRLModule.from_checkpoint(str(path))

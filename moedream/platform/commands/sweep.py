@@ -1,0 +1,244 @@
+"""`moedream sweep`: a Ray Tune sweep over the agent-training (MBMAPPO) config.
+
+The YAML names a base agents config, a search space over MBMAPPOConfig fields and the
+scheduler (ASHA by default). Results go to ``storage_path/name``; ``--resume`` continues an
+interrupted sweep from there. The end prints a table of the best trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from moedream.config import ConfigBase, ConfigError, check, check_choice, load_yaml
+
+HELP = "run a Ray Tune sweep over the agent-training config"
+SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+@dataclasses.dataclass
+class SweepConfig(ConfigBase):
+    """configs/sweeps/*.yaml."""
+
+    name: str = "sweep"
+    """Experiment folder name under storage_path."""
+    storage_path: str = "runs/sweeps"
+    """Where Tune writes trials and checkpoints (never ~/ray_results)."""
+    agents: str = "configs/agents_overcooked.yaml"
+    """The base agents config (YAML path)."""
+    agents_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Fields of the agents config replaced for every trial (e.g. a smaller batch)."""
+    search_space: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """MBMAPPOConfig field -> {type: choice|grid|uniform|loguniform|randint, ...}."""
+    num_samples: int = 4
+    metric: str = "env_runners/moedream_team_return"
+    mode: Literal["max", "min"] = "max"
+    max_iterations: int = 20
+    """Training iterations per trial (the stop condition and ASHA's max_t)."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 2
+    reduction_factor: int = 2
+    max_concurrent_trials: int = 2
+    top_k: int = 5
+    """Rows of the summary table."""
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        check(bool(self.name), f"{prefix}name", self.name, "must be a non-empty folder name")
+        check(bool(self.storage_path), f"{prefix}storage_path", self.storage_path, "must be a path")
+        check_choice(f"{prefix}scheduler", self.scheduler, ("asha", "fifo"))
+        check_choice(f"{prefix}mode", self.mode, ("max", "min"))
+        for name in (
+            "num_samples",
+            "max_iterations",
+            "grace_period",
+            "max_concurrent_trials",
+            "top_k",
+        ):
+            check(
+                getattr(self, name) > 0,
+                f"{prefix}{name}",
+                getattr(self, name),
+                "must be an integer > 0",
+            )
+        check(
+            self.reduction_factor >= 2,
+            f"{prefix}reduction_factor",
+            self.reduction_factor,
+            "must be >= 2",
+        )
+        for key, spec in self.search_space.items():
+            field = f"{prefix}search_space.{key}"
+            check(
+                isinstance(spec, dict) and spec.get("type") in SAMPLERS,
+                field,
+                spec,
+                f"must be a mapping with `type` in {list(SAMPLERS)}",
+            )
+            needs = ("values",) if spec["type"] in ("choice", "grid") else ("low", "high")
+            missing = [n for n in needs if n not in spec]
+            check(not missing, field, spec, f"a {spec['type']} needs keys {list(needs)}")
+
+
+def sampler(key: str, spec: dict[str, Any]) -> Any:
+    """A search-space entry of the YAML -> the Tune sampler."""
+    from ray import tune
+
+    kind = spec["type"]
+    if kind == "choice":
+        return tune.choice(list(spec["values"]))
+    if kind == "grid":
+        return tune.grid_search(list(spec["values"]))
+    if kind == "uniform":
+        return tune.uniform(float(spec["low"]), float(spec["high"]))
+    if kind == "loguniform":
+        return tune.loguniform(float(spec["low"]), float(spec["high"]))
+    return tune.randint(int(spec["low"]), int(spec["high"]))
+
+
+def param_space(cfg: SweepConfig, storage_path: str) -> dict[str, Any]:
+    """The base algorithm config as a dict, with the YAML's search space substituted."""
+    from moedream.platform.agents import AgentsConfig, build_algo_config
+
+    data = load_yaml(cfg.agents)
+    data.update(cfg.agents_overrides)
+    algo_config = build_algo_config(AgentsConfig.from_dict(data), logdir_root=storage_path)
+    space = algo_config.to_dict()
+    for key, spec in cfg.search_space.items():
+        name = "lambda" if key == "lambda_" else key
+        if name not in space:
+            raise ConfigError(
+                f"config field `search_space.{key}` is invalid: not a field of MBMAPPOConfig; "
+                f"e.g. lr, entropy_coeff, num_epochs, minibatch_size, clip_param, gamma, lambda_, "
+                f"imagined_ratio, imagination_horizon"
+            )
+        space[name] = sampler(key, spec)
+    return space
+
+
+def build_tuner(cfg: SweepConfig, *, resume: bool = False):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from moedream.policies.algorithm import MBMAPPO
+
+    storage = str(Path(cfg.storage_path).resolve())
+    exp_dir = Path(storage) / cfg.name
+    if resume:
+        if not tune.Tuner.can_restore(str(exp_dir)):
+            raise ConfigError(
+                f"--resume: no sweep to resume in {str(exp_dir)!r}; run without --resume first"
+            )
+        return tune.Tuner.restore(
+            str(exp_dir), trainable=MBMAPPO, resume_unfinished=True, resume_errored=True
+        )
+    scheduler = (
+        FIFOScheduler()
+        if cfg.scheduler == "fifo"
+        else ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=cfg.max_iterations,
+            grace_period=min(cfg.grace_period, cfg.max_iterations),
+            reduction_factor=cfg.reduction_factor,
+        )
+    )
+    return tune.Tuner(
+        MBMAPPO,
+        param_space=param_space(cfg, storage),
+        tune_config=tune.TuneConfig(
+            metric=cfg.metric,
+            mode=cfg.mode,
+            scheduler=scheduler,
+            num_samples=cfg.num_samples,
+            max_concurrent_trials=cfg.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            stop={"training_iteration": cfg.max_iterations},
+            verbose=1,
+            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=True, num_to_keep=1),
+        ),
+    )
+
+
+def summary_rows(results, cfg: SweepConfig) -> tuple[list[str], list[list[Any]]]:
+    """The best ``top_k`` trials: id, status, searched values, metric, iterations, env steps."""
+    keys = ["lambda" if k == "lambda_" else k for k in cfg.search_space]
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        value = _nested(metrics, cfg.metric)
+        rows.append(
+            [
+                metrics.get("trial_id", "?"),
+                "ERROR" if result.error else "OK",
+                *[result.config.get(k) if result.config else None for k in keys],
+                value,
+                metrics.get("training_iteration", 0),
+                _nested(metrics, "moedream/real_env_steps_lifetime"),
+            ]
+        )
+    sign = -1 if cfg.mode == "max" else 1
+    rows.sort(key=lambda r: math.inf if _nan(r[-3]) else sign * r[-3])
+    headers = ["trial", "status", *keys, cfg.metric, "iterations", "real env steps"]
+    return headers, rows[: cfg.top_k]
+
+
+def _nested(metrics: dict[str, Any], path: str) -> float:
+    value: Any = metrics
+    for part in path.split("/"):
+        value = value.get(part) if isinstance(value, dict) else None
+    if value is None:
+        value = metrics.get(path)
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _nan(v: Any) -> bool:
+    return not isinstance(v, (int, float)) or v != v
+
+
+def print_summary(headers: list[str], rows: list[list[Any]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(str(h))
+    for row in rows:
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    Console(width=160).print(table)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", required=True, help="sweep YAML, e.g. configs/sweeps/overcooked_ppo.yaml"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the sweep in storage_path/name"
+    )
+    parser.add_argument("--storage-path", help="override storage_path of the YAML")
+    parser.add_argument("--num-samples", type=int, help="override num_samples")
+    parser.add_argument("--max-iterations", type=int, help="override max_iterations")
+
+
+def load_config(args: argparse.Namespace) -> SweepConfig:
+    data = load_yaml(args.config)
+    for key in ("storage_path", "num_samples", "max_iterations"):
+        if getattr(args, key, None) is not None:
+            data[key] = getattr(args, key)
+    return SweepConfig.from_dict(data)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moedream.platform.ray_setup import init_ray
+
+    cfg = load_config(args)
+    init_ray()
+    results = build_tuner(cfg, resume=args.resume).fit()
+    headers, rows = summary_rows(results, cfg)
+    print_summary(headers, rows, f"best trials of {cfg.name} ({cfg.metric}, {cfg.mode})")
+    return 0 if not results.errors else 1

@@ -1,0 +1,408 @@
+"""MBMAPPO: multi-agent PPO (centralised reflector) that also learns from gated imagination.
+
+``MBMAPPO.training_step`` (RLlib new API stack, after ``algorithms/ppo/ppo.py``):
+1. sample real episodes from the env runners;
+2. if ``imagination``: hand the real episodes to the provider (``observe``), retrain the
+   world model on schedule (``retrain``), branch imagined rollouts from real states with the
+   current planner (``imagine``), keep what the gate approves (``gate``), and turn the kept
+   trajectories into episodes (:func:`build_imagined_episodes`);
+3. one PPO update on real + kept imagined episodes (``learner_group.update(episodes=...)``);
+4. sync ALL modules (perceiver and reflector have no loss of their own, so PPO's
+   "modules in the learner results" would miss them) to the env runners.
+
+With ``imagination=False`` it is the model-free MAPPO baseline.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from ray.rllib.algorithms.algorithm_config import NotProvided
+from ray.rllib.algorithms.ppo.ppo import PPO, PPOConfig
+from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.metrics import (
+    ALL_MODULES,
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    NUM_MODULE_STEPS_TRAINED_LIFETIME,
+    SYNCH_WORKER_WEIGHTS_TIMER,
+    TIMERS,
+    WEIGHTS_SEQ_NO,
+)
+
+from moedream.config import ConfigError
+from moedream.envs.spec import EnvSpec
+from moedream.policies.imagination import (
+    GateDecision,
+    TeamPolicy,
+    build_imagined_episodes,
+    sample_start_obs,
+)
+
+METRICS = "moedream"  # results[METRICS][...] holds the per-iteration moedream metrics
+STATE_KEY = "moedream_imagination"
+SOUP_REWARD = 20.0
+
+
+class TeamPPOTorchLearner(PPOTorchLearner):
+    """PPO learner with ONE optimizer over perceiver, reflector and planners.
+
+    As in RLlib's shared-encoder example (``VPGTorchLearnerSharedOptimizer``): separate
+    optimizers stepping the shared perceiver in turn would destabilise it.
+    """
+
+    @override(TorchLearner)
+    def configure_optimizers(self) -> None:
+        params = [p for module in self.module.values() for p in module.parameters()]
+        self.register_optimizer(
+            optimizer_name="team",
+            optimizer=torch.optim.Adam(params=params),
+            params=params,
+            lr_or_lr_schedule=self.config.lr,
+        )
+
+
+class TeamMetricsCallback(RLlibCallback):
+    """Per real episode: team return and (Overcooked) soups delivered, on the env runners.
+
+    Team return is one agent's return when the reward is shared by the team (Overcooked,
+    MaMuJoCo; RLlib's ``episode_return_mean`` would sum it over agents), else the sum.
+    Soups = sparse reward / 20 from the env's ``sparse_reward`` info.
+    """
+
+    def on_episode_step(self, *, episode, env_runner=None, **kwargs) -> None:
+        data = episode.custom_data
+        rewards = episode.get_rewards(-1)
+        if not rewards:
+            return
+        shared = getattr(env_runner.config, "shared_team_reward", True) if env_runner else True
+        values = [float(r) for r in rewards.values()]
+        data["team_return"] = data.get("team_return", 0.0) + (values[0] if shared else sum(values))
+        infos = episode.get_infos(-1)
+        first = next(iter(infos.values()), {}) if infos else {}
+        if isinstance(first, dict) and "sparse_reward" in first:
+            data["sparse_return"] = data.get("sparse_return", 0.0) + float(first["sparse_reward"])
+
+    def on_episode_end(self, *, episode, metrics_logger=None, **kwargs) -> None:
+        if metrics_logger is None:
+            return
+        data = episode.custom_data
+        metrics_logger.log_value("moedream_team_return", data.get("team_return", 0.0), window=20)
+        if "sparse_return" in data:
+            metrics_logger.log_value(
+                "moedream_soups", data["sparse_return"] / SOUP_REWARD, window=20
+            )
+
+
+class MBMAPPOConfig(PPOConfig):
+    """PPOConfig + model-based settings (set with :meth:`model_based`)."""
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class or MBMAPPO)
+        self.imagination = False
+        self.imagination_horizon = 10
+        self.imagined_ratio = 1.0
+        self.world_model_retrain_every = 0
+        self.gate = True
+        self.serve_app_name = "world_model"
+        self.imagination_provider: Callable[[Any], Any] | None = None
+        self.env_spec_json: str | None = None
+        self.shared_planner = True
+        self.shared_team_reward = True
+        self.logdir_root: str | None = None
+        self.torch_num_threads: int | None = 1
+
+    def model_based(
+        self,
+        *,
+        imagination: bool | None = NotProvided,
+        imagination_horizon: int | None = NotProvided,
+        imagined_ratio: float | None = NotProvided,
+        world_model_retrain_every: int | None = NotProvided,
+        gate: bool | None = NotProvided,
+        serve_app_name: str | None = NotProvided,
+        imagination_provider: Callable[[Any], Any] | None = NotProvided,
+        env_spec_json: str | None = NotProvided,
+        shared_planner: bool | None = NotProvided,
+        shared_team_reward: bool | None = NotProvided,
+        logdir_root: str | None = NotProvided,
+        torch_num_threads: int | None = NotProvided,
+    ) -> MBMAPPOConfig:
+        """Model-based settings.
+
+        Args:
+            imagination: learn from imagined rollouts too (False = model-free MAPPO).
+            imagination_horizon: steps per imagined rollout (H).
+            imagined_ratio: imagined env steps per real env step requested each iteration.
+            world_model_retrain_every: call the provider's ``retrain`` every this many
+                iterations (0 = never).
+            gate: drop the trajectories the provider's gate does not keep.
+            serve_app_name: the Ray Serve application of the world model (for providers).
+            imagination_provider: ``factory(config) -> provider`` with ``imagine`` and ``gate``
+                (see moedream.policies.imagination.ImaginationProvider), built in setup().
+            env_spec_json: the EnvSpec (``EnvSpec.to_json()``) of the env.
+            shared_planner: one planner for all agents (agent-id embedding) or one per agent.
+            shared_team_reward: every agent receives the team reward (team return = one
+                agent's return).
+            logdir_root: where the algorithm's own logs go when it runs outside Tune (RLlib
+                would use ~/ray_results); Tune trials use the trial directory.
+            torch_num_threads: torch intra-op threads of the algorithm process (learner and
+                local sampling); 1 avoids OpenMP spin-waiting, which made the tiny matmuls of
+                these modules ~10x slower on a shared 2-core machine. None = torch's default.
+        """
+        for name, value in list(locals().items()):
+            if name != "self" and value is not NotProvided:
+                setattr(self, name, value)
+        return self
+
+    @override(PPOConfig)
+    def validate(self) -> None:
+        super().validate()
+        self.validate_model_based()
+
+    def validate_model_based(self) -> None:
+        """Model-based fields; errors name the field and the fix (ConfigError)."""
+        _check(
+            isinstance(self.imagination, bool),
+            "imagination",
+            self.imagination,
+            "must be true or false",
+        )
+        _check(
+            isinstance(self.imagination_horizon, int) and self.imagination_horizon > 0,
+            "imagination_horizon",
+            self.imagination_horizon,
+            "must be an integer > 0",
+        )
+        _check(
+            isinstance(self.imagined_ratio, (int, float)) and self.imagined_ratio >= 0,
+            "imagined_ratio",
+            self.imagined_ratio,
+            "must be a number >= 0 (imagined:real steps)",
+        )
+        _check(
+            isinstance(self.world_model_retrain_every, int) and self.world_model_retrain_every >= 0,
+            "world_model_retrain_every",
+            self.world_model_retrain_every,
+            "must be an integer >= 0 (0 = never retrain)",
+        )
+        _check(
+            isinstance(self.serve_app_name, str) and bool(self.serve_app_name),
+            "serve_app_name",
+            self.serve_app_name,
+            "must be a non-empty string naming the Serve application",
+        )
+        _check(
+            self.env_spec_json is not None,
+            "env_spec_json",
+            self.env_spec_json,
+            "must be set: .model_based(env_spec_json=env_spec(name, **options).to_json())",
+        )
+        if self.imagination:
+            _check(
+                callable(self.imagination_provider),
+                "imagination_provider",
+                self.imagination_provider,
+                "must be a factory(config) -> provider when imagination is on",
+            )
+            _check(
+                self.imagined_ratio > 0,
+                "imagined_ratio",
+                self.imagined_ratio,
+                "must be > 0 when imagination is on (or turn imagination off)",
+            )
+
+    @property
+    def env_spec(self) -> EnvSpec:
+        return EnvSpec.from_json(self.env_spec_json)
+
+
+def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"MBMAPPOConfig field `{field}` = {value!r} is invalid: {allowed}")
+
+
+class MBMAPPO(PPO):
+    """Model-based multi-agent PPO (see the module docstring)."""
+
+    @classmethod
+    @override(PPO)
+    def get_default_config(cls) -> MBMAPPOConfig:
+        return MBMAPPOConfig()
+
+    def _setup_logdir(self) -> None:
+        """Outside Tune, log under ``config.logdir_root`` instead of ~/ray_results."""
+        root = getattr(self.config, "logdir_root", None)
+        if self._storage is not None:
+            return super()._setup_logdir()
+        if not root:
+            raise ConfigError(
+                "MBMAPPOConfig field `logdir_root` = None is invalid outside Tune: set "
+                ".model_based(logdir_root=<storage path>) (RLlib would write to ~/ray_results)"
+            )
+        os.makedirs(root, exist_ok=True)
+        self._logdir = tempfile.mkdtemp(prefix=f"{type(self).__name__}_", dir=root)
+
+    @override(PPO)
+    def setup(self, config) -> None:
+        if getattr(config, "torch_num_threads", None):
+            torch.set_num_threads(int(config.torch_num_threads))
+        super().setup(config)
+        self.provider = None
+        self._imagination_module = None
+        self._rng = np.random.default_rng(self.config.seed)
+        if self.config.imagination:
+            self.provider = self.config.imagination_provider(self.config)
+            spec = self.config.get_multi_rl_module_spec(
+                spaces=self.env_runner_group.get_spaces(), inference_only=True
+            )
+            self._imagination_module = spec.build()
+
+    @override(PPO)
+    def training_step(self) -> None:
+        episodes = self._sample_real()
+        if not episodes:
+            return
+        imagined = self._imagine(episodes) if self.config.imagination else []
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            learner_results = self.learner_group.update(
+                episodes=episodes + imagined,
+                timesteps={
+                    NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
+                        (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME)
+                    ),
+                    NUM_MODULE_STEPS_TRAINED_LIFETIME: self.metrics.peek(
+                        (LEARNER_RESULTS, ALL_MODULES, NUM_MODULE_STEPS_TRAINED_LIFETIME), default=0
+                    ),
+                },
+                num_epochs=self.config.num_epochs,
+                minibatch_size=self.config.minibatch_size,
+                shuffle_batch_per_epoch=self.config.shuffle_batch_per_epoch,
+            )
+            self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(
+                from_worker_or_learner_group=self.learner_group, policies=None, inference_only=True
+            )
+
+    def _sample_real(self) -> list:
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            budget = {
+                "max_agent_steps"
+                if self.config.count_steps_by == "agent_steps"
+                else "max_env_steps": self.config.total_train_batch_size
+            }
+            episodes, env_runner_results = synchronous_parallel_sample(
+                worker_set=self.env_runner_group,
+                sample_timeout_s=self.config.sample_timeout_s,
+                _uses_new_env_runners=True,
+                _return_metrics=True,
+                **budget,
+            )
+            if not episodes:
+                return []
+            self.metrics.aggregate(env_runner_results, key=ENV_RUNNER_RESULTS)
+        real_steps = sum(e.env_steps() for e in episodes)
+        self._log_counts(real_env_steps=real_steps)
+        return episodes
+
+    def _imagine(self, episodes: list) -> list:
+        """Real episodes -> kept imagined episodes (and the imagination metrics)."""
+        cfg, spec = self.config, self.config.env_spec
+        if hasattr(self.provider, "observe"):
+            self.provider.observe(episodes)
+        if cfg.world_model_retrain_every and self.iteration % cfg.world_model_retrain_every == 0:
+            if hasattr(self.provider, "retrain"):
+                self.provider.retrain(self.iteration)
+        self._refresh_imagination_module()
+        real_steps = sum(e.env_steps() for e in episodes)
+        n = max(1, math.ceil(cfg.imagined_ratio * real_steps / cfg.imagination_horizon))
+        start_obs = sample_start_obs(episodes, spec, n, self._rng)  # [n, N, D]
+        policy = TeamPolicy(self._imagination_module, spec, cfg.shared_planner)
+        trajs = self.provider.imagine(start_obs, policy)
+        decision = (
+            GateDecision.from_result(self.provider.gate(trajs))
+            if cfg.gate
+            else GateDecision.from_result(np.ones(trajs.batch_size, dtype=bool))
+        )
+        if decision.trajectories is not None:  # the gate re-imagined its REFINE rows
+            trajs = decision.trajectories
+        kept = trajs.select(np.flatnonzero(decision.keep))
+        imagined = (
+            build_imagined_episodes(
+                kept,
+                self._imagination_module,
+                spec,
+                shared_planner=cfg.shared_planner,
+                weights_seq_no=_weights_seq_no(episodes),
+            )
+            if kept.batch_size
+            else []
+        )
+        self._log_counts(imagined_env_steps=sum(e.env_steps() for e in imagined))
+        total = max(1, decision.approved + decision.refined + decision.rejected)
+        for name, count in (
+            ("approve", decision.approved),
+            ("refine", decision.refined),
+            ("reject", decision.rejected),
+        ):
+            self.metrics.log_value((METRICS, f"gate_{name}_rate"), count / total, window=1)
+            self.metrics.log_value((METRICS, f"gate_{name}_total"), count, reduce="lifetime_sum")
+        if hasattr(self.provider, "metrics"):  # e.g. world-model loss, refine tries
+            for key, value in self.provider.metrics().items():
+                self.metrics.log_value((METRICS, f"provider_{key}"), float(value), window=1)
+        if hasattr(self.provider, "env_steps_taken"):
+            self.metrics.log_value(
+                (METRICS, "provider_env_steps_lifetime"),
+                int(self.provider.env_steps_taken),
+                window=1,
+            )
+        return imagined
+
+    def _log_counts(self, **counts: int) -> None:
+        for name, value in counts.items():
+            self.metrics.log_value((METRICS, name), value, reduce="sum")
+            self.metrics.log_value((METRICS, f"{name}_lifetime"), value, reduce="lifetime_sum")
+
+    def _refresh_imagination_module(self) -> None:
+        """Copy the learner's current module weights into the local inference copy."""
+        state = self.learner_group.get_state(
+            components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}", inference_only=True
+        )
+        self._imagination_module.set_state(state[COMPONENT_LEARNER][COMPONENT_RL_MODULE])
+
+    @override(PPO)
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict:
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        if components is None and self.provider is not None and hasattr(self.provider, "get_state"):
+            state[STATE_KEY] = self.provider.get_state()
+        return state
+
+    @override(PPO)
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        if STATE_KEY in state and self.provider is not None and hasattr(self.provider, "set_state"):
+            self.provider.set_state(state[STATE_KEY])
+
+
+def _weights_seq_no(episodes: list) -> int:
+    """The weights version the real episodes were sampled with (imagined ones use the same)."""
+    for episode in reversed(episodes):
+        for sa in episode.agent_episodes.values():
+            if len(sa) and WEIGHTS_SEQ_NO in sa.extra_model_outputs:
+                return int(np.asarray(sa.get_extra_model_outputs(WEIGHTS_SEQ_NO, -1)))
+    return 0
