@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: machine description and recording figures in RESULTS.md.
+"""Shared by the benchmark scripts: the Args command line, timing loops, the machine's matmul
+peak, machine description and recording figures in RESULTS.md.
 
 Each benchmark owns one block of RESULTS.md, between ``<!-- bench:NAME -->`` markers, and
 replaces it with its latest figures (command, machine, date, table) every run.
@@ -6,16 +7,84 @@ replaces it with its latest figures (command, machine, date, table) every run.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import datetime
 import os
 import platform
 import re
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+ArgsT = TypeVar("ArgsT")
+
+
+def parse_args(args_class: type[ArgsT], description: str, argv: list[str] | None = None) -> ArgsT:
+    """An ``args_class`` (a dataclass with defaults) from the command line: one
+    ``--kebab-case`` flag per field, ``--x/--no-x`` for bools, ``nargs="+"`` for tuples."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for field in dataclasses.fields(args_class):
+        flag, default = f"--{field.name.replace('_', '-')}", field.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, tuple):
+            item_type = type(default[0]) if default else str
+            parser.add_argument(flag, type=item_type, nargs="+", default=list(default))
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    parsed = vars(parser.parse_args(argv))
+    return args_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in parsed.items()})
+
+
+def with_bf16(mode: str) -> bool:
+    """Whether to measure bf16 beside fp32 for ``--bf16 auto|on|off``: "auto" only where the
+    CPU has AMX (elsewhere bf16 matmuls are emulated and slower than fp32)."""
+    from moedream.world_model.train_local import cpu_has_amx
+
+    if mode not in ("auto", "on", "off"):
+        raise SystemExit(f"--bf16 {mode!r}: use auto, on or off")
+    return mode == "on" or (mode == "auto" and cpu_has_amx())
+
+
+def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of an n x n x n matmul in ``dtype`` (best of ``repeats``)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def interleaved_times(
+    steps: dict[str, Callable[[], object]], warmup: int, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of each of ``repeats`` timed calls per step function, after ``warmup`` untimed
+    ones. The functions are called round-robin (one call each, in turn), so load from other
+    processes on a shared machine hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def step_times(step: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` timed calls of ``step`` after ``warmup`` untimed ones."""
+    return interleaved_times({"step": step}, warmup, repeats)["step"]
 
 
 def machine() -> str:
@@ -39,6 +108,14 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def publish(name: str, title: str, body: str, to_results: bool) -> None:
+    """``record`` the figures in RESULTS.md if ``to_results`` (the --record flag), else print."""
+    if to_results:
+        record(name, title, body)
+    else:
+        print(body)
 
 
 def record(name: str, title: str, body: str, command: str | None = None) -> None:

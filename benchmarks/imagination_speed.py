@@ -10,7 +10,6 @@ weights). Goal: imagination >= 1x the real env.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import markdown_table, record  # noqa: E402
+from benchmarks._common import markdown_table, parse_args, publish  # noqa: E402
 from moedream.envs import env_spec, make_env  # noqa: E402
 from moedream.world_model.diffusion import SamplerConfig  # noqa: E402
 from moedream.world_model.model import WorldModel, WorldModelConfig  # noqa: E402
@@ -38,22 +37,6 @@ class Args:
     env_steps: int = 3000
     threads: int = 1
     record: bool = True
-
-
-def parse_args() -> Args:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in dataclasses.fields(Args):
-        flag = f"--{f.name.replace('_', '-')}"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif isinstance(f.default, tuple):
-            parser.add_argument(flag, type=int, nargs="+", default=list(f.default))
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    ns = vars(parser.parse_args())
-    return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()})
 
 
 def real_env_steps_per_s(steps: int) -> float:
@@ -87,7 +70,7 @@ def imagined_per_s(model: WorldModel, args: Args, num_steps: int) -> tuple[float
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args(Args, __doc__)
     torch.set_num_threads(args.threads)
     env_rate = real_env_steps_per_s(args.env_steps)
     spec = env_spec(ENV[0], **ENV[1])
@@ -112,10 +95,7 @@ def main() -> None:
         f"(untrained weights; context up to {model.config.backbone.max_context} steps recomputed each step, "
         f"no KV cache), flow-matching Euler sampler, {args.threads} thread(s). Goal: >= 1x the real env.\n\n{table}"
     )
-    if args.record:
-        record("imagination_speed", "Imagination speed vs the real env", body)
-    else:
-        print(body)
+    publish("imagination_speed", "Imagination speed vs the real env", body, args.record)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,12 @@ the CPU has AMX (else bf16 matmuls are emulated and slower than fp32; the table 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
+import functools
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,13 @@ os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/moedream/torch_extensions")
 )
 
-from benchmarks._common import markdown_table, record  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    interleaved_times,
+    markdown_table,
+    parse_args,
+    publish,
+    with_bf16,
+)
 from moedream.world_model.moe import MoEConfig, MoEFeedForward, count_parameters  # noqa: E402
 
 BACKENDS = ("native", "dense", "deepspeed")
@@ -53,55 +58,19 @@ class Args:
     """write the table into benchmarks/RESULTS.md"""
 
 
-def parse_args() -> Args:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in dataclasses.fields(Args):
-        default = f.default
-        if isinstance(default, tuple):
-            parser.add_argument(
-                f"--{f.name.replace('_', '-')}", type=int, nargs="+", default=list(default)
-            )
-        elif isinstance(default, bool):
-            parser.add_argument(
-                f"--{f.name.replace('_', '-')}",
-                action=argparse.BooleanOptionalAction,
-                default=default,
-            )
-        else:
-            parser.add_argument(
-                f"--{f.name.replace('_', '-')}", type=type(default), default=default
-            )
-    ns = parser.parse_args()
-    return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items()})
-
-
-def has_amx() -> bool:
-    capability = torch.backends.cpu.get_cpu_capability()
-    if "AMX" in capability.upper():
-        return True
-    with contextlib.suppress(OSError):
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    return False
-
-
-def one_step(layer: MoEFeedForward, x: torch.Tensor, precision: str) -> float:
-    """Seconds of one forward + backward (loss = mean(y^2) + aux)."""
+def fwd_bwd(layer: MoEFeedForward, x: torch.Tensor, precision: str) -> None:
+    """One forward + backward (loss = mean(y^2) + aux) from cleared gradients."""
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
     autocast = (
         torch.autocast("cpu", dtype=torch.bfloat16)
         if precision == "bf16"
         else contextlib.nullcontext()
     )
-    start = time.perf_counter()
     with autocast:
         y, stats = layer(x)
         loss = y.float().square().mean() + stats.aux_loss
     loss.backward()
-    seconds = time.perf_counter() - start
-    layer.zero_grad(set_to_none=True)
-    x.grad = None
-    return seconds
 
 
 def build_layer(backend: str, d_model: int, args: Args) -> MoEFeedForward:
@@ -123,12 +92,8 @@ def measure_case(tokens: int, d_model: int, precision: str, args: Args) -> list[
     merit, the least disturbed by other processes; the median is shown beside it."""
     layers = {backend: build_layer(backend, d_model, args) for backend in BACKENDS}
     x = torch.randn(tokens, d_model, requires_grad=True)
-    times: dict[str, list[float]] = {backend: [] for backend in BACKENDS}
-    for i in range(args.warmup + args.repeats):
-        for backend, layer in layers.items():
-            seconds = one_step(layer, x, precision)
-            if i >= args.warmup:
-                times[backend].append(seconds)
+    steps = {b: functools.partial(fwd_bwd, layer, x, precision) for b, layer in layers.items()}
+    times = interleaved_times(steps, args.warmup, args.repeats)
     best = {b: min(t) for b, t in times.items()}
     rows = []
     for backend, layer in layers.items():
@@ -152,10 +117,9 @@ def measure_case(tokens: int, d_model: int, precision: str, args: Args) -> list[
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args(Args, __doc__)
     torch.set_num_threads(args.threads)
-    amx = has_amx()
-    precisions = ["fp32"] + (["bf16"] if args.bf16 == "on" or (args.bf16 == "auto" and amx) else [])
+    precisions = ["fp32"] + (["bf16"] if with_bf16(args.bf16) else [])
     headers = [
         "tokens",
         "d_model",
@@ -191,10 +155,7 @@ def main() -> None:
             f"{torch.backends.cpu.get_cpu_capability()}); bf16 matmuls would be emulated."
         )
     )
-    if args.record:
-        record("moe_vs_dense", "MoE vs dense feed-forward (forward + backward)", body)
-    else:
-        print(body)
+    publish("moe_vs_dense", "MoE vs dense feed-forward (forward + backward)", body, args.record)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,10 @@ Goal: >= 30% of peak.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import markdown_table, record  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    markdown_table,
+    matmul_peak,
+    parse_args,
+    publish,
+    step_times,
+    with_bf16,
+)
 from moedream.envs.spec import EnvSpec  # noqa: E402
 from moedream.world_model.model import WorldModel, WorldModelConfig  # noqa: E402
 from moedream.world_model.train_local import cpu_has_amx, train_step  # noqa: E402
@@ -59,31 +64,6 @@ class Args:
     record: bool = True
 
 
-def parse_args() -> Args:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in dataclasses.fields(Args):
-        flag = f"--{f.name.replace('_', '-')}"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    return Args(**vars(parser.parse_args()))
-
-
-def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 10) -> float:
-    """FLOP/s of an n x n x n matmul in ``dtype`` (best of ``repeats``)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
 def batch(args: Args, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     b, t, n, d, a = args.batch_size, args.window, SPEC.n_agents, SPEC.obs_dim, SPEC.action_dim
@@ -107,16 +87,10 @@ def measure(args: Args, overrides: dict, dtype: torch.dtype | None) -> tuple[flo
     model.fit_normalization(data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step = lambda: train_step(model, optimizer, data, autocast=dtype)  # noqa: E731
-    for _ in range(args.warmup):
-        step()
     counter = FlopCounterMode(display=False)
     with counter:
         step()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = step_times(step, args.warmup, args.steps)
     return float(counter.get_total_flops()), statistics.median(times)
 
 
@@ -132,10 +106,10 @@ def _merge(base: dict, overrides: dict, drop: tuple[str, ...] = ()) -> dict:
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args(Args, __doc__)
     torch.set_num_threads(args.threads)
     precisions: list[tuple[str, torch.dtype | None, torch.dtype]] = [("fp32", None, torch.float32)]
-    if args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_amx()):
+    if with_bf16(args.bf16):
         precisions.append(("bf16 autocast", torch.bfloat16, torch.bfloat16))
     rows = []
     for name, dtype, peak_dtype in precisions:
@@ -156,12 +130,12 @@ def main() -> None:
         f"forward + backward + AdamW, {args.threads} threads; FLOPs from FlopCounterMode. Goal: >= 30% of "
         f"the matmul peak measured in the same run. AMX: {cpu_has_amx()}.\n\n{table}"
     )
-    if args.record:
-        record(
-            "world_model_step", "World-model training step: achieved FLOP/s vs matmul peak", body
-        )
-    else:
-        print(body)
+    publish(
+        "world_model_step",
+        "World-model training step: achieved FLOP/s vs matmul peak",
+        body,
+        args.record,
+    )
 
 
 if __name__ == "__main__":

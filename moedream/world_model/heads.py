@@ -16,12 +16,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedream.config import ConfigBase, check
+
+
+def check_positive_ints(config: ConfigBase, prefix: str, names: Iterable[str]) -> None:
+    """ConfigError unless each field in ``names`` of ``config`` is an integer > 0."""
+    for name in names:
+        value = getattr(config, name)
+        check(
+            isinstance(value, int) and value > 0,
+            f"{prefix}{name}",
+            value,
+            "must be an integer > 0",
+        )
 
 
 @dataclasses.dataclass
@@ -36,14 +49,7 @@ class HeadsConfig(ConfigBase):
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
-        for name in ("hidden", "ensemble_hidden"):
-            value = getattr(self, name)
-            check(
-                isinstance(value, int) and value > 0,
-                f"{prefix}{name}",
-                value,
-                "must be an integer > 0",
-            )
+        check_positive_ints(self, prefix, ("hidden", "ensemble_hidden"))
         check(
             isinstance(self.ensemble_size, int) and self.ensemble_size >= 2,
             f"{prefix}ensemble_size",

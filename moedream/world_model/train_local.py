@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from moedream.config import ConfigBase, check, check_fraction, check_positive
+from moedream.world_model.heads import check_positive_ints
 from moedream.world_model.model import WorldModel, WorldModelConfig
 from moedream.world_model.trajectory import WINDOW_KEYS
 
@@ -50,22 +51,12 @@ class TrainConfig(ConfigBase):
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
-        for name in (
-            "steps",
-            "batch_size",
-            "window",
-            "eval_every",
-            "checkpoint_every",
-            "log_every",
-            "eval_windows",
-        ):
-            value = getattr(self, name)
-            check(
-                isinstance(value, int) and value > 0,
-                f"{prefix}{name}",
-                value,
-                "must be an integer > 0",
-            )
+        check_positive_ints(
+            self,
+            prefix,
+            ("steps", "batch_size", "window", "eval_every", "checkpoint_every", "log_every",
+             "eval_windows"),
+        )  # fmt: skip
         check(
             isinstance(self.warmup, int) and self.warmup >= 0,
             f"{prefix}warmup",

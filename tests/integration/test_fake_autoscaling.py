@@ -4,20 +4,16 @@ moedream-shaped job and removes the idle workers afterwards.
 The cluster is this test's own (its own GCS port, temp dir and process session), not the shared
 `ray_cluster` fixture: a process can drive only one Ray cluster, so the job runs as a separate
 driver process, and this test never calls ray.init (it reads node states with a plain GCS
-client). The `ray start --head --block` process is started in a new session, so every process of
-this cluster (GCS, raylets, autoscaler, the fake worker nodes the autoscaler starts, their
-workers) is in its process group and names the private temp dir. Teardown sends SIGTERM to that
-`ray start` (Ray's own graceful shutdown of the head), then SIGKILLs whatever is left in the
-process group and any process naming the temp dir. It never uses `ray stop`, which would stop
-every Ray cluster on the machine.
+client). tests/ray_head.py starts the `ray start --head --block` process in a new session, so
+every process of this cluster (GCS, raylets, autoscaler, the fake worker nodes the autoscaler
+starts, their workers) is in its process group and names the private temp dir, and stops only
+those processes. It never uses `ray stop`, which would stop every Ray cluster on the machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.ray_head import check_head_alive, free_port, running_head, wait_for
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-RAY_BIN = Path(sys.executable).with_name("ray")
 TRAIN_RESOURCE = "moedream_train"  # what a Ray Train world-model worker asks for
 HEAD_NODE_TYPE = "ray.head.default"  # the fake provider's fixed head type
 MAX_WORKERS = 3
@@ -126,63 +123,11 @@ DRIVER = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def alive_nodes(gcs_client) -> set[str]:
     from ray.core.generated.gcs_pb2 import GcsNodeInfo
 
     infos = gcs_client.get_all_node_info(timeout=10)
     return {node_id.hex() for node_id, info in infos.items() if info.state == GcsNodeInfo.ALIVE}
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def processes_of(temp_dir: str, pgid: int) -> list:
-    """Processes of this cluster only: in its process group, or naming its temp dir."""
-    import psutil
-
-    mine = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            in_group = os.getpgid(proc.info["pid"]) == pgid
-            names_dir = temp_dir in " ".join(proc.info["cmdline"] or [])
-        except (ProcessLookupError, psutil.Error):
-            continue
-        if (in_group or names_dir) and proc.info["pid"] != os.getpid():
-            mine.append(proc)
-    return mine
-
-
-def stop_cluster(head: subprocess.Popen, temp_dir: str) -> None:
-    """SIGTERM the head's `ray start --block` (graceful), then SIGKILL this cluster's leftovers."""
-    import psutil
-
-    if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait(timeout=10)
-    leftovers = processes_of(temp_dir, head.pid)
-    for proc in leftovers:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(leftovers, timeout=10)
 
 
 @pytest.fixture
@@ -203,14 +148,9 @@ def fake_cluster():
         RAY_AUTH_MODE="disabled",
         RAY_USAGE_STATS_ENABLED="0",
     )
-    cmd = [
-        str(RAY_BIN),
-        "start",
-        "--head",
-        "--block",
+    head_args = [
         f"--port={port}",
         f"--autoscaling-config={config_path}",
-        f"--temp-dir={temp_dir}",
         "--num-cpus=1",
         "--object-store-memory=100000000",
         "--include-dashboard=false",
@@ -218,17 +158,10 @@ def fake_cluster():
         f"--ray-client-server-port={free_port()}",
         "--disable-usage-stats",
     ]
-    log = open(Path(temp_dir) / "head.log", "w")
-    head = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
+    with running_head(temp_dir, head_args, env) as head:
 
         def gcs_listening() -> bool:
-            if head.poll() is not None:
-                raise AssertionError(
-                    f"ray start exited: {(Path(temp_dir) / 'head.log').read_text()}"
-                )
+            check_head_alive(head, temp_dir)
             with socket.socket() as sock:
                 return sock.connect_ex(("127.0.0.1", port)) == 0
 
@@ -236,10 +169,6 @@ def fake_cluster():
         client = GcsClient(address=address)
         wait_for(lambda: len(alive_nodes(client)) == 1, 60, "the head node")
         yield address, temp_dir, client
-    finally:
-        stop_cluster(head, temp_dir)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_job_scales_fake_cluster_up_then_idle_workers_are_removed(fake_cluster):

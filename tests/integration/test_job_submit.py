@@ -3,20 +3,16 @@
 The shared `ray_cluster` fixture has no dashboard (no job server), so this test starts its own
 head: `ray start --head --include-dashboard true --block` in a new session with a private temp
 dir, submits the job over the dashboard's HTTP address, and stops only that head: SIGTERM to
-its `ray start --block`, then SIGKILL to the leftovers of that process group / temp dir (the
-approach of test_fake_autoscaling.py). Never `ray stop`: it would stop every Ray on the machine.
+its `ray start --block`, then SIGKILL to the leftovers of that process group / temp dir (tests/ray_head.py,
+shared with test_fake_autoscaling.py). Never `ray stop`: it would stop every Ray on the machine.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,63 +20,11 @@ import pytest
 import yaml
 
 from moedream.data import collect_episodes
+from tests.ray_head import RAY_BIN, check_head_alive, free_port, running_head, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
-RAY_BIN = Path(sys.executable).with_name("ray")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def processes_of(temp_dir: str, pgid: int) -> list:
-    """Processes of this head only: in its process group, or naming its temp dir."""
-    import psutil
-
-    mine = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            in_group = os.getpgid(proc.info["pid"]) == pgid
-            names_dir = temp_dir in " ".join(proc.info["cmdline"] or [])
-        except (ProcessLookupError, psutil.Error):
-            continue
-        if (in_group or names_dir) and proc.info["pid"] != os.getpid():
-            mine.append(proc)
-    return mine
-
-
-def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
-    """SIGTERM the head's `ray start --block` (graceful), then SIGKILL its leftovers."""
-    import psutil
-
-    if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait(timeout=10)
-    leftovers = processes_of(temp_dir, head.pid)
-    for proc in leftovers:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(leftovers, timeout=10)
 
 
 def head_env() -> dict[str, str]:
@@ -98,24 +42,16 @@ def local_head():
     """A private head with a dashboard (job server); yields its HTTP address; always stopped."""
     temp_dir = tempfile.mkdtemp(prefix="mdj", dir="/tmp")  # short: unix socket paths <= 107 B
     port, dashboard_port = free_port(), free_port()
-    cmd = [
-        str(RAY_BIN), "start", "--head", "--block",
+    head_args = [
         f"--port={port}", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}",
+        "--dashboard-host=127.0.0.1", "--num-cpus=4",
         f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
     ]  # fmt: skip
-    log = open(Path(temp_dir) / "head.log", "w")
-    head = subprocess.Popen(
-        cmd, env=head_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
     address = f"http://127.0.0.1:{dashboard_port}"
-    try:
+    with running_head(temp_dir, head_args, head_env()) as head:
 
         def job_server_up() -> bool:
-            if head.poll() is not None:
-                raise AssertionError(
-                    f"ray start exited: {(Path(temp_dir) / 'head.log').read_text()}"
-                )
+            check_head_alive(head, temp_dir)
             try:
                 with urllib.request.urlopen(f"{address}/api/version", timeout=5) as response:
                     return response.status == 200
@@ -124,10 +60,6 @@ def local_head():
 
         wait_for(job_server_up, 180, "the head's job server", 1.0)
         yield address
-    finally:
-        stop_head(head, temp_dir)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def tiny_job_config(path: Path) -> Path:
