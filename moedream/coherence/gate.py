@@ -66,6 +66,7 @@ def reimagine_request(trajs: Trajectories, noise_scale: float, seed: int) -> dic
 
     start_obs    [B, N, D] list   the trajectories' first observations
     actions      [B, H, N, A] list  the encoded joint actions to replay (open loop)
+    horizon      int              H
     noise_scale  float            sampling-noise multiplier for the diffusion sampler
     seed         int              sampling seed (a different one per try)
 
@@ -73,6 +74,7 @@ def reimagine_request(trajs: Trajectories, noise_scale: float, seed: int) -> dic
     return {
         "start_obs": np.asarray(trajs.obs[:, 0]).tolist(),
         "actions": np.asarray(trajs.action).tolist(),
+        "horizon": int(trajs.horizon),
         "noise_scale": float(noise_scale),
         "seed": int(seed),
     }

@@ -1,16 +1,34 @@
-"""The main job: local Ray, collect episodes, (later stages: train the world model, serve it,
-learn with gated imagination, evaluate, report)."""
+"""The main job (`make run` -> `moedream quickstart`), end to end on a local Ray cluster:
+
+1. collect real episodes (Ray tasks) into Parquet shards;
+2. train the MoE-diffusion world model with Ray Train (2 workers, expert parallel);
+3. deploy it with Ray Serve (127.0.0.1);
+4. fit the coherence gate on the real data and start the central gate actor;
+5. train the team (MBMAPPO: perceiver/planner/reflector) on real + gated imagined rollouts;
+6. evaluate the team against the random team on the real env;
+7. write runs/<name>/report.md with PNG plots, next to the TensorBoard logs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from pathlib import Path
+from typing import Any
 
-from moedream.config import ConfigBase, check
+import numpy as np
+
+from moedream.config import ConfigBase, ConfigError, check
 from moedream.platform.collect import CollectConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
+ENV_CONFIGS = {
+    "overcooked": DEFAULT_CONFIG,
+    "mamujoco": REPO_ROOT / "configs" / "quickstart_mamujoco.yaml",
+}
+STAGES = 7
 
 
 @dataclasses.dataclass
@@ -19,35 +37,245 @@ class QuickstartConfig(ConfigBase):
     """Run name: everything goes to <out>/<name>/."""
     out: str = "runs"
     collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
+    world_model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """DistributedTrainConfig fields (data, storage_path and name are set by the job)."""
+    serve: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """ServeConfig fields of the deployment (checkpoint is set by the job)."""
+    gate: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """GateConfig fields of the coherence gate."""
+    agents: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """AgentsConfig fields (env and env options default to the collect section's)."""
+    eval_episodes: int = 3
+    """Real episodes to evaluate the trained and the random team on."""
+    http_port: int = 8000
+    """Serve's HTTP port on 127.0.0.1."""
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
-        check(
-            bool(self.name) and "/" not in self.name,
-            f"{prefix}name",
-            self.name,
-            "must be a non-empty folder name without '/'",
-        )
+        check(bool(self.name) and "/" not in self.name, f"{prefix}name", self.name,
+              "must be a non-empty folder name without '/'")  # fmt: skip
+        check(self.eval_episodes > 0, f"{prefix}eval_episodes", self.eval_episodes, "must be > 0")
+        # Build every section's typed config now: a typo fails before Ray starts.
+        self.world_model_config()
+        self.serve_config()
+        self.gate_config()
+        self.agents_config()
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out) / self.name
 
+    # Each section's typed config, wired to this run. --------------------------------------
+    def world_model_config(self):
+        from moedream.platform.train import DistributedTrainConfig
 
-def run_quickstart(cfg: QuickstartConfig) -> dict:
-    from moedream.data import read_episodes
-    from moedream.platform.collect import collect_parallel
-    from moedream.platform.commands.collect import summarize
+        data = {"name": "world_model", **self.world_model}
+        data.update(
+            data=str(self.run_dir / "data"),
+            storage_path=str((self.run_dir / "ray_results").resolve()),
+        )
+        return _section(DistributedTrainConfig, data, "world_model")
+
+    def serve_config(self):
+        from moedream.platform.serve.schemas import ServeConfig
+
+        return _section(ServeConfig, {"checkpoint": "", **self.serve}, "serve")
+
+    def gate_config(self):
+        from moedream.coherence.kernel import GateConfig
+
+        data = {
+            "reimaginer_app": "world_model",
+            "reimaginer_deployment": "WorldModelDeployment",
+            **self.gate,
+        }
+        return _section(GateConfig, data, "gate")
+
+    def agents_config(self):
+        from moedream.platform.agents import AgentsConfig
+
+        data = {
+            "env": self.collect.env,
+            "env_options": dict(self.collect.env_options),
+            **self.agents,
+        }
+        return _section(AgentsConfig, data, "agents")
+
+
+def _section(cls, data: dict[str, Any], name: str):
+    try:
+        cfg = cls.from_dict(data, prefix=f"{name}.")
+        cfg.validate(prefix=f"{name}.")
+    except ConfigError as err:
+        raise ConfigError(f"quickstart section `{name}`: {err}") from None
+    return cfg
+
+
+def _stage(k: int, text: str) -> float:
+    print(f"\n[{k}/{STAGES}] {text}", flush=True)
+    return time.perf_counter()
+
+
+def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
+    """Run the main job; returns the figures the report shows."""
     from moedream.platform.ray_setup import init_ray
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    collect_cfg = cfg.collect.replace(out=str(run_dir / "data"))
-    print(f"[1/1] starting Ray and collecting {collect_cfg.episodes} episodes of {collect_cfg.env}")
+    timings: dict[str, float] = {}
+    t0 = _stage(1, f"collect {cfg.collect.episodes} episodes of {cfg.collect.env} on Ray")
     init_ray()
-    paths = collect_parallel(collect_cfg)
+    spec, summary = _collect(cfg)
+    timings["collect"] = time.perf_counter() - t0
+
+    t0 = _stage(2, "train the MoE-diffusion world model with Ray Train (expert parallel)")
+    wm = _train_world_model(cfg)
+    timings["world_model"] = time.perf_counter() - t0
+
+    t0 = _stage(3, f"deploy the world model with Ray Serve on http://127.0.0.1:{cfg.http_port}")
+    _deploy(cfg, wm["checkpoint"])
+    timings["serve"] = time.perf_counter() - t0
+
+    t0 = _stage(4, "fit the coherence gate on real data and start the gate actor")
+    gate = _start_gate(cfg)
+    timings["gate"] = time.perf_counter() - t0
+
+    t0 = _stage(5, "train the team (MBMAPPO) on real + gated imagined rollouts")
+    agents = _train_agents(cfg)
+    timings["agents"] = time.perf_counter() - t0
+
+    t0 = _stage(6, f"evaluate the team against the random team ({cfg.eval_episodes} episodes)")
+    evaluation = _evaluate(cfg, agents["checkpoint"], spec)
+    timings["evaluate"] = time.perf_counter() - t0
+
+    _stage(7, "write the report")
+    gate_stats = _gate_stats(cfg)
+    figures = {"summary": summary, "world_model": wm, "gate": {**gate, **gate_stats},
+               "agents": agents, "evaluation": evaluation, "timings_s": timings}  # fmt: skip
+    from moedream.platform.report import write_report
+
+    report = write_report(run_dir, cfg, figures)
+    _shutdown_serve()
+    print(f"\nreport: {report}\nTensorBoard: tensorboard --logdir {run_dir}")
+    return {"run_dir": str(run_dir), "report": str(report), **figures}
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def _collect(cfg: QuickstartConfig):
+    from moedream.data import read_episodes
+    from moedream.platform.collect import collect_parallel
+    from moedream.platform.commands.collect import summarize
+
+    data_dir = cfg.run_dir / "data"
+    for old in data_dir.glob("*.parquet"):  # a re-run replaces the data, never mixes it
+        old.unlink()
+    paths = collect_parallel(cfg.collect.replace(out=str(data_dir)))
     spec, episodes = read_episodes(paths)
     summary = summarize(spec, episodes)
     print(summary)
-    (run_dir / "summary.txt").write_text(summary + "\n")
-    return {"run_dir": str(run_dir), "episodes": len(episodes), "shards": [str(p) for p in paths]}
+    (cfg.run_dir / "summary.txt").write_text(summary + "\n")
+    return spec, summary
+
+
+def _train_world_model(cfg: QuickstartConfig) -> dict[str, Any]:
+    from moedream.platform.train import run_distributed
+
+    result = run_distributed(cfg.world_model_config())
+    checkpoint = Path(result.checkpoint.path) / "world_model.safetensors"
+    frame = result.metrics_dataframe
+    history = frame.to_dict(orient="list") if frame is not None else {}
+    final = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    print(f"world model checkpoint: {checkpoint}")
+    return {"checkpoint": str(checkpoint), "final": final, "history": history}
+
+
+def _deploy(cfg: QuickstartConfig, checkpoint: str) -> None:
+    from ray import serve
+
+    from moedream.platform.serve import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port})
+    args = {**cfg.serve_config().to_dict(), "checkpoint": checkpoint}
+    serve.run(build_app(args), name="world_model", route_prefix="/")
+
+
+def _start_gate(cfg: QuickstartConfig) -> dict[str, Any]:
+    from moedream.coherence.gate import get_or_create_gate
+    from moedream.coherence.kernel import Normalizer, judge
+    from moedream.data import load_windows
+
+    gate_cfg = cfg.gate_config()
+    horizon = cfg.agents_config().imagination.horizon
+    _, train, hold = load_windows(cfg.run_dir / "data", horizon, holdout=0.25, seed=0)
+    normalizer = Normalizer.fit(train["obs"], gate_cfg)
+    normalizer.save(cfg.run_dir / "gate_normalizer.json")
+    state_dir = cfg.run_dir / "gate_state"
+    state_dir.mkdir(exist_ok=True)
+    for old in state_dir.glob("*.json"):  # counters of this run only
+        old.unlink()
+    _kill_existing_gate(gate_cfg)
+    get_or_create_gate(gate_cfg, normalizer, state_dir)
+    approval = float("nan")
+    if hold:
+        from moedream.world_model.trajectory import Trajectories
+
+        real = Trajectories(obs=hold["obs"], action=hold["action"], reward=hold["reward"],
+                            terminated=hold["terminated"])  # fmt: skip
+        verdicts = judge(real, normalizer, gate_cfg).verdict_names()
+        approval = float(np.mean([v == "APPROVE" for v in verdicts]))
+    print(f"gate: held-out real trajectories approved: {approval:.1%}")
+    return {"holdout_real_approval": approval}
+
+
+def _kill_existing_gate(gate_cfg) -> None:
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(gate_cfg.actor_name, namespace=gate_cfg.namespace), no_restart=True)
+    except ValueError:
+        pass  # none yet
+
+
+def _train_agents(cfg: QuickstartConfig) -> dict[str, Any]:
+    from moedream.platform.agents import train
+
+    agents_cfg = cfg.agents_config()
+    result = train(agents_cfg, cfg.run_dir / "agents", run_name="team")
+    return {"history": result.history, "checkpoint": result.checkpoint, "run_dir": result.run_dir}
+
+
+def _evaluate(cfg: QuickstartConfig, checkpoint: str, spec) -> dict[str, Any]:
+    from moedream.envs import env_spec
+    from moedream.platform.agents import load_team_module
+    from moedream.policies.imagination import TeamPolicy
+    from moedream.policies.metrics import evaluate_team
+
+    agents_cfg = cfg.agents_config()
+    options = dict(agents_cfg.env_options)
+    eval_spec = env_spec(agents_cfg.env, **options)
+    policy = TeamPolicy(load_team_module(checkpoint), eval_spec, agents_cfg.team.shared_planner)
+    trained = evaluate_team(
+        policy, agents_cfg.env, options, eval_spec, episodes=cfg.eval_episodes, seed=10_000
+    )
+    random = evaluate_team(
+        None, agents_cfg.env, options, eval_spec, episodes=cfg.eval_episodes, seed=10_000
+    )
+    out = {"trained": trained.as_dict(), "random": random.as_dict()}
+    print(json.dumps(out, indent=1))
+    return out
+
+
+def _gate_stats(cfg: QuickstartConfig) -> dict[str, Any]:
+    import ray
+
+    gate_cfg = cfg.gate_config()
+    actor = ray.get_actor(gate_cfg.actor_name, namespace=gate_cfg.namespace)
+    return {"stats": ray.get(actor.stats.remote())}
+
+
+def _shutdown_serve() -> None:
+    from ray import serve
+
+    serve.shutdown()

@@ -48,13 +48,19 @@ from moedream.world_model.diffusion import (
     SamplerConfig,
     check_compatible,
 )
-from moedream.world_model.heads import AgentScalarHead, Ensemble, HeadsConfig, mlp
+from moedream.world_model.heads import (
+    AgentScalarHead,
+    Ensemble,
+    HeadsConfig,
+    check_positive_ints,
+    mlp,
+)
 from moedream.world_model.moe import MoEConfig, MoEStats
 from moedream.world_model.rssm import RSSM, RSSMConfig, balanced_kl
 from moedream.world_model.trajectory import WINDOW_KEYS, Trajectories
 
 FORMAT = "moedream.world_model"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: observation support bounds (obs_low/obs_high)
 WEIGHTS_FILE = "world_model.safetensors"
 
 
@@ -108,6 +114,10 @@ class WorldModelConfig(ConfigBase):
     """Lower bound of each feature's delta std as a fraction of the mean delta std over
     features: rarely changing features (std near 0) would otherwise get huge normalised
     targets that dominate the loss."""
+    support_margin: float | None = 0.0
+    """Imagined observations are clamped to the per-feature [min, max] of the data the
+    normalisation was fitted on, widened by this many feature stds (None: no clamp). Sampled
+    noise would otherwise leave features that real data never moves (walls, one-hot flags)."""
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
     moe: MoEConfig = dataclasses.field(default_factory=_default_moe)
     rssm: RSSMConfig = dataclasses.field(default_factory=RSSMConfig)
@@ -135,14 +145,7 @@ class WorldModelConfig(ConfigBase):
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
-        for name in ("d_model", "cond_dim"):
-            value = getattr(self, name)
-            check(
-                isinstance(value, int) and value > 0,
-                f"{prefix}{name}",
-                value,
-                "must be an integer > 0",
-            )
+        check_positive_ints(self, prefix, ("d_model", "cond_dim"))
         check(
             self.d_model % self.backbone.num_heads == 0,
             f"{prefix}d_model",
@@ -261,6 +264,8 @@ class WorldModel(nn.Module):
         for name, shape in (("obs", (n, d)), ("delta", (n, d)), ("reward", (n,))):
             self.register_buffer(f"{name}_mean", torch.zeros(shape))
             self.register_buffer(f"{name}_std", torch.ones(shape))
+        self.register_buffer("obs_low", torch.full((n, d), -torch.inf))  # [N, D] support
+        self.register_buffer("obs_high", torch.full((n, d), torch.inf))
         self.register_buffer("normalization_fitted", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
@@ -280,6 +285,10 @@ class WorldModel(nn.Module):
         real = self.obs_mask.bool()
         relative_floor = self.config.delta_std_floor_ratio * self.delta_std[real].mean()
         self.delta_std.copy_(self.delta_std.clamp_min(float(relative_floor)))
+        if self.config.support_margin is not None:
+            margin = self.config.support_margin * self.obs_std
+            self.obs_low.copy_(flat_obs.amin(0) - margin)
+            self.obs_high.copy_(flat_obs.amax(0) + margin)
         self.normalization_fitted.fill_(True)
 
     def normalize_obs(self, obs: Tensor) -> Tensor:
@@ -548,7 +557,8 @@ class WorldModel(nn.Module):
         x0 = self._sample_delta(cond, sampler, noise_scale, generator)  # [B, N*D]
         delta = x0.view(b, n, d) * self.delta_std + self.delta_mean  # [B, N, D]
         current = state.obs[:, -1]
-        next_obs = (current + delta) * self.obs_mask  # [B, N, D]
+        next_obs = torch.maximum(torch.minimum(current + delta, self.obs_high), self.obs_low)
+        next_obs = next_obs * self.obs_mask  # [B, N, D], inside the data's support
         ens = self.ensemble(
             self._ensemble_input(cond, self.normalize_obs(current), action)
         )  # [K, B, O]

@@ -241,6 +241,28 @@ def test_imagine_shapes_from_raw_obs_and_from_observed_context(model):
     assert model.imagine(state, policy, 2).obs.shape == (B, 3, 3, 5)
 
 
+def test_imagined_observations_stay_inside_the_data_support():
+    """Features real data never moves (a constant flag here) stay put, and every imagined
+    feature stays within the fitted [min, max]; support_margin None turns the clamp off."""
+    batch = fake_batch(b=8, seed=1)
+    batch["obs"][..., 0, 1] = 0.25  # a feature that never changes in the data
+    torch.manual_seed(0)
+    clamped = WorldModel(tiny_config(), SPEC)
+    clamped.fit_normalization(batch)
+    policy = lambda obs: torch.zeros(obs.shape[0], 3, 2)  # noqa: E731
+    gen = torch.Generator().manual_seed(0)
+    traj = clamped.imagine(batch["obs"][:, 0], policy, 6, noise_scale=3.0, generator=gen)
+    low, high = batch["obs"].min(axis=(0, 1)), batch["obs"].max(axis=(0, 1))
+    assert np.all(traj.obs >= low - 1e-6) and np.all(traj.obs <= high + 1e-6)
+    np.testing.assert_array_equal(traj.obs[:, :, 0, 1], 0.25)
+    torch.manual_seed(0)
+    free = WorldModel(tiny_config(support_margin=None), SPEC)
+    free.fit_normalization(batch)
+    gen = torch.Generator().manual_seed(0)
+    traj = free.imagine(batch["obs"][:, 0], policy, 6, noise_scale=3.0, generator=gen)
+    assert np.any(traj.obs[:, 1:, 0, 1] != 0.25), "untrained and unclamped, the flag drifts"
+
+
 def test_policy_callable_and_action_plan_give_the_same_rollout(model):
     start = fake_batch()["obs"][:, 0]
     plan = np.random.default_rng(3).uniform(-1, 1, size=(B, 4, 3, 2)).astype(np.float32)

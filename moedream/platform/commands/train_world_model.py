@@ -16,13 +16,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML config (default: configs/world_model.yaml with --local, else "
                         "configs/world_model_distributed.yaml, a DistributedTrainConfig)")  # fmt: skip
     parser.add_argument("--data", help="folder of Parquet episode shards (from `moedream collect`)")
-    parser.add_argument("--out", help="--local: output folder (checkpoints, TensorBoard, metrics.json)")
+    parser.add_argument(
+        "--out", help="--local: output folder (checkpoints, TensorBoard, metrics.json)"
+    )
     parser.add_argument("--local", action="store_true", help="train in this process, without Ray")
     parser.add_argument("--steps", type=int, help="override train.steps")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     # Ray Train only (the same flags as `python -m moedream.platform.jobs.train_world_model`):
     parser.add_argument("--resume", help="Ray Train: checkpoint folder to resume from")
-    parser.add_argument("--storage-path", help="Ray Train: folder or URI for checkpoints/TensorBoard")
+    parser.add_argument(
+        "--storage-path", help="Ray Train: folder or URI for checkpoints/TensorBoard"
+    )
     parser.add_argument("--name", help="Ray Train: run name")
     parser.add_argument("--num-workers", type=int, help="Ray Train: number of workers")
 
