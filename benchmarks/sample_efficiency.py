@@ -8,10 +8,12 @@ model-free baseline (imagination off) and the same config with imagination from
 RESULTS.md. Headline: how many times fewer real steps the imagination run needs to reach the
 model-free run's final return.
 
-Honesty: ``env_replay`` (EnvReplayImaginer) steps real env copies, it is NOT a world model, so
-its own env steps are added to its real-step axis and the run is labelled "env-replay
-stand-in", never "model-based". Plug a world-model provider into
-``moedream.platform.agents.PROVIDERS``/``provider_factory`` and pass its name here.
+Honesty: ``--provider world_model`` (the default) first runs the main job's stages 1-4 for
+the env (collect random episodes, train the world model with Ray Train, deploy it with Serve,
+start the gate), and the real env steps of that collection are added to the model-based run's
+real-step axis. ``env_replay`` (EnvReplayImaginer) steps real env copies, it is NOT a world
+model: its own env steps are added to its real-step axis and the run is labelled "env-replay
+stand-in", never "model-based".
 """
 
 from __future__ import annotations
@@ -39,8 +41,12 @@ STAND_INS = {"env_replay"}  # providers that are real env steps, not a world mod
 class Args:
     envs: tuple[str, ...] = ("overcooked", "mamujoco")
     """Envs to run (overcooked = cramped_room, mamujoco = HalfCheetah 2x3)."""
-    provider: str = "env_replay"
-    """Imagination provider of the model-based run (env_replay is a stand-in, see docstring)."""
+    provider: str = "world_model"
+    """Imagination provider of the model-based run: world_model, or env_replay (a stand-in)."""
+    world_model_steps: int = 600
+    """Ray Train steps of the world model (provider world_model)."""
+    collect_episodes: int = 16
+    """Random episodes collected for the world model (provider world_model)."""
     env_steps: int = 200_000
     """Real env step budget per run."""
     seeds: tuple[int, ...] = (0,)
@@ -82,6 +88,21 @@ def run_config(args: Args, env: str, seed: int, imagination: bool):
         "imagined_ratio": args.imagined_ratio,
     }
     return AgentsConfig.from_dict(data)
+
+
+def prepare_world_model(args: Args, env: str) -> int:
+    """Collect, train, serve and gate a world model for ``env`` (the main job's stages 1-4),
+    on the same env options as the agents; returns the real env steps that cost."""
+    from moedream.config import load_yaml
+    from moedream.platform.quickstart import ENV_CONFIGS, QuickstartConfig, prepare_imagination
+
+    data = load_yaml(ENV_CONFIGS[env])
+    agents = run_config(args, env, args.seeds[0], True)
+    data["name"], data["out"] = f"world_model_{env}", args.storage_path
+    data["collect"] = {**data["collect"], "env_options": dict(agents.env_options),
+                       "episodes": args.collect_episodes}  # fmt: skip
+    data["world_model"]["train"] = {**data["world_model"]["train"], "steps": args.world_model_steps}
+    return int(prepare_imagination(QuickstartConfig.from_dict(data))["collect_env_steps"])
 
 
 def curve(
@@ -150,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, plots = [], []
     for env in args.envs:
         curves: dict[str, list] = {"model-free": [], mb_label: []}
+        offset = prepare_world_model(args, env) if args.provider == "world_model" else 0
         for seed in args.seeds:
             results = {}
             for imagination, label in ((False, "model-free"), (True, mb_label)):
@@ -162,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                     checkpoint=False,
                 )
                 x, y = curve(result.history, count_provider_steps=imagination and stand_in)
+                if imagination:  # the world model's training data were real steps too
+                    x = x + offset
                 curves[label].append((x, y))
                 results[label] = (x, y, time.perf_counter() - start, result.history[-1])
             x_mf, y_mf, t_mf, _ = results["model-free"]

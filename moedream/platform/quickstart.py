@@ -116,16 +116,17 @@ def _stage(k: int, text: str) -> float:
     return time.perf_counter()
 
 
-def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
-    """Run the main job; returns the figures the report shows."""
+def prepare_imagination(cfg: QuickstartConfig) -> dict[str, Any]:
+    """Stages 1-4: real data, the world model (Ray Train), its Serve deployment and the gate
+    actor: everything a `provider: world_model` agent run needs. Also used by
+    benchmarks/sample_efficiency.py."""
     from moedream.platform.ray_setup import init_ray
 
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = _stage(1, f"collect {cfg.collect.episodes} episodes of {cfg.collect.env} on Ray")
     init_ray()
-    spec, summary = _collect(cfg)
+    spec, summary, steps = _collect(cfg)
     timings["collect"] = time.perf_counter() - t0
 
     t0 = _stage(2, "train the MoE-diffusion world model with Ray Train (expert parallel)")
@@ -139,25 +140,33 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     t0 = _stage(4, "fit the coherence gate on real data and start the gate actor")
     gate = _start_gate(cfg)
     timings["gate"] = time.perf_counter() - t0
+    return {"spec": spec, "summary": summary, "collect_env_steps": steps, "world_model": wm,
+            "gate": gate, "timings_s": timings}  # fmt: skip
+
+
+def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
+    """Run the main job; returns the figures the report shows."""
+    prepared = prepare_imagination(cfg)
+    timings = prepared["timings_s"]
 
     t0 = _stage(5, "train the team (MBMAPPO) on real + gated imagined rollouts")
     agents = _train_agents(cfg)
     timings["agents"] = time.perf_counter() - t0
 
     t0 = _stage(6, f"evaluate the team against the random team ({cfg.eval_episodes} episodes)")
-    evaluation = _evaluate(cfg, agents["checkpoint"], spec)
+    evaluation = _evaluate(cfg, agents["checkpoint"])
     timings["evaluate"] = time.perf_counter() - t0
 
     _stage(7, "write the report")
-    gate_stats = _gate_stats(cfg)
-    figures = {"summary": summary, "world_model": wm, "gate": {**gate, **gate_stats},
-               "agents": agents, "evaluation": evaluation, "timings_s": timings}  # fmt: skip
+    figures = {"summary": prepared["summary"], "world_model": prepared["world_model"],
+               "gate": {**prepared["gate"], **_gate_stats(cfg)}, "agents": agents,
+               "evaluation": evaluation, "timings_s": timings}  # fmt: skip
     from moedream.platform.report import write_report
 
-    report = write_report(run_dir, cfg, figures)
+    report = write_report(cfg.run_dir, cfg, figures)
     _shutdown_serve()
-    print(f"\nreport: {report}\nTensorBoard: tensorboard --logdir {run_dir}")
-    return {"run_dir": str(run_dir), "report": str(report), **figures}
+    print(f"\nreport: {report}\nTensorBoard: tensorboard --logdir {cfg.run_dir}")
+    return {"run_dir": str(cfg.run_dir), "report": str(report), **figures}
 
 
 # ------------------------------------------------------------------------------------ stages
@@ -176,7 +185,7 @@ def _collect(cfg: QuickstartConfig):
     summary = summarize(spec, episodes)
     print(summary)
     (cfg.run_dir / "summary.txt").write_text(summary + "\n")
-    return spec, summary
+    return spec, summary, sum(ep.length for ep in episodes)
 
 
 def _train_world_model(cfg: QuickstartConfig) -> dict[str, Any]:
@@ -246,7 +255,7 @@ def _train_agents(cfg: QuickstartConfig) -> dict[str, Any]:
     return {"history": result.history, "checkpoint": result.checkpoint, "run_dir": result.run_dir}
 
 
-def _evaluate(cfg: QuickstartConfig, checkpoint: str, spec) -> dict[str, Any]:
+def _evaluate(cfg: QuickstartConfig, checkpoint: str) -> dict[str, Any]:
     from moedream.envs import env_spec
     from moedream.platform.agents import load_team_module
     from moedream.policies.imagination import TeamPolicy
