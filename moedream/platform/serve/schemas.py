@@ -93,6 +93,15 @@ class RequestError(ValueError):
         super().__init__(text or f"{field}: {message}")
         self.field = field
 
+    def __reduce__(self):
+        # Ray pickles exceptions raised in replicas: rebuild from the final text, so a handle
+        # caller gets this RequestError (the keyword-only ``text`` would otherwise be lost).
+        return (_rebuild_request_error, (type(self), self.field, str(self)))
+
+
+def _rebuild_request_error(cls: type, field: str, text: str) -> RequestError:
+    return cls(field, "", text=text)
+
 
 def validation_error_message(err: ValidationError, root: str = "") -> tuple[str, str]:
     """A pydantic error -> (first field path, one-line message naming every bad field)."""
