@@ -37,7 +37,7 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
     }
     for key, value in md.items():  # the imagination provider's own figures
         if key.startswith("provider_") and isinstance(value, (int, float)):
-            out[f"provider/{key[len('provider_'):]}"] = value
+            out[f"provider/{key[len('provider_') :]}"] = value
     for module_id, stats in learners.items():
         if isinstance(stats, dict) and "total_loss" in stats:
             for key in ("total_loss", "policy_loss", "vf_loss", "entropy"):

@@ -110,7 +110,9 @@ def test_collection_is_reproducible_across_processes(tmp_path):
     )
     for i, hash_seed in enumerate(("1", "2")):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"r{i}" / "s.parquet")], env=env, check=True)
+        subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / f"r{i}" / "s.parquet")], env=env, check=True
+        )
     (_, a), (_, b) = read_episodes(tmp_path / "r0"), read_episodes(tmp_path / "r1")
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x.action, y.action)
