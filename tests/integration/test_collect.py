@@ -1,4 +1,4 @@
-"""Parallel collection on the shared local Ray cluster, and the main job's first stage."""
+"""Parallel collection on the shared local Ray cluster (the whole main job: test_quickstart.py)."""
 
 from __future__ import annotations
 
@@ -27,19 +27,3 @@ def test_collect_parallel_writes_complete_shards(ray_cluster, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     _, train, _ = load_windows(tmp_path, window=5)
     assert train["obs"].shape == (25, 6, 2, 12)
-
-
-def test_quickstart_collects_and_summarises(ray_cluster, tmp_path):
-    from moedream.platform.quickstart import QuickstartConfig, run_quickstart
-
-    cfg = QuickstartConfig.from_dict(
-        {
-            "name": "t",
-            "out": str(tmp_path),
-            "collect": {"env_options": {"horizon": 30}, "episodes": 2, "episodes_per_shard": 1},
-        }
-    )
-    result = run_quickstart(cfg)
-    assert result["episodes"] == 2
-    summary = (tmp_path / "t" / "summary.txt").read_text()
-    assert "2 episodes, 60 steps of overcooked" in summary
