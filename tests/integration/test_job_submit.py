@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -74,6 +75,19 @@ def tiny_job_config(path: Path) -> Path:
     return path
 
 
+def submit_when_an_agent_is_up(submit: list[str], patience_s: float = 120.0):
+    """`ray job submit`, retried while the new head's job agent is still starting (its job
+    server answers before an agent registers: "No available agent to submit job")."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        job = subprocess.run(
+            submit, cwd=REPO, env=head_env(), capture_output=True, text=True, timeout=540
+        )
+        if "No available agent" not in job.stderr or time.monotonic() > deadline:
+            return job
+        time.sleep(3.0)
+
+
 def test_ray_job_submit_trains_and_leaves_a_checkpoint(local_head, tmp_path):
     data = tmp_path / "episodes"
     for shard in range(2):
@@ -89,9 +103,7 @@ def test_ray_job_submit_trains_and_leaves_a_checkpoint(local_head, tmp_path):
         "python", "-m", "moedream.platform.jobs.train_world_model", "--config", str(config),
         "--data", str(data), "--storage-path", str(storage),
     ]  # fmt: skip
-    job = subprocess.run(
-        submit, cwd=REPO, env=head_env(), capture_output=True, text=True, timeout=540
-    )
+    job = submit_when_an_agent_is_up(submit)
     logs = job.stdout[-4000:] + job.stderr[-4000:]
     from ray.job_submission import JobStatus, JobSubmissionClient
 
