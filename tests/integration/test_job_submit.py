@@ -30,8 +30,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def head_env() -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)
+    # Not the session cluster's RAY_ADDRESS (ray.init exports it): the private head, its job
+    # agent and `ray job submit` must not reach for the shared cluster.
+    inherited = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return dict(
-        os.environ,
+        inherited,
         RAY_AUTH_MODE="disabled",
         RAY_USAGE_STATS_ENABLED="0",
         PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python`
@@ -46,6 +49,9 @@ def local_head():
     head_args = [
         f"--port={port}", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", "--num-cpus=4",
+        # The job agent's HTTP port defaults to 52365, which the session cluster's agent
+        # already holds: without a port of its own this head never gets a job agent.
+        f"--dashboard-agent-listen-port={free_port()}",
         f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
     ]  # fmt: skip
     address = f"http://127.0.0.1:{dashboard_port}"
@@ -105,6 +111,7 @@ def test_ray_job_submit_trains_and_leaves_a_checkpoint(local_head, tmp_path):
     ]  # fmt: skip
     job = submit_when_an_agent_is_up(submit)
     logs = job.stdout[-4000:] + job.stderr[-4000:]
+    assert job.returncode == 0, f"`ray job submit` failed; output:\n{logs}"
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     status = JobSubmissionClient(local_head).get_job_status(submission_id)
