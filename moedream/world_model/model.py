@@ -14,7 +14,8 @@ One transition (o_t, a_t) -> o_{t+1}, r_t, term_t:
     cond_t        = LN(W [c_{t,1}, ..., c_{t,N}])                      [B, C]
     x_0           = normalised o_{t+1} - o_t (all agents jointly)     [B, N*D]
     x_0 ~ Diffusion(. | cond_t)   (around a regression mean m(cond_t) if
-                                   diffusion_target == "residual", CorrDiff-style)
+                                   diffusion_target == "residual", CorrDiff-style; divided
+                                   by a predicted scale for "scaled_residual")
     r_{t,i}       = RewardHead(c_{t,i}),  term_{t,i} = TerminationHead(c_{t,i})
     sigma_t       = std over K ensemble members of [delta, r] predictions
 
@@ -60,7 +61,7 @@ from moedream.world_model.rssm import RSSM, RSSMConfig, balanced_kl
 from moedream.world_model.trajectory import WINDOW_KEYS, Trajectories
 
 FORMAT = "moedream.world_model"
-FORMAT_VERSION = "2"  # 2: observation support bounds (obs_low/obs_high)
+FORMAT_VERSION = "3"  # 2: support bounds (obs_low/obs_high); 3: obs/action skip into heads
 WEIGHTS_FILE = "world_model.safetensors"
 
 
@@ -78,6 +79,8 @@ class LossWeights(ConfigBase):
     diffusion: float = 1.0
     mean: float = 1.0
     """Regression of the next-observation mean (the residual diffusion's centre)."""
+    scale: float = 1.0
+    """Gaussian NLL of the predicted residual scale (diffusion_target 'scaled_residual')."""
     reward: float = 1.0
     termination: float = 1.0
     kl: float = 1.0
@@ -106,8 +109,15 @@ class WorldModelConfig(ConfigBase):
     """Transformer width, shared with moe.d_model (wired here; do not set moe.d_model)."""
     cond_dim: int = 128
     """Size of the joint condition the diffusion head and ensemble receive."""
-    diffusion_target: Literal["delta", "residual"] = "residual"
-    """delta: diffuse the normalised o_{t+1} - o_t; residual: diffuse it minus a regressed mean."""
+    diffusion_target: Literal["delta", "residual", "scaled_residual"] = "scaled_residual"
+    """delta: diffuse the normalised o_{t+1} - o_t; residual: diffuse it minus a regressed mean;
+    scaled_residual: diffuse that residual divided by a predicted per-feature, per-state scale,
+    so that the sample's spread follows the model's own confidence (a transition the model
+    knows well gets a sample near its mean; with plain residuals every feature gets the
+    denoiser's imperfection at the data-wide scale)."""
+    residual_std_floor: float = 0.05
+    """Lower bound of the predicted residual scale (normalised units): bounds the diffusion
+    target when the scale head is over-confident."""
     norm_std_floor: float = 1e-3
     """Lower bound of every normalisation std (constant features stay finite)."""
     delta_std_floor_ratio: float = 0.5
@@ -159,6 +169,7 @@ class WorldModelConfig(ConfigBase):
             f"must equal d_model ({self.d_model}); leave it unset",
         )
         check_positive(f"{prefix}norm_std_floor", self.norm_std_floor)
+        check_positive(f"{prefix}residual_std_floor", self.residual_std_floor)
         check_positive(
             f"{prefix}delta_std_floor_ratio", self.delta_std_floor_ratio, allow_zero=True
         )
@@ -236,12 +247,20 @@ class WorldModel(nn.Module):
             ep_group=ep_group,
         )  # fmt: skip
         self.rssm = RSSM(cfg=config.rssm, embed_dim=n * config.d_model, action_dim=n * d_act)
-        feature_dim = config.d_model + self.rssm.feature_dim  # F
+        # F: backbone features + latent + a skip of the agent's own normalised observation and
+        # action (d_model may be narrower than the observation: the heads must see it whole)
+        feature_dim = config.d_model + self.rssm.feature_dim + d_obs + d_act
         self.cond_proj = nn.Sequential(
             nn.Linear(n * feature_dim, config.cond_dim), nn.LayerNorm(config.cond_dim)
         )
         self.denoiser = Denoiser(config.diffusion, x_dim=n * d_obs, cond_dim=config.cond_dim)
         self.mean_head = mlp(config.cond_dim, config.heads.hidden, n * d_obs)
+        # log of the residual's scale per feature [M, N*D] (only for 'scaled_residual')
+        self.scale_head = (
+            mlp(config.cond_dim, config.heads.hidden, n * d_obs)
+            if config.diffusion_target == "scaled_residual"
+            else None
+        )
         self.reward_head = AgentScalarHead(feature_dim, config.heads.hidden)
         self.termination_head = AgentScalarHead(feature_dim, config.heads.hidden)
         self.ensemble = Ensemble(
@@ -296,16 +315,18 @@ class WorldModel(nn.Module):
 
     # ----------------------------------------------------------------------- conditioning
 
-    def _condition(self, features: Tensor, h: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        """features [..., N, d], h [..., H], z [..., Z] -> (per-agent c [..., N, F],
-        joint cond [..., C])."""
-        n = features.shape[-2]
+    def _condition(
+        self, features: Tensor, h: Tensor, z: Tensor, obs_norm: Tensor, action: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """features [..., N, d], h [..., H], z [..., Z], obs_norm [..., N, D] (current step),
+        action [..., N, A] -> (per-agent c [..., N, F], joint cond [..., C])."""
         latent = (
             torch.cat([h, z], -1).unsqueeze(-2).expand(*features.shape[:-1], -1)
         )  # [..., N, H+Z]
-        per_agent = torch.cat([features.float(), latent.float()], -1)  # [..., N, F]
+        per_agent = torch.cat(
+            [features.float(), latent.float(), obs_norm.float(), action.float()], -1
+        )  # [..., N, F]
         joint = self.cond_proj(per_agent.flatten(-2))  # [..., C]
-        assert per_agent.shape[-2] == n
         return per_agent, joint
 
     def _ensemble_input(self, cond: Tensor, obs_norm: Tensor, action: Tensor) -> Tensor:
@@ -336,7 +357,9 @@ class WorldModel(nn.Module):
             sample=sample,
             generator=generator,
         )  # h [B, T, H], z [B, T, Z]
-        per_agent, cond = self._condition(features, latent["h"], latent["z"])  # [B,T,N,F], [B,T,C]
+        per_agent, cond = self._condition(
+            features, latent["h"], latent["z"], obs_norm, action
+        )  # [B, T, N, F], [B, T, C]
         m = b * t
         return {
             "latent": latent,
@@ -368,7 +391,12 @@ class WorldModel(nn.Module):
         terms = {}
         mean = self.mean_head(cond).float()  # [M, N*D]
         terms["mean"] = F.mse_loss(mean, delta)
-        x0 = delta - mean.detach() if self.config.diffusion_target == "residual" else delta
+        x0 = delta - mean.detach() if self.config.diffusion_target != "delta" else delta
+        if self.scale_head is not None:
+            log_std = self.scale_head(cond).float()  # [M, N*D]
+            # Gaussian NLL of the residual under the predicted scale (up to a constant)
+            terms["scale"] = (0.5 * x0.pow(2) * torch.exp(-2 * log_std) + log_std).mean()
+            x0 = x0 / self._residual_std(log_std).detach()
         terms["diffusion"], diff_logs = self.denoiser.loss(x0, cond, generator=generator)
         terms["reward"] = F.mse_loss(self.reward_head(per_agent), reward)  # [M, N] vs [M, N]
         terms["termination"] = F.binary_cross_entropy_with_logits(
@@ -442,9 +470,15 @@ class WorldModel(nn.Module):
         x0 = sampler.sample(
             self.denoiser, cond, x_dim, generator=generator, noise_scale=scale, x_init=scale * noise
         )  # every scheduler here starts from unit-variance noise
-        if self.config.diffusion_target == "residual":
+        if self.scale_head is not None:
+            x0 = x0 * self._residual_std(self.scale_head(cond).float())
+        if self.config.diffusion_target != "delta":
             x0 = x0 + self.mean_head(cond).float()
         return x0
+
+    def _residual_std(self, log_std: Tensor) -> Tensor:
+        # exp(log_std) floored (bounds x0 when over-confident) and capped (a finite sample)
+        return torch.exp(log_std.clamp(max=4.0)).clamp_min(self.config.residual_std_floor)
 
     def _batch_tensors(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         missing = [k for k in WINDOW_KEYS if k not in batch]
@@ -552,11 +586,13 @@ class WorldModel(nn.Module):
         )  # [B, c, N, d]
         f_t = features[:, -1]  # [B, N, d]
         h, z, _, _ = self.rssm.step(prev=state.rssm, embed=f_t.flatten(-2), generator=generator)
-        per_agent, cond = self._condition(f_t, h, z)  # [B, N, F], [B, C]
+        current = state.obs[:, -1]  # [B, N, D]
+        per_agent, cond = self._condition(
+            f_t, h, z, self.normalize_obs(current), action
+        )  # [B, N, F], [B, C]
         b, n, d = ctx_obs.shape[0], ctx_obs.shape[2], ctx_obs.shape[3]
         x0 = self._sample_delta(cond, sampler, noise_scale, generator)  # [B, N*D]
         delta = x0.view(b, n, d) * self.delta_std + self.delta_mean  # [B, N, D]
-        current = state.obs[:, -1]
         next_obs = torch.maximum(torch.minimum(current + delta, self.obs_high), self.obs_low)
         next_obs = next_obs * self.obs_mask  # [B, N, D], inside the data's support
         ens = self.ensemble(

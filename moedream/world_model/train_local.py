@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,9 @@ class TrainConfig(ConfigBase):
     lr: float = 1e-3
     warmup: int = 100
     """Linear learning-rate warm-up steps."""
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """After warm-up: keep lr, or decay it along a cosine to lr * min_lr_ratio at `steps`."""
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 10.0
     """Max global gradient norm (0 disables clipping)."""
@@ -64,6 +68,14 @@ class TrainConfig(ConfigBase):
             "must be an integer >= 0",
         )
         check_positive(f"{prefix}lr", self.lr)
+        check(self.lr_schedule in ("constant", "cosine"), f"{prefix}lr_schedule", self.lr_schedule,
+              "must be one of ['constant', 'cosine']")  # fmt: skip
+        check(
+            isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1,
+            f"{prefix}min_lr_ratio",
+            self.min_lr_ratio,
+            "must be a number in [0, 1]",
+        )
         check_positive(f"{prefix}weight_decay", self.weight_decay, allow_zero=True)
         check_positive(f"{prefix}grad_clip", self.grad_clip, allow_zero=True)
         check_fraction(f"{prefix}holdout", self.holdout)
@@ -109,13 +121,19 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 # ---------------------------------------------------------------------------------------------
 
 
-def warmup_schedule(
-    optimizer: torch.optim.Optimizer, warmup: int
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup`` steps, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup))
-    )
+    """Linear warm-up over ``cfg.warmup`` steps, then constant or cosine decay to
+    ``cfg.min_lr_ratio`` at ``cfg.steps`` (late small steps sharpen the regressed mean)."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup or cfg.lr_schedule == "constant":
+            return min(1.0, (step + 1) / max(1, cfg.warmup))
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def train_step(
@@ -233,7 +251,7 @@ def fit(
     device = model.obs_mean.device
     model.fit_normalization(train_windows)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = warmup_schedule(optimizer, cfg.warmup)
+    scheduler = lr_schedule(optimizer, cfg)
     dtype = autocast_dtype(cfg.precision, device)
     eval_batch = _eval_subset(eval_windows, cfg)
     writer = _writer(out_dir)

@@ -29,7 +29,7 @@ from moedream.platform.train.check import (
 )
 from moedream.platform.train.loop import PROGRESS_FILE
 from moedream.world_model.model import WorldModel
-from moedream.world_model.train_local import warmup_schedule
+from moedream.world_model.train_local import lr_schedule
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -164,7 +164,7 @@ def compare_with_single_process(
     optimizer = torch.optim.AdamW(
         reference.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
-    warmup_schedule(optimizer, cfg.train.warmup)
+    lr_schedule(optimizer, cfg.train)
     torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.train.grad_clip)
     optimizer.step()
     for name, param in reference.named_parameters():

@@ -36,8 +36,8 @@ from moedream.world_model.model import WorldModel, WorldModelConfig
 from moedream.world_model.train_local import (
     TrainConfig,
     autocast_dtype,
+    lr_schedule,
     train_step,
-    warmup_schedule,
 )
 
 _DS_EXPERT = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..*)$")
@@ -296,7 +296,7 @@ class NativeEngine:
         self.model, self.layout, self.train = model, layout, train
         inner = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         self.optimizer = ParallelOptimizer(inner, model, layout, train.grad_clip)
-        self.scheduler = warmup_schedule(inner, train.warmup)
+        self.scheduler = lr_schedule(inner, train)
         self.autocast = autocast_dtype(train.precision, next(model.parameters()).device)
 
     def step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -365,7 +365,7 @@ class DeepSpeedEngine:
             {"params": list(model.parameters()), "name": "world_model"}
         )
         optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
-        scheduler = warmup_schedule(optimizer, train.warmup)
+        scheduler = lr_schedule(optimizer, train)
         config = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,
