@@ -32,7 +32,12 @@ from benchmarks._common import (  # noqa: E402
 )
 from moedream.envs.spec import EnvSpec  # noqa: E402
 from moedream.world_model.model import WorldModel, WorldModelConfig  # noqa: E402
-from moedream.world_model.train_local import cpu_has_amx, train_step  # noqa: E402
+from moedream.world_model.train_local import (  # noqa: E402
+    TrainConfig,
+    cpu_has_amx,
+    make_optimizer,
+    train_step,
+)
 
 # MaMuJoCo HalfCheetah 2x3 sizes (env_spec("mamujoco")), without building the env.
 SPEC = EnvSpec("mamujoco", ("agent_0", "agent_1"), (12, 12), "continuous", (3, 3))
@@ -85,7 +90,7 @@ def measure(args: Args, overrides: dict, dtype: torch.dtype | None) -> tuple[flo
     model = WorldModel(cfg, SPEC)
     data = batch(args)
     model.fit_normalization(data)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model.parameters(), TrainConfig(lr=1e-4))
     step = lambda: train_step(model, optimizer, data, autocast=dtype)  # noqa: E731
     counter = FlopCounterMode(display=False)
     with counter:

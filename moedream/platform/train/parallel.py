@@ -37,6 +37,7 @@ from moedream.world_model.train_local import (
     TrainConfig,
     autocast_dtype,
     lr_schedule,
+    make_optimizer,
     train_step,
 )
 
@@ -294,7 +295,7 @@ class NativeEngine:
 
     def __init__(self, model: WorldModel, layout: ParallelLayout, train: TrainConfig) -> None:
         self.model, self.layout, self.train = model, layout, train
-        inner = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        inner = make_optimizer(model.parameters(), train)
         self.optimizer = ParallelOptimizer(inner, model, layout, train.grad_clip)
         self.scheduler = lr_schedule(inner, train)
         self.autocast = autocast_dtype(train.precision, next(model.parameters()).device)
