@@ -9,25 +9,53 @@
   the whole imagined history;
 - ``gate``: the trajectories go to the central gate actor (``judge_and_refine``); REFINE rows
   are re-imagined by the gate through the same deployment with shrunk noise, and the final
-  (possibly re-imagined) rows come back with the verdicts.
+  (possibly re-imagined) rows come back with the verdicts;
+- ``observe``: every iteration's real episodes go to a bounded in-memory store
+  (moedream.platform.retrain.RealEpisodeStore; optionally also Parquet shards);
+- ``retrain``: on MBMAPPO's ``world_model_retrain_every`` schedule, the served checkpoint is
+  fine-tuned in this process on the original + new real windows, written to
+  ``<checkpoint_dir>/retrain_<iteration>/`` and hot-swapped into the deployment
+  (:func:`push_checkpoint`: a user_config-only declarative deploy -> ``reconfigure``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from moedream.config import ConfigBase, ConfigError, check, check_positive
 from moedream.envs.spec import EnvSpec
+from moedream.platform.retrain import (
+    RealEpisodeStore,
+    ensure_log_handler,
+    episode_from_rllib,
+    fine_tune,
+    write_versioned_checkpoint,
+)
+from moedream.platform.serve.runner import checkpoint_fingerprint
+from moedream.world_model.model import WorldModel
+from moedream.world_model.train_local import TrainConfig
 from moedream.world_model.trajectory import Trajectories
+
+logger = logging.getLogger("moedream.retrain")  # the same logger as moedream.platform.retrain
 
 
 @dataclasses.dataclass
-class ServedWorldModelImaginerFactory:
-    """Picklable factory (the algorithm builds its provider in setup())."""
+class ServedWorldModelImaginerFactory(ConfigBase):
+    """Picklable factory (the algorithm builds its provider in setup()), and the provider's
+    settings, retraining included. Validated on construction (ConfigError naming the field).
 
-    env_name: str
+    Retraining (MBMAPPO ``world_model_retrain_every`` > 0) needs ``checkpoint_dir``; with
+    ``base_data_path`` the fine-tune mixes the original episodes with the new real ones.
+    """
+
+    env_name: str = ""
     app_name: str = "world_model"
     deployment_name: str = "WorldModelDeployment"
     gate_actor_name: str = "moedream_coherence_gate"
@@ -35,14 +63,90 @@ class ServedWorldModelImaginerFactory:
     policy_id: str = "team"
     max_rows: int = 256
     """Rows per Serve request (the deployment's max_batch)."""
+    # ----------------------------------------------------------- episode store and retraining
+    store_max_steps: int = 50_000
+    """Real env steps kept in memory for retraining (oldest episodes dropped first)."""
+    episode_dir: str | None = None
+    """If set, every iteration's real episodes are also written there as a Parquet shard."""
+    checkpoint_dir: str | None = None
+    """Where retrained checkpoints go: <checkpoint_dir>/retrain_<iteration>/world_model.safetensors
+    (e.g. <run>/world_model). Required when world_model_retrain_every > 0."""
+    base_data_path: str | None = None
+    """Episode shards the served model was trained on (mixed into every retrain batch)."""
+    retrain_steps: int = 200
+    retrain_batch_size: int = 32
+    retrain_lr: float = 3e-4
+    retrain_warmup: int = 10
+    retrain_window: int = 0
+    """Transitions per training window; 0 = the model's backbone.max_context."""
+    retrain_new_fraction: float = 0.5
+    """Fraction of each batch drawn from the new real windows when base data is set."""
+    retrain_device: str | None = None
+    """Torch device of the fine-tune (None: cuda if visible, else cpu)."""
+    swap_timeout_s: float = 180.0
+    """How long to wait for the deployment to serve a new checkpoint."""
+    progress: bool = False
+    """tqdm bar during the fine-tune (a one-line log is written either way)."""
+
+    def __post_init__(self) -> None:
+        self.validate(f"{type(self).__name__}.")
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        check(bool(self.env_name), f"{prefix}env_name", self.env_name, "must name the env")
+        for name in ("app_name", "deployment_name", "gate_actor_name", "gate_namespace"):
+            value = getattr(self, name)
+            check(isinstance(value, str) and bool(value), f"{prefix}{name}", value,
+                  "must be a non-empty string")  # fmt: skip
+        for name in ("max_rows", "store_max_steps", "retrain_steps", "retrain_batch_size"):
+            value = getattr(self, name)
+            check(_is_int(value) and value > 0, f"{prefix}{name}", value, "must be an integer > 0")
+        for name in ("retrain_warmup", "retrain_window"):
+            value = getattr(self, name)
+            check(_is_int(value) and value >= 0, f"{prefix}{name}", value,
+                  "must be an integer >= 0")  # fmt: skip
+        check_positive(f"{prefix}retrain_lr", self.retrain_lr)
+        check_positive(f"{prefix}swap_timeout_s", self.swap_timeout_s)
+        check(
+            isinstance(self.retrain_new_fraction, (int, float))
+            and 0 < self.retrain_new_fraction <= 1,
+            f"{prefix}retrain_new_fraction",
+            self.retrain_new_fraction,
+            "must be a number in (0, 1] (the share of each batch from new real episodes)",
+        )
+        if self.base_data_path is not None:
+            check(
+                Path(self.base_data_path).exists(),
+                f"{prefix}base_data_path",
+                self.base_data_path,
+                "does not exist: point it at the episode shards the world model was trained "
+                "on (the quickstart's <run>/data), or leave it unset",
+            )
+
+    def check_retrain(self, retrain_every: int) -> None:
+        """Cross-field check against MBMAPPOConfig.world_model_retrain_every."""
+        if retrain_every:
+            check(
+                bool(self.checkpoint_dir),
+                "ServedWorldModelImaginerFactory.checkpoint_dir",
+                self.checkpoint_dir,
+                f"must be set when world_model_retrain_every = {retrain_every} (a folder for "
+                "the retrained checkpoints, e.g. <run>/world_model), or set "
+                "world_model_retrain_every = 0",
+            )
 
     def __call__(self, config: Any) -> ServedWorldModelImaginer:
+        self.check_retrain(int(getattr(config, "world_model_retrain_every", 0) or 0))
         return ServedWorldModelImaginer(
             spec=EnvSpec.from_json(config.env_spec_json),
             horizon=config.imagination_horizon,
             seed=config.seed or 0,
             factory=self,
         )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class ServedWorldModelImaginer:
@@ -53,6 +157,14 @@ class ServedWorldModelImaginer:
         self._seed = int(seed)
         self._calls = 0
         self._last: dict[str, float] = {}
+        self.store = RealEpisodeStore(spec, factory.store_max_steps, factory.episode_dir)
+        self._checkpoint: str | None = None  # the served checkpoint (None: not asked yet)
+        self._checkpoint_id: str | None = None
+        self._version = 0  # retrained checkpoints pushed so far
+        self._restored = False  # set_state gave a checkpoint that may not be served yet
+        self._base_windows: dict[str, np.ndarray] | None = None
+        self._skipped_episodes = 0
+        ensure_log_handler()
 
     # -------------------------------------------------------------------------- imagine
 
@@ -60,6 +172,7 @@ class ServedWorldModelImaginer:
         """start_obs [B, N, D] -> Trajectories of ``horizon`` steps, actions from ``policy``."""
         from ray import serve
 
+        self._ensure_restored()
         handle = serve.get_deployment_handle(
             self.factory.deployment_name, app_name=self.factory.app_name
         )
@@ -137,10 +250,145 @@ class ServedWorldModelImaginer:
             trajectories=result.trajectories,
         )
 
+    # ------------------------------------------------------------------ observe / retrain
+
+    def observe(self, episodes: list[Any]) -> None:
+        """The iteration's real RLlib MultiAgentEpisodes -> the episode store (and shards)."""
+        converted = []
+        for episode in episodes:
+            try:
+                converted.append(episode_from_rllib(episode, self.spec))
+            except ValueError as err:  # e.g. an agent that did not act every step
+                self._skipped_episodes += 1
+                logger.debug("episode store: skipped an episode: %s", err)
+        self.store.add(converted)
+
+    def retrain(self, iteration: int) -> dict[str, float]:
+        """Fine-tune the served checkpoint on original + stored real windows, write a new
+        versioned checkpoint, and hot-swap it into the Serve deployment (reconfigure)."""
+        start = time.perf_counter()
+        self.factory.check_retrain(1)
+        source = self._served_checkpoint()
+        device = self.factory.retrain_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = WorldModel.load(source, map_location=device)
+        window = self.factory.retrain_window or model.config.backbone.max_context
+        new = self.store.windows(window)
+        if not new:
+            logger.info(
+                "world model retrain @ iteration %d skipped: no real episode of >= %d steps yet",
+                iteration,
+                window,
+            )
+            self._last["wm_retrain_skipped"] = 1.0
+            return {}
+        cfg = self._train_config(window, iteration)
+        result = fine_tune(
+            model,
+            new,
+            cfg,
+            base_windows=self._base(window),
+            new_fraction=self.factory.retrain_new_fraction,
+            progress=self.factory.progress,
+        )
+        info = {
+            "iteration": iteration,
+            "version": self._version + 1,
+            "source_checkpoint": source,
+            "new_windows": len(new["obs"]),
+            "base_windows": len(self._base_windows["obs"]) if self._base_windows else 0,
+            "train": cfg.to_dict(),
+            **result,
+        }
+        path = write_versioned_checkpoint(model, self.factory.checkpoint_dir, iteration, info)
+        served_id = push_checkpoint(
+            str(path),
+            app_name=self.factory.app_name,
+            deployment_name=self.factory.deployment_name,
+            timeout_s=self.factory.swap_timeout_s,
+        )
+        self._checkpoint, self._checkpoint_id = str(path), served_id
+        self._version += 1
+        seconds = time.perf_counter() - start
+        self._last.update(
+            wm_retrain_loss=result["loss"],
+            wm_retrain_loss_first=result["loss_first"],
+            wm_retrain_seconds=seconds,
+            wm_retrain_new_windows=float(info["new_windows"]),
+            wm_retrain_skipped=0.0,
+        )
+        logger.info(
+            "world model retrain @ iteration %d: %d steps on %d new + %d base windows, loss "
+            "%.4f -> %.4f, %.1f s; serving v%d %s (%s)",
+            iteration, cfg.steps, info["new_windows"], info["base_windows"],
+            result["loss_first"], result["loss_last"], seconds, self._version, path, served_id,
+        )  # fmt: skip
+        return dict(self._last)
+
+    def _train_config(self, window: int, iteration: int) -> TrainConfig:
+        f = self.factory
+        return TrainConfig(
+            steps=f.retrain_steps,
+            batch_size=f.retrain_batch_size,
+            window=window,
+            lr=f.retrain_lr,
+            warmup=f.retrain_warmup,
+            lr_schedule="constant",
+            holdout=0.0,
+            seed=(self._seed * 7919 + iteration) % 2**31,
+        )
+
+    def _base(self, window: int) -> dict[str, np.ndarray] | None:
+        """The original training windows (read once, then cached), or None."""
+        if self.factory.base_data_path is None:
+            return None
+        if self._base_windows is None:
+            from moedream.data import load_windows
+
+            spec, train, _ = load_windows(self.factory.base_data_path, window, holdout=0.0)
+            if spec.obs_dim != self.spec.obs_dim or spec.agent_ids != self.spec.agent_ids:
+                raise ConfigError(
+                    f"ServedWorldModelImaginerFactory.base_data_path = "
+                    f"{self.factory.base_data_path!r} holds {spec.env_name} agents "
+                    f"{spec.agent_ids} (obs {spec.obs_dim}), but the agents train on "
+                    f"{self.spec.env_name} {self.spec.agent_ids} (obs {self.spec.obs_dim})"
+                )
+            self._base_windows = train
+        return self._base_windows
+
+    def _ensure_restored(self) -> None:
+        """After set_state with a retrained checkpoint: serve it again if the deployment serves
+        another one (e.g. the run was restored on a fresh deployment of the base model)."""
+        if self._checkpoint is None or not self._restored:
+            return
+        self._restored = False
+        f = self.factory
+        if (
+            served_checkpoint(f.app_name, f.deployment_name)["id"]
+            != checkpoint_fingerprint(self._checkpoint)[0]
+        ):
+            logger.info("serving the restored world-model checkpoint %s again", self._checkpoint)
+            self._checkpoint_id = push_checkpoint(
+                self._checkpoint,
+                app_name=f.app_name,
+                deployment_name=f.deployment_name,
+                timeout_s=f.swap_timeout_s,
+            )
+
+    def _served_checkpoint(self) -> str:
+        """The checkpoint to fine-tune from: ours (after a restore, served again first), else
+        the one the deployment reports."""
+        self._ensure_restored()
+        if self._checkpoint is None:
+            info = served_checkpoint(self.factory.app_name, self.factory.deployment_name)
+            self._checkpoint, self._checkpoint_id = info["path"], info["id"]
+        return self._checkpoint
+
     # --------------------------------------------------------------------- bookkeeping
 
     def metrics(self) -> dict[str, float]:
         out = dict(self._last)
+        out["wm_checkpoint_version"] = float(self._version)
+        out["wm_store_steps"] = float(self.store.steps)
         load = getattr(self, "_expert_load", None)
         if load is not None:  # [L, E] fraction of tokens per expert
             for layer, row in enumerate(np.asarray(load)):
@@ -149,10 +397,158 @@ class ServedWorldModelImaginer:
         return out
 
     def get_state(self) -> dict[str, Any]:
-        return {"calls": self._calls, "seed": self._seed}
+        return {
+            "calls": self._calls,
+            "seed": self._seed,
+            "checkpoint": self._checkpoint,
+            "checkpoint_id": self._checkpoint_id,
+            "checkpoint_version": self._version,
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
+        """Restore; a retrained checkpoint in ``state`` is served again (before the next
+        imagination) if the deployment serves another one."""
         self._calls = int(state.get("calls", 0))
+        self._version = int(state.get("checkpoint_version", 0))
+        if state.get("checkpoint"):
+            self._checkpoint = str(state["checkpoint"])
+            self._checkpoint_id = state.get("checkpoint_id")
+            self._restored = self._version > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Serve: which checkpoint is served, and hot-swapping a new one in
+# ---------------------------------------------------------------------------------------------
+
+BUILD_APP_IMPORT_PATH = "moedream.platform.serve:build_app"
+
+
+def served_checkpoint(app_name: str, deployment_name: str) -> dict[str, Any]:
+    """``{"id", "path", ...}`` of the checkpoint the deployment serves (its ``info``)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment_name, app_name=app_name)
+    return handle.info.remote().result(timeout_s=60)["checkpoint"]
+
+
+def push_checkpoint(
+    checkpoint: str, *, app_name: str, deployment_name: str, timeout_s: float = 180.0
+) -> str:
+    """Make the deployment serve ``checkpoint``; returns its checkpoint id once served.
+
+    Only the deployment's ``user_config.checkpoint`` changes, through Serve's declarative
+    deploy (what ``serve deploy`` sends): with the application's code version (import path,
+    args, runtime env) unchanged, Serve calls ``reconfigure`` on the live replicas, which swap
+    the model in place without dropping requests. ``serve.run`` cannot do that: it gives every
+    run a new code version and so replaces the replicas. An application first deployed with
+    ``serve.run`` is converted once (``build_app`` with its current user_config as args: one
+    replacement of the replicas), after which every push is an in-place reconfigure. Other
+    applications deployed from a config are kept as they are.
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    expected = checkpoint_fingerprint(checkpoint)[0]
+    client = _get_global_client()
+    details = client.get_serve_details()
+    apps = details.get("applications", {})
+    if app_name not in apps:
+        raise RuntimeError(
+            f"Serve application {app_name!r} is not running (running: {sorted(apps)}); deploy "
+            "the world model first (moedream serve / the quickstart)"
+        )
+    configs = [
+        dict(app["deployed_app_config"])
+        for name, app in apps.items()
+        if name != app_name and app.get("deployed_app_config")
+    ]
+    configs.append(_app_config(apps[app_name], deployment_name, checkpoint))
+    http = details.get("http_options") or {}
+    schema = ServeDeploySchema.model_validate(
+        {
+            "applications": configs,
+            "http_options": {k: http[k] for k in ("host", "port") if k in http},
+        }
+    )
+    client.deploy_apps(schema, _blocking=False)
+    return _wait_served(app_name, deployment_name, expected, timeout_s)
+
+
+def _app_config(app: dict[str, Any], deployment_name: str, checkpoint: str) -> dict[str, Any]:
+    """The application's declarative config with the deployment's checkpoint replaced."""
+    current = app["deployments"][deployment_name]["deployment_config"]
+    user_config = {**(current.get("user_config") or {}), "checkpoint": checkpoint}
+    deployed = app.get("deployed_app_config")
+    if deployed:  # already declarative: change only the user_config (same code version)
+        config = dict(deployed)
+        entries = [dict(d) for d in config.get("deployments", [])]
+        mine = [d for d in entries if d.get("name") == deployment_name]
+        if mine:
+            mine[0]["user_config"] = user_config
+        else:
+            entries.append({"name": deployment_name, "user_config": user_config})
+        config["deployments"] = entries
+        return config
+    options = {
+        "name": deployment_name,
+        "user_config": user_config,
+        "max_ongoing_requests": current.get("max_ongoing_requests"),
+        "ray_actor_options": {
+            k: v
+            for k, v in (current.get("ray_actor_options") or {}).items()
+            if k in ("num_cpus", "num_gpus", "memory", "resources") and v is not None
+        },
+    }
+    if current.get("autoscaling_config") is None and current.get("num_replicas") is not None:
+        options["num_replicas"] = current["num_replicas"]
+    config = {
+        "name": app["name"],
+        "route_prefix": app.get("route_prefix") or "/",
+        "import_path": BUILD_APP_IMPORT_PATH,
+        # The args stay fixed from now on (their change would rebuild the app).
+        "args": {**(current.get("user_config") or {})},
+        "deployments": [{k: v for k, v in options.items() if v is not None}],
+    }
+    runtime_env = _job_runtime_env()
+    if runtime_env:
+        config["runtime_env"] = runtime_env
+    return config
+
+
+def _job_runtime_env() -> dict[str, Any]:
+    """The code-shipping parts of this job's runtime env (a `ray job submit --working-dir`
+    job's moedream must reach the app's build task and replicas too)."""
+    import ray
+
+    env = dict(ray.get_runtime_context().runtime_env or {})
+    return {k: env[k] for k in ("working_dir", "py_modules", "env_vars") if env.get(k)}
+
+
+def _wait_served(app_name: str, deployment_name: str, expected: str, timeout_s: float) -> str:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app_name)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(
+                f"Serve application {app_name!r} failed to deploy the new checkpoint: "
+                f"{status.message}"
+            )
+        if status is not None and status.status == "RUNNING":
+            try:
+                last = served_checkpoint(app_name, deployment_name)["id"]
+            except Exception as err:  # noqa: BLE001 - replicas restarting: poll again
+                last = repr(err)[:200]
+            if last == expected:
+                return expected
+        time.sleep(0.5)
+    raise TimeoutError(
+        f"the Serve deployment {app_name}/{deployment_name} did not serve checkpoint "
+        f"{expected} within swap_timeout_s = {timeout_s} s (last seen: {last}); raise "
+        "ServedWorldModelImaginerFactory.swap_timeout_s or check `serve status`"
+    )
 
 
 def _row_chunks(n: int, size: int) -> list[slice]:
