@@ -49,6 +49,7 @@ from moedream.world_model.diffusion import (
     SamplerConfig,
     check_compatible,
 )
+from moedream.world_model.diffusion.sampler import PredictFn
 from moedream.world_model.heads import (
     AgentScalarHead,
     Ensemble,
@@ -460,15 +461,22 @@ class WorldModel(nn.Module):
         sampler: DiffusionSampler,
         noise_scale: float | None,
         generator: torch.Generator | None,
+        predict_fn: PredictFn | None = None,
     ) -> Tensor:
-        """Normalised next-observation deltas x0 [M, N*D] drawn by the diffusion head."""
+        """Normalised next-observation deltas x0 [M, N*D] drawn by the diffusion head, or by
+        ``predict_fn`` in its place (e.g. a PoCE composition of memory experts)."""
         x_dim = self.denoiser.x_dim
         scale = sampler.cfg.noise_scale if noise_scale is None else noise_scale
         noise = torch.randn(
             cond.shape[0], x_dim, generator=generator, device=cond.device, dtype=cond.dtype
         )
         x0 = sampler.sample(
-            self.denoiser, cond, x_dim, generator=generator, noise_scale=scale, x_init=scale * noise
+            predict_fn or self.denoiser,
+            cond,
+            x_dim,
+            generator=generator,
+            noise_scale=scale,
+            x_init=scale * noise,
         )  # every scheduler here starts from unit-variance noise
         if self.scale_head is not None:
             x0 = x0 * self._residual_std(self.scale_head(cond).float())

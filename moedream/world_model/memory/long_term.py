@@ -123,29 +123,48 @@ class MemoryStore:
         training it (call again as the episode grows). Cost is ``steps`` x one minibatch of
         ``lora_batch_size``, independent of the episode length.
         """
-        start = time.perf_counter()
         if isinstance(history, EpisodeHistory):  # the short-term cond only: no spatial lookups
             data = transitions(history, self.cfg, with_spatial=False)
         else:
             data = history
         if data.target is None:
             raise ValueError("MemoryStore.finetune needs transitions with `target` (the next obs)")
+        net = self.model.get_base_model()
+        with torch.no_grad():  # the base is frozen: its short-term cond is a constant input
+            cond = net.cond(data, use_context=True, use_spatial=False)  # [M, C]
+        return self.finetune_pairs(episode_id, data.target, cond, steps=steps, generator=generator)
+
+    def finetune_pairs(
+        self,
+        episode_id: str,
+        target: Tensor,
+        cond: Tensor,
+        *,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, float]:
+        """Fit ``episode_id``'s adapter to the denoiser's own pairs: x0 ``target`` [M, X] given
+        ``cond`` [M, C] (any network whose ``.denoiser`` is wrapped, e.g. a WorldModel's)."""
+        start = time.perf_counter()
+        if target.shape[0] != cond.shape[0] or target.shape[0] == 0:
+            raise ValueError(
+                f"MemoryStore.finetune_pairs needs as many targets as conds (> 0), got "
+                f"{tuple(target.shape)} and {tuple(cond.shape)}"
+            )
         name = self.get(episode_id) or self._create(episode_id)
         self.model.set_adapter(name)  # only this adapter's LoRA weights require grad
         self._trainable = True
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=self.cfg.lora_lr)
-        net = self.model.get_base_model()
+        denoiser = self.model.get_base_model().denoiser
         self.model.train()
         first = last = float("nan")
-        dev = data.action.device
         for step in range(steps or self.cfg.lora_steps):
-            size = min(self.cfg.lora_batch_size, len(data))
-            batch = data.index(
-                torch.randint(0, len(data), (size,), generator=generator, device=dev)
+            size = min(self.cfg.lora_batch_size, target.shape[0])
+            idx = torch.randint(
+                0, target.shape[0], (size,), generator=generator, device=target.device
             )
-            cond = net.cond(batch, use_context=True, use_spatial=False)  # the short-term cond
-            loss, _ = net.denoiser.loss(batch.target, cond, generator=generator)
+            loss, _ = denoiser.loss(target[idx], cond[idx].detach(), generator=generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,0 +1,121 @@
+"""Long imagined rollouts of a :class:`MemoryWorldModel` against real episodes (Overcooked).
+
+Shared by ``tests/unit/test_memory_overcooked.py`` and ``benchmarks/memory_experts.py``.
+Protocol per held-out episode: the first ``prefix`` steps are real and observed (they fill the
+spatial memory and finetune the episode's LoRA adapter); from o_prefix the model imagines
+``horizon`` steps replaying the episode's REAL actions, with a backbone context of only
+``max_context`` steps. Metrics against the real observations o_{prefix+1 ..}:
+
+- horizon error: mean squared error of each imagined joint observation, per step ahead [H];
+- recall error: the same, restricted to (step, agent) where the agent really stands on a cell
+  it (or the other agent) stood on during the observed prefix, and not during the last
+  ``max_context`` real steps (what the short context cannot hold).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+import moedream.envs._compat  # noqa: F401  (numpy aliases before overcooked_ai_py is imported)
+from moedream.data import Episode, episode_windows, rollout_episode
+from moedream.envs import env_spec, make_env
+from moedream.envs.spec import EnvSpec
+from moedream.world_model.memory.world_model_memory import MemoryWorldModel
+
+
+def random_episodes(
+    env_name: str, options: dict, seeds: range | list[int]
+) -> tuple[EnvSpec, list[Episode]]:
+    """Random-policy episodes of a real env, one per seed (reproducible)."""
+    env, spec = make_env(env_name, **options), env_spec(env_name, **options)
+    episodes = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        policy = lambda obs, rng=rng: {a: int(rng.integers(spec.action_dims[0])) for a in obs}  # noqa: E731
+        episodes.append(rollout_episode(env, spec, seed, f"{env_name}-{seed}", policy))
+    env.close()
+    return spec, episodes
+
+
+def training_windows(episodes: list[Episode], spec: EnvSpec, window: int) -> dict[str, np.ndarray]:
+    parts = [episode_windows(e, spec, window, stride=1) for e in episodes]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def revisits(positions: np.ndarray, prefix: int, horizon: int, context: int) -> np.ndarray:
+    """[H, N] bool: at step prefix + h + 1 the agent stands on a cell occupied during
+    o_0..o_prefix, but not during the ``context`` real steps before it."""
+    seen = positions[: prefix + 1].reshape(-1, positions.shape[-1])  # [(P+1)*N, P]
+    out = np.zeros((horizon, positions.shape[1]), dtype=bool)
+    for h in range(horizon):
+        j = prefix + h + 1
+        recent = positions[max(0, j - context) : j].reshape(-1, positions.shape[-1])
+        for agent in range(positions.shape[1]):
+            here = positions[j, agent]
+            in_prefix = np.all(seen == here, axis=-1).any()
+            in_context = np.all(recent == here, axis=-1).any()
+            out[h, agent] = in_prefix and not in_context
+    return out
+
+
+@dataclasses.dataclass
+class RolloutResult:
+    horizon_mse: np.ndarray  # [H] mean over episodes and samples
+    recall_mse: float
+    n_recall: int
+    seconds: float
+
+    @property
+    def long_horizon_mse(self) -> float:
+        return float(self.horizon_mse.mean())
+
+
+@torch.no_grad()
+def evaluate_rollouts(
+    model: MemoryWorldModel,
+    episodes: list[Episode],
+    *,
+    prefix: int,
+    horizon: int,
+    samples: int = 2,
+    seed: int = 0,
+    remember: bool = True,
+) -> RolloutResult:
+    """Imagine ``horizon`` steps after ``prefix`` real ones of each episode with the experts
+    enabled in ``model.memory_cfg`` (``samples`` draws per episode, batched). With
+    ``remember`` each episode's memory is (re)built first; else it must be stored already
+    under the id ``episode.episode_id``."""
+    import time
+
+    spec, device = model.spec, model.obs_mean.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    obs = torch.as_tensor(np.stack([e.obs[: prefix + 1] for e in episodes]), device=device)
+    act = spec.encode_actions(np.stack([e.action for e in episodes]))  # [E, L, N, A]
+    act = torch.as_tensor(act, dtype=torch.float32, device=device)
+    if remember:
+        for i, e in enumerate(episodes):
+            model.forget(e.episode_id)
+            model.remember(e.episode_id, obs[i], act[i, :prefix], generator=gen)
+    ids = [e.episode_id for e in episodes for _ in range(samples)]
+    rep = lambda x: x.repeat_interleave(samples, 0)  # noqa: E731
+    start = time.perf_counter()
+    state = model.observe_episodes(ids, rep(obs), rep(act[:, :prefix]), remember=False)
+    plan = rep(act[:, prefix : prefix + horizon])  # [B, H, N, A]
+    traj = model.imagine(state, plan, horizon, generator=gen)
+    seconds = time.perf_counter() - start
+    imagined = traj.obs[:, 1:].reshape(len(episodes), samples, horizon, *traj.obs.shape[2:])
+    real = np.stack([e.obs[prefix + 1 : prefix + 1 + horizon] for e in episodes])  # [E,H,N,D]
+    sq = ((imagined - real[:, None]) ** 2).mean(axis=(1, -1))  # [E, H, N]
+    context = model.config.backbone.max_context
+    positions = [model.positions(torch.as_tensor(e.obs)).cpu().numpy() for e in episodes]
+    masks = [revisits(p, prefix, horizon, context) for p in positions]
+    mask = np.stack(masks)  # [E, H, N]
+    return RolloutResult(
+        horizon_mse=sq.mean(axis=(0, 2)),
+        recall_mse=float(sq[mask].mean()) if mask.any() else float("nan"),
+        n_recall=int(mask.sum()),
+        seconds=seconds,
+    )
