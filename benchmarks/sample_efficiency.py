@@ -56,6 +56,9 @@ class Args:
     horizon: int = 10
     """Imagination horizon."""
     imagined_ratio: float = 1.0
+    retrain_every: int = 2
+    """Fine-tune the served world model on the new real episodes every this many iterations
+    (provider world_model; 0 = never)."""
     num_env_runners: int = 2
     episode_horizon: int = 0
     """Override the env's episode length (0 = the config's: 400 Overcooked, 1000 MuJoCo)."""
@@ -87,12 +90,20 @@ def run_config(args: Args, env: str, seed: int, imagination: bool):
         "horizon": args.horizon,
         "imagined_ratio": args.imagined_ratio,
     }
+    if imagination and args.provider == "world_model" and args.retrain_every:
+        run_dir = (Path(args.storage_path) / f"world_model_{env}").resolve()  # its run folder
+        data["imagination"]["world_model_retrain_every"] = args.retrain_every
+        data["imagination"]["world_model"] = {
+            "checkpoint_dir": str(run_dir / f"world_model_retrain_seed{seed}"),
+            "base_data_path": str(run_dir / "data"),
+        }
     return AgentsConfig.from_dict(data)
 
 
-def prepare_world_model(args: Args, env: str) -> int:
+def prepare_world_model(args: Args, env: str) -> tuple[int, str]:
     """Collect, train, serve and gate a world model for ``env`` (the main job's stages 1-4),
-    on the same env options as the agents; returns the real env steps that cost."""
+    on the same env options as the agents; returns (the real env steps that cost, the
+    served checkpoint)."""
     from moedream.config import load_yaml
     from moedream.platform.quickstart import ENV_CONFIGS, QuickstartConfig, prepare_imagination
 
@@ -102,7 +113,16 @@ def prepare_world_model(args: Args, env: str) -> int:
     data["collect"] = {**data["collect"], "env_options": dict(agents.env_options),
                        "episodes": args.collect_episodes}  # fmt: skip
     data["world_model"]["train"] = {**data["world_model"]["train"], "steps": args.world_model_steps}
-    return int(prepare_imagination(QuickstartConfig.from_dict(data))["collect_env_steps"])
+    prepared = prepare_imagination(QuickstartConfig.from_dict(data))
+    return int(prepared["collect_env_steps"]), str(prepared["world_model"]["checkpoint"])
+
+
+def serve_base_checkpoint(path: str) -> None:
+    from moedream.platform.model_based import push_checkpoint
+
+    push_checkpoint(
+        path, app_name="world_model", deployment_name="WorldModelDeployment", timeout_s=300
+    )
 
 
 def curve(
@@ -171,10 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     rows, plots = [], []
     for env in args.envs:
         curves: dict[str, list] = {"model-free": [], mb_label: []}
-        offset = prepare_world_model(args, env) if args.provider == "world_model" else 0
+        offset, base = prepare_world_model(args, env) if args.provider == "world_model" else (0, "")
         for seed in args.seeds:
             results = {}
             for imagination, label in ((False, "model-free"), (True, mb_label)):
+                if imagination and base and args.retrain_every and seed != args.seeds[0]:
+                    serve_base_checkpoint(base)  # every seed fine-tunes from the same model
                 start = time.perf_counter()
                 result = train(
                     run_config(args, env, seed, imagination),

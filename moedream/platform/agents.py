@@ -79,6 +79,10 @@ class ImaginationConfig(ConfigBase):
     """Learn only from trajectories the coherence gate keeps."""
     serve_app_name: str = "world_model"
     """Ray Serve application serving the world model."""
+    world_model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Options of the served world-model provider (ServedWorldModelImaginerFactory in
+    moedream/platform/model_based.py): checkpoint_dir (required to retrain), base_data_path,
+    episode_dir, store_max_steps, retrain_steps, retrain_batch_size, retrain_lr, ..."""
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
@@ -121,6 +125,12 @@ class AgentsConfig(ConfigBase):
     """torch threads of the learner process (1: no OpenMP spin-waiting on shared cores)."""
     shared_team_reward: bool = True
     """Every agent receives the team reward (true for Overcooked and MaMuJoCo)."""
+    obs_norm: bool = False
+    """Standardise observations inside the perceiver with a running mean/std updated on the
+    learner from real observations (on for MaMuJoCo, whose velocities and angles differ in
+    scale); real and imagined observations go through the same normaliser."""
+    obs_norm_clip: float = 10.0
+    """Normalised observations are clipped to [-obs_norm_clip, obs_norm_clip]."""
     iterations: int = 10
     """Training iterations (ignored when env_steps > 0)."""
     env_steps: int = 0
@@ -168,6 +178,13 @@ class AgentsConfig(ConfigBase):
                 "must be in [0, 1]",
             )
         check(
+            isinstance(self.obs_norm, bool),
+            f"{prefix}obs_norm",
+            self.obs_norm,
+            "must be true or false",
+        )
+        check_positive(f"{prefix}obs_norm_clip", self.obs_norm_clip)
+        check(
             self.env_steps >= 0,
             f"{prefix}env_steps",
             self.env_steps,
@@ -184,7 +201,12 @@ def provider_factory(cfg: AgentsConfig):
     if cfg.imagination.provider == "world_model":
         from moedream.platform.model_based import ServedWorldModelImaginerFactory
 
-        return ServedWorldModelImaginerFactory(cfg.env, app_name=cfg.imagination.serve_app_name)
+        options = {"app_name": cfg.imagination.serve_app_name, **cfg.imagination.world_model}
+        factory = ServedWorldModelImaginerFactory.from_dict(
+            {"env_name": cfg.env, **options}, prefix="imagination.world_model."
+        )
+        factory.check_retrain(cfg.imagination.world_model_retrain_every)  # fail before Ray work
+        return factory
     raise ConfigError(
         f"config field `imagination.provider` = {cfg.imagination.provider!r} is invalid: "
         f"must be one of {list(PROVIDERS)}"
@@ -195,11 +217,7 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
     """AgentsConfig -> MBMAPPOConfig (new API stack, team MultiRLModule, MAPPO connectors)."""
     from moedream.envs import register_rllib_envs
     from moedream.policies.algorithm import MBMAPPOConfig, TeamMetricsCallback, TeamPPOTorchLearner
-    from moedream.policies.connectors import (
-        env_to_module_pieces,
-        learner_pieces,
-        map_agent_to_planner,
-    )
+    from moedream.policies.connectors import env_to_module_pieces, map_agent_to_planner
     from moedream.policies.rl_modules import team_module_spec
 
     register_rllib_envs()
@@ -224,7 +242,7 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
         .training(
             learner_class=TeamPPOTorchLearner,
             learner_connector=functools.partial(
-                learner_pieces, agent_ids=agent_ids, obs_dim=spec.obs_dim
+                _learner_connector, agent_ids=agent_ids, obs_dim=spec.obs_dim, obs_norm=cfg.obs_norm
             ),
             train_batch_size_per_learner=cfg.train_batch_size,
             minibatch_size=cfg.minibatch_size,
@@ -252,6 +270,8 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
                 reflector_hidden=t.reflector_hidden,
                 agent_embedding_dim=t.agent_embedding_dim,
                 shared_planner=t.shared_planner,
+                obs_norm=cfg.obs_norm,
+                obs_norm_clip=cfg.obs_norm_clip,
             )
         )
         .callbacks(TeamMetricsCallback)
@@ -273,6 +293,24 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
     )
     config.validate_model_based()
     return config
+
+
+def _learner_connector(
+    input_observation_space=None,
+    input_action_space=None,
+    *,
+    agent_ids: list[str],
+    obs_dim: int,
+    obs_norm: bool = False,
+) -> list:
+    """The MAPPO learner pieces, preceded by the observation-statistics update if obs_norm."""
+    from moedream.policies.connectors import learner_pieces
+    from moedream.policies.rl_modules import UpdateObsNormStats
+
+    pieces = learner_pieces(
+        input_observation_space, input_action_space, agent_ids=agent_ids, obs_dim=obs_dim
+    )
+    return [UpdateObsNormStats(), *pieces] if obs_norm else pieces
 
 
 @dataclasses.dataclass

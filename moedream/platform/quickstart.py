@@ -99,6 +99,15 @@ class QuickstartConfig(ConfigBase):
             "env_options": dict(self.collect.env_options),
             **self.agents,
         }
+        imagination = dict(data.get("imagination") or {})
+        if imagination.get("world_model_retrain_every"):
+            # the run's own folders: retrained checkpoints next to the first, base data = stage 1
+            imagination["world_model"] = {
+                "checkpoint_dir": str((self.run_dir / "world_model_retrain").resolve()),
+                "base_data_path": str((self.run_dir / "data").resolve()),
+                **(imagination.get("world_model") or {}),
+            }
+            data["imagination"] = imagination
         return _section(AgentsConfig, data, "agents")
 
 

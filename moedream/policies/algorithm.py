@@ -325,7 +325,8 @@ class MBMAPPO(PPO):
         cfg, spec = self.config, self.config.env_spec
         if hasattr(self.provider, "observe"):
             self.provider.observe(episodes)
-        if cfg.world_model_retrain_every and self.iteration % cfg.world_model_retrain_every == 0:
+        every = cfg.world_model_retrain_every  # after every `every` iterations of new data
+        if every and (self.iteration + 1) % every == 0:
             if hasattr(self.provider, "retrain"):
                 self.provider.retrain(self.iteration)
         self._refresh_imagination_module()

@@ -4,7 +4,10 @@ Follows RLlib's shared-encoder pattern (``examples/rl_modules/classes/
 vpg_using_shared_encoder_rlm.py``), made to work with PPO's learner:
 
 - ``perceiver`` (:class:`Perceiver`): the observation encoder, shared by all agents and roles.
-  obs [B, D_i] -> zero-padded [B, D] -> embedding [B, E].
+  obs [B, D_i] -> (optional running mean/std normalisation) -> zero-padded [B, D] ->
+  embedding [B, E]. The normaliser lives in the module, so raw real and raw imagined
+  observations are normalised alike everywhere; :class:`UpdateObsNormStats` (a learner
+  connector piece) updates its statistics from real observations only.
 - ``planner`` (:class:`Planner`): the acting policy. By default ONE planner is shared by all
   agents and told who is acting through a learned agent-id embedding (column ``agent_index``,
   added by :class:`moedream.policies.connectors.AddAgentIndex`); with per-agent planners each
@@ -25,7 +28,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.models.base import ENCODER_OUT
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
@@ -33,11 +38,14 @@ from ray.rllib.core.rl_module.multi_rl_module import MultiRLModule
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from torch import nn
 
+from moedream.policies.obs_norm import RunningObsNorm
+
 PERCEIVER = "perceiver"
 REFLECTOR = "reflector"
 SHARED_PLANNER = "planner"
 AGENT_INDEX = "agent_index"
 JOINT_OBS = "joint_obs"
+OBS_NORM_COUNT_KEY = "moedream_obs_norm_count"
 
 
 def planner_id(agent_id: str, shared: bool) -> str:
@@ -66,17 +74,42 @@ def mlp(
 
 
 class Perceiver(TorchRLModule):
-    """Shared observation encoder. model_config: obs_dim (padded D), embedding_dim, hidden."""
+    """Shared observation encoder.
+
+    model_config: obs_dim (padded D), embedding_dim, hidden; obs_norm (bool, default false)
+    and obs_norm_clip: standardise every observation with a running mean/std
+    (:class:`moedream.policies.obs_norm.RunningObsNorm`, its statistics are buffers of this
+    module) before encoding. The normaliser is applied in every forward pass (env runners,
+    imagination, learner), so raw real and raw imagined observations are treated alike; its
+    statistics are updated on the learner from real observations only
+    (:class:`UpdateObsNormStats`) and reach the env runners with the weights.
+    """
 
     def setup(self) -> None:
         super().setup()
         cfg = self.model_config
         self.obs_dim = int(cfg["obs_dim"])
         self.net = mlp([self.obs_dim, *cfg["hidden"], int(cfg["embedding_dim"])])
+        self.obs_norm = (
+            RunningObsNorm(self.obs_dim, clip=float(cfg.get("obs_norm_clip", 10.0)))
+            if cfg.get("obs_norm", False)
+            else None
+        )
 
-    def encode(self, obs: torch.Tensor) -> torch.Tensor:
-        """obs [..., D_i] (D_i <= D) -> embedding [..., E]."""
+    def encode(self, obs: torch.Tensor, agent_dims: list[int] | None = None) -> torch.Tensor:
+        """obs [..., D_i] (D_i <= D) -> embedding [..., E].
+
+        ``agent_dims``: for joint observations [..., N, D] already zero-padded per agent, the
+        true size of each agent's observation, so that the padding stays zero after
+        normalisation (as it is for a single agent's [..., D_i] observation).
+        """
         obs = obs.float()
+        if self.obs_norm is not None:
+            obs = self.obs_norm(obs)  # [..., D_i], standardised and clipped
+            if agent_dims is not None and min(agent_dims) < obs.shape[-1]:
+                dims = torch.as_tensor(agent_dims, device=obs.device)  # [N]
+                keep = torch.arange(obs.shape[-1], device=obs.device) < dims[:, None]  # [N, D]
+                obs = obs * keep
         pad = self.obs_dim - obs.shape[-1]
         if pad > 0:  # [..., D_i] -> [..., D]
             obs = nn.functional.pad(obs, (0, pad))
@@ -89,7 +122,8 @@ class Perceiver(TorchRLModule):
 class Reflector(TorchRLModule):
     """Centralised critic over all agents' perceptions.
 
-    model_config: n_agents, obs_dim, embedding_dim, hidden, agent_embedding_dim.
+    model_config: n_agents, obs_dim, embedding_dim, hidden, agent_embedding_dim, obs_dims (the
+    true observation size of each agent, default obs_dim for all).
     """
 
     def setup(self) -> None:
@@ -97,6 +131,7 @@ class Reflector(TorchRLModule):
         cfg = self.model_config
         self.n_agents = int(cfg["n_agents"])
         self.obs_dim = int(cfg["obs_dim"])
+        self.agent_obs_dims = [int(d) for d in cfg.get("obs_dims", [self.obs_dim] * self.n_agents)]
         agent_dim = int(cfg["agent_embedding_dim"])
         self.agent_embedding = nn.Embedding(self.n_agents, agent_dim) if agent_dim else None
         n_in = self.n_agents * int(cfg["embedding_dim"]) + agent_dim
@@ -110,7 +145,8 @@ class Reflector(TorchRLModule):
         """joint_obs [B, N * D], agent_index [B] -> value [B]."""
         b = joint_obs.shape[0]
         per_agent = joint_obs.float().reshape(b, self.n_agents, self.obs_dim)  # [B, N, D]
-        emb = self._perceiver[0].encode(per_agent).reshape(b, -1)  # [B, N * E]
+        emb = self._perceiver[0].encode(per_agent, self.agent_obs_dims)  # [B, N, E]
+        emb = emb.reshape(b, -1)  # [B, N * E]
         if self.agent_embedding is not None:
             emb = torch.cat([emb, self.agent_embedding(agent_index.long())], dim=-1)
         return self.value_head(emb).squeeze(-1)
@@ -195,6 +231,51 @@ class TeamModule(MultiRLModule):
         return [m for m in self._rl_modules if m not in (PERCEIVER, REFLECTOR)]
 
 
+class UpdateObsNormStats(ConnectorV2):
+    """Learner connector piece: merges the REAL observations of the update into the
+    perceiver's running mean/std (imagined episodes, ids ``imagined-...``, are skipped).
+
+    It runs once per learner update, before PPO's GAE piece computes values, so one update
+    (all epochs and minibatches) and its value targets use one set of statistics; the env
+    runners get the new statistics with the weights sync after the update. It adds the rows
+    the batch gets (the episode's observations up to its length) and logs the lifetime count as
+    learner metric ``moedream_obs_norm_count``. A no-op when the perceiver has no normaliser.
+    """
+
+    def __call__(
+        self,
+        *,
+        rl_module,
+        batch: dict[str, Any],
+        episodes,
+        explore=None,
+        shared_data=None,
+        metrics=None,
+        **kwargs,
+    ) -> Any:
+        from moedream.policies.connectors import IMAGINED_PREFIX
+
+        norm = getattr(rl_module[PERCEIVER], "obs_norm", None) if PERCEIVER in rl_module else None
+        if norm is None:
+            return batch
+        by_size: dict[int, list[np.ndarray]] = {}
+        for episode in episodes:
+            if str(episode.id_).startswith(IMAGINED_PREFIX):
+                continue
+            for sa_episode in episode.agent_episodes.values():
+                n = len(sa_episode)
+                if n == 0:
+                    continue
+                obs = np.asarray(sa_episode.get_observations(slice(0, n)), dtype=np.float32)
+                obs = obs.reshape(n, -1)  # [T, D_i]
+                by_size.setdefault(obs.shape[1], []).append(obs)
+        for rows in by_size.values():
+            norm.update(torch.as_tensor(np.concatenate(rows)))  # [sum T, D_i]
+        if metrics is not None:
+            metrics.log_value(OBS_NORM_COUNT_KEY, float(norm.count.max()), window=1)
+        return batch
+
+
 def team_module_spec(
     spec: Any,
     *,
@@ -204,10 +285,15 @@ def team_module_spec(
     reflector_hidden: list[int] | tuple[int, ...] = (128,),
     agent_embedding_dim: int = 8,
     shared_planner: bool = True,
+    obs_norm: bool = False,
+    obs_norm_clip: float = 10.0,
 ):
-    """The MultiRLModuleSpec of a team for env ``spec`` (a moedream EnvSpec)."""
+    """The MultiRLModuleSpec of a team for env ``spec`` (a moedream EnvSpec).
+
+    ``obs_norm``: the perceiver standardises observations with running statistics, clipped to
+    [-obs_norm_clip, obs_norm_clip] (add :class:`UpdateObsNormStats` to the learner connector).
+    """
     import gymnasium as gym
-    import numpy as np
     from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
@@ -226,7 +312,12 @@ def team_module_spec(
             module_class=Perceiver,
             observation_space=padded,
             action_space=act_space(0),
-            model_config={**common, "hidden": list(perceiver_hidden)},
+            model_config={
+                **common,
+                "hidden": list(perceiver_hidden),
+                "obs_norm": bool(obs_norm),
+                "obs_norm_clip": float(obs_norm_clip),
+            },
         ),
         REFLECTOR: RLModuleSpec(
             module_class=Reflector,
@@ -236,6 +327,7 @@ def team_module_spec(
                 **common,
                 "hidden": list(reflector_hidden),
                 "agent_embedding_dim": agent_embedding_dim,
+                "obs_dims": [int(d) for d in spec.obs_dims],
             },
         ),
     }

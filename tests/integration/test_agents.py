@@ -296,3 +296,83 @@ def test_mpc_picks_the_plan_with_the_best_imagined_return():
         module, spec, imagine_fn, settings=MPCSettings(n_candidates=64, horizon=1)
     )
     assert one_step.act(obs)[0] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Observation normalisation: learner statistics from real observations reach the env runners
+
+
+def _perceiver_stats(state: dict) -> dict[str, np.ndarray]:
+    return {k: np.asarray(state["perceiver"][f"obs_norm.{k}"]) for k in ("count", "mean", "m2")}
+
+
+def test_obs_norm_statistics_reach_env_runners_and_imagination(ray_cluster, storage_path):
+    """MaMuJoCo, obs_norm on, one remote env runner, imagination on (env_replay)."""
+    from moedream.policies.metrics import iteration_metrics
+
+    cfg = tiny_config("mamujoco", num_env_runners=1, num_epochs=1, obs_norm=True)
+    algo = build_algo_config(cfg, logdir_root=storage_path).build_algo()
+    try:
+        counts = []
+        for _ in range(2):
+            m = iteration_metrics(algo.train())
+            assert all(math.isfinite(v) for k, v in m.items() if k.startswith("losses/"))
+            learner = _perceiver_stats(module_weights(algo))
+            (runner_state,) = algo.env_runner_group.foreach_env_runner(
+                lambda r: r.module.get_state(), local_env_runner=False
+            )
+            runner = _perceiver_stats(runner_state)
+            imagination = _perceiver_stats(algo._imagination_module.get_state())
+            for key in learner:  # the env runner acts with the learner's statistics
+                np.testing.assert_allclose(runner[key], learner[key], rtol=1e-6, err_msg=key)
+            # the imagination copy was refreshed before this update: the previous statistics
+            if counts:
+                np.testing.assert_allclose(imagination["count"], counts[-1])
+            counts.append(learner["count"])
+        spec = env_spec("mamujoco", **TINY_OPTIONS["mamujoco"])
+        real_rows = 2 * 400 * spec.n_agents  # 2 iterations of 400 env steps, both agents
+        # real observations only (+ one closing observation per episode chunk); the 2 x 200
+        # imagined steps per agent would add 800 more
+        assert np.all(counts[-1] == counts[-1][0])  # equal obs sizes: every dim counted alike
+        assert real_rows <= counts[-1][0] < real_rows + 50, counts[-1][0]
+        assert np.all(counts[0] > 0) and np.all(counts[1] > counts[0])
+        assert np.all(learner["m2"] > 0) and np.any(np.abs(learner["mean"]) > 1e-3)
+    finally:
+        algo.stop()
+
+
+def test_obs_norm_config_errors():
+    with pytest.raises(ConfigError, match="obs_norm_clip"):
+        tiny_config("mamujoco", obs_norm=True, obs_norm_clip=0.0)
+    with pytest.raises(ConfigError, match="obs_norm"):
+        tiny_config("mamujoco", obs_norm="yes")
+
+
+def test_perceiver_normalises_single_and_joint_observations_alike():
+    """No cluster: an agent's own [B, D_i] observation and its zero-padded row of the joint
+    observation [B, N, D] get the same embedding (the padding stays zero after normalising)."""
+    import torch
+
+    from moedream.policies.rl_modules import PERCEIVER, team_module_spec
+
+    spec = env_spec("overcooked", **TINY_OPTIONS["overcooked"])
+    module = team_module_spec(spec, embedding_dim=8, perceiver_hidden=[8], obs_norm=True).build()
+    perceiver = module[PERCEIVER]
+    assert sorted(k for k in perceiver.state_dict() if k.startswith("obs_norm.")) == [
+        "obs_norm.count",
+        "obs_norm.m2",
+        "obs_norm.mean",
+    ]
+    gen = torch.Generator().manual_seed(0)
+    perceiver.obs_norm.update(torch.randn(64, spec.obs_dim, generator=gen) * 5 + 3)
+    small = torch.randn(4, 50, generator=gen)  # as if agent 1 observed only 50 of 96 dims
+    joint = torch.zeros(4, 2, spec.obs_dim)
+    joint[:, 0] = torch.randn(4, spec.obs_dim, generator=gen)
+    joint[:, 1, :50] = small
+    emb = perceiver.encode(joint, [spec.obs_dim, 50])  # [4, 2, E]
+    torch.testing.assert_close(emb[:, 1], perceiver.encode(small))
+    torch.testing.assert_close(emb[:, 0], perceiver.encode(joint[:, 0]))
+    # without the mask the padded zeros would be normalised to -mean/std: a different embedding
+    assert not torch.allclose(perceiver.encode(joint)[:, 1], emb[:, 1])
+    # normalisation is on: the raw and the standardised observation give different embeddings
+    assert not torch.allclose(perceiver.encode(joint[:, 0]), torch.tanh(perceiver.net(joint[:, 0])))

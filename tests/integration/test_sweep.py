@@ -1,9 +1,17 @@
-"""`moedream sweep`: a real Tune sweep of two tiny MBMAPPO trials on the local cluster."""
+"""`moedream sweep`: a real Tune sweep of two tiny MBMAPPO trials on the local cluster, and an
+interrupted sweep (the CLI in a subprocess, stopped with SIGINT) resumed with --resume."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -87,7 +95,7 @@ def test_two_tiny_trials_and_summary_table(ray_cluster, tmp_path, storage_path, 
     )
     assert sweep.run(args) == 0
     out = capsys.readouterr().out
-    assert "best trials of tiny" in out and "lr" in out
+    assert "best trials of tiny" in out and "lr" in out and "TERMINATED" in out
     with capsys.disabled():
         print(
             out[max(0, out.index("best trials of tiny") - 40) :]
@@ -99,7 +107,130 @@ def test_two_tiny_trials_and_summary_table(ray_cluster, tmp_path, storage_path, 
     assert headers[:3] == ["trial", "status", "lr"]
     assert sorted(r[2] for r in rows) == [0.0003, 0.001]
     for row in rows:
-        assert row[1] == "OK" and row[4] in (1, 2)  # ASHA (grace period 1) may stop one early
+        assert row[1] == "OK" and row[4] in (
+            1,
+            2,
+        )  # no statuses given: OK / ERROR  # ASHA (grace period 1) may stop one early
         assert math.isfinite(row[3])  # team return of finished 100-step episodes
         assert row[5] == 200 * row[4]  # real env steps
     assert max(row[4] for row in rows) == 2
+
+
+def test_resume_without_a_sweep_and_new_sweep_over_one_fail_clearly(tmp_path, storage_path):
+    args = argparse.Namespace(
+        config=write_sweep_yaml(tmp_path, storage_path),
+        resume=True,
+        storage_path=None,
+        num_samples=None,
+        max_iterations=None,
+    )
+    with pytest.raises(ConfigError, match=r"--resume: no sweep to resume in .*tiny"):
+        sweep.run(args)  # fails before starting Ray
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        sweep.load_config(
+            argparse.Namespace(config=write_sweep_yaml(tmp_path, storage_path, checkpoint_every=-1))
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# An interrupted sweep resumes: the CLI as a separate driver on the session cluster
+
+REPO = Path(__file__).resolve().parents[2]
+RESUME_ITERATIONS = 6
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "moedream.platform.cli", "sweep", *args]
+
+
+def cli_env(ray_cluster) -> dict[str, str]:
+    address = ray_cluster.get_runtime_context().gcs_address
+    return {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
+
+
+def trial_iterations(exp_dir: Path) -> dict[str, list[int]]:
+    """trial folder name -> the training_iteration of every result it reported so far."""
+    out = {}
+    for result_file in sorted(exp_dir.glob("*/result.json")):
+        lines = [ln for ln in result_file.read_text().splitlines() if ln.strip()]
+        out[result_file.parent.name] = [json.loads(ln)["training_iteration"] for ln in lines]
+    return out
+
+
+def has_checkpoint(exp_dir: Path, trial: str) -> bool:
+    return any((exp_dir / trial).glob("checkpoint_*/*"))
+
+
+def wait_until_one_finished_one_checkpointed(proc, exp_dir: Path, log: Path, timeout=150.0):
+    """Poll the experiment folder until one trial finished and the other has checkpointed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep ended before it was interrupted:\n{log.read_text()[-3000:]}")
+        its = trial_iterations(exp_dir) if exp_dir.is_dir() else {}
+        done = [t for t, i in its.items() if i and i[-1] == RESUME_ITERATIONS]
+        running = [t for t, i in its.items() if i and i[-1] < RESUME_ITERATIONS]
+        if done and running and has_checkpoint(exp_dir, running[0]):
+            return done[0], running[0]
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"no finished + checkpointed trials in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def test_interrupted_sweep_resumes_where_it_stopped(ray_cluster, tmp_path, storage_path):
+    """One trial at a time (FIFO), a checkpoint every iteration: SIGINT the CLI once the first
+    trial finished and the second checkpointed, then `--resume`."""
+    config = write_sweep_yaml(
+        tmp_path,
+        storage_path,
+        scheduler="fifo",
+        max_concurrent_trials=1,
+        max_iterations=RESUME_ITERATIONS,
+        checkpoint_every=1,
+    )
+    exp_dir = Path(storage_path) / "tiny"
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cli("--config", config), cwd=REPO, env=cli_env(ray_cluster), stdout=out, stderr=out
+        )
+        try:
+            finished, interrupted = wait_until_one_finished_one_checkpointed(proc, exp_dir, log)
+            proc.send_signal(signal.SIGINT)  # Tune saves the experiment state and returns
+            code = proc.wait(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    first = log.read_text()
+    assert code == 130, first[-3000:]
+    assert "--resume" in first and "unfinished trial" in first
+    before = trial_iterations(exp_dir)
+    assert before[finished] == list(range(1, RESUME_ITERATIONS + 1))
+    assert 1 <= len(before[interrupted]) < RESUME_ITERATIONS
+    assert before[interrupted] == list(range(1, len(before[interrupted]) + 1))
+
+    resumed = subprocess.run(
+        cli("--config", config, "--resume"),
+        cwd=REPO,
+        env=cli_env(ray_cluster),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-3000:]
+    assert "best trials of tiny" in output and output.count("TERMINATED") >= 2
+    print(output[output.index("best trials of tiny") - 40 :])  # the summary, for the log
+
+    # the same experiment folder, the same two trials
+    assert sorted(p.name for p in Path(storage_path).iterdir()) == ["tiny"]
+    after = trial_iterations(exp_dir)
+    assert sorted(after) == sorted(before)
+    # the finished trial was not run again
+    assert after[finished] == before[finished]
+    # the interrupted one continued from its checkpoint (no restart at iteration 1) to the end
+    new = after[interrupted][len(before[interrupted]) :]
+    assert new and 1 < new[0] <= before[interrupted][-1] + 1, (before, after)
+    assert new == list(range(new[0], RESUME_ITERATIONS + 1))
+    cfg = sweep.load_config(argparse.Namespace(config=config))
+    assert set(sweep.trial_statuses(cfg).values()) == {"TERMINATED"}

@@ -1,8 +1,11 @@
 """`moedream sweep`: a Ray Tune sweep over the agent-training (MBMAPPO) config.
 
 The YAML names a base agents config, a search space over MBMAPPOConfig fields and the
-scheduler (ASHA by default). Results go to ``storage_path/name``; ``--resume`` continues an
-interrupted sweep from there. The end prints a table of the best trials.
+scheduler (ASHA by default). Results go to ``storage_path/name``; every trial checkpoints
+every ``checkpoint_every`` iterations. An interrupted sweep (Ctrl+C, a killed driver) is
+continued with ``--resume``: finished trials are kept as they are, unfinished and errored ones
+continue from their latest checkpoint (``Tuner.restore``). The end prints a table of the best
+trials with their Tune status; an interrupted run says how to resume and exits with 130.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class SweepConfig(ConfigBase):
     grace_period: int = 2
     reduction_factor: int = 2
     max_concurrent_trials: int = 2
+    checkpoint_every: int = 5
+    """Checkpoint each trial every this many iterations (where --resume continues it from;
+    0 = only at the end, so an interrupted trial restarts from scratch)."""
     top_k: int = 5
     """Rows of the summary table."""
 
@@ -64,6 +70,12 @@ class SweepConfig(ConfigBase):
                 getattr(self, name),
                 "must be an integer > 0",
             )
+        check(
+            isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
+            f"{prefix}checkpoint_every",
+            self.checkpoint_every,
+            "must be an integer >= 0 (0 = checkpoint only at the end)",
+        )
         check(
             self.reduction_factor >= 2,
             f"{prefix}reduction_factor",
@@ -119,21 +131,51 @@ def param_space(cfg: SweepConfig, storage_path: str) -> dict[str, Any]:
     return space
 
 
+def experiment_dir(cfg: SweepConfig) -> Path:
+    """Where Tune keeps the sweep: storage_path/name (absolute)."""
+    return Path(cfg.storage_path).resolve() / cfg.name
+
+
+def check_experiment_dir(cfg: SweepConfig, *, resume: bool) -> None:
+    """--resume needs a sweep in storage_path/name; a new sweep must not mix into one."""
+    from ray import tune
+
+    exp_dir = experiment_dir(cfg)
+    restorable = tune.Tuner.can_restore(str(exp_dir))
+    if resume and not restorable:
+        raise ConfigError(
+            f"--resume: no sweep to resume in {str(exp_dir)!r} (no Tune experiment state "
+            "there); check storage_path and name, or run without --resume to start it"
+        )
+    if not resume and restorable:
+        raise ConfigError(
+            f"a sweep already exists in {str(exp_dir)!r}: pass --resume to continue it, or "
+            "choose another `name` / --storage-path to start a new one"
+        )
+
+
 def build_tuner(cfg: SweepConfig, *, resume: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from moedream.envs import register_rllib_envs
     from moedream.policies.algorithm import MBMAPPO
 
     storage = str(Path(cfg.storage_path).resolve())
-    exp_dir = Path(storage) / cfg.name
+    exp_dir = experiment_dir(cfg)
     if resume:
-        if not tune.Tuner.can_restore(str(exp_dir)):
-            raise ConfigError(
-                f"--resume: no sweep to resume in {str(exp_dir)!r}; run without --resume first"
-            )
+        check_experiment_dir(cfg, resume=True)
+        # Tune's env registry lives per driver: a new sweep registers the envs while building
+        # its param space; a resumed one must do it here or the trials fail to build their env
+        register_rllib_envs()
+        # finished trials stay as they are; unfinished and errored ones continue from their
+        # latest checkpoint (restart_errored=False: not from scratch)
         return tune.Tuner.restore(
-            str(exp_dir), trainable=MBMAPPO, resume_unfinished=True, resume_errored=True
+            str(exp_dir),
+            trainable=MBMAPPO,
+            resume_unfinished=True,
+            resume_errored=True,
+            restart_errored=False,
         )
     scheduler = (
         FIFOScheduler()
@@ -160,22 +202,42 @@ def build_tuner(cfg: SweepConfig, *, resume: bool = False):
             storage_path=storage,
             stop={"training_iteration": cfg.max_iterations},
             verbose=1,
-            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=True, num_to_keep=1),
+            checkpoint_config=tune.CheckpointConfig(
+                checkpoint_frequency=cfg.checkpoint_every,
+                checkpoint_at_end=True,
+                num_to_keep=1,
+            ),
         ),
     )
 
 
-def summary_rows(results, cfg: SweepConfig) -> tuple[list[str], list[list[Any]]]:
-    """The best ``top_k`` trials: id, status, searched values, metric, iterations, env steps."""
+def trial_statuses(cfg: SweepConfig) -> dict[str, str]:
+    """trial id -> Tune status (TERMINATED, ERROR, PENDING, ...) from the saved experiment."""
+    from ray import tune
+
+    analysis = tune.ExperimentAnalysis(str(experiment_dir(cfg)))
+    return {trial.trial_id: trial.status for trial in analysis.trials}
+
+
+def summary_rows(
+    results, cfg: SweepConfig, statuses: dict[str, str] | None = None
+) -> tuple[list[str], list[list[Any]]]:
+    """The best ``top_k`` trials: id, status, searched values, metric, iterations, env steps.
+
+    status: the Tune status from ``statuses`` (trial id -> status) when given, else OK, ERROR
+    or NO RESULT (a trial that never reported).
+    """
     keys = ["lambda" if k == "lambda_" else k for k in cfg.search_space]
     rows = []
     for result in results:
         metrics = result.metrics or {}
         value = _nested(metrics, cfg.metric)
+        trial_id = metrics.get("trial_id", "?")
+        fallback = "ERROR" if result.error else ("OK" if metrics else "NO RESULT")
         rows.append(
             [
-                metrics.get("trial_id", "?"),
-                "ERROR" if result.error else "OK",
+                trial_id,
+                (statuses or {}).get(trial_id, fallback),
                 *[result.config.get(k) if result.config else None for k in keys],
                 value,
                 metrics.get("training_iteration", 0),
@@ -237,8 +299,20 @@ def run(args: argparse.Namespace) -> int:
     from moedream.platform.ray_setup import init_ray
 
     cfg = load_config(args)
+    check_experiment_dir(cfg, resume=args.resume)  # before starting Ray: fail fast
     init_ray()
     results = build_tuner(cfg, resume=args.resume).fit()
-    headers, rows = summary_rows(results, cfg)
+    statuses = trial_statuses(cfg)
+    headers, rows = summary_rows(results, cfg, statuses)
     print_summary(headers, rows, f"best trials of {cfg.name} ({cfg.metric}, {cfg.mode})")
-    return 0 if not results.errors else 1
+    if results.errors:
+        return 1
+    unfinished = sorted(t for t, status in statuses.items() if status != "TERMINATED")
+    if unfinished:
+        print(
+            f"sweep interrupted with {len(unfinished)} unfinished trial(s) {unfinished}: "
+            f"continue it with `moedream sweep --config {args.config} --resume`"
+            + (f" --storage-path {args.storage_path}" if args.storage_path else "")
+        )
+        return 130
+    return 0
