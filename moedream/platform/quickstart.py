@@ -63,7 +63,8 @@ class QuickstartConfig(ConfigBase):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out) / self.name
+        # absolute: Ray Train workers and Serve replicas do not share the driver's cwd
+        return Path(self.out).resolve() / self.name
 
     # Each section's typed config, wired to this run. --------------------------------------
     def world_model_config(self):
@@ -72,7 +73,7 @@ class QuickstartConfig(ConfigBase):
         data = {"name": "world_model", **self.world_model}
         data.update(
             data=str(self.run_dir / "data"),
-            storage_path=str((self.run_dir / "ray_results").resolve()),
+            storage_path=str(self.run_dir / "ray_results"),
         )
         return _section(DistributedTrainConfig, data, "world_model")
 
@@ -103,8 +104,8 @@ class QuickstartConfig(ConfigBase):
         if imagination.get("world_model_retrain_every"):
             # the run's own folders: retrained checkpoints next to the first, base data = stage 1
             imagination["world_model"] = {
-                "checkpoint_dir": str((self.run_dir / "world_model_retrain").resolve()),
-                "base_data_path": str((self.run_dir / "data").resolve()),
+                "checkpoint_dir": str(self.run_dir / "world_model_retrain"),
+                "base_data_path": str(self.run_dir / "data"),
                 **(imagination.get("world_model") or {}),
             }
             data["imagination"] = imagination
