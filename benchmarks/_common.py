@@ -44,14 +44,25 @@ def parse_args(args_class: type[ArgsT], description: str, argv: list[str] | None
     return args_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in parsed.items()})
 
 
-def with_bf16(mode: str) -> bool:
-    """Whether to measure bf16 beside fp32 for ``--bf16 auto|on|off``: "auto" only where the
-    CPU has AMX (elsewhere bf16 matmuls are emulated and slower than fp32)."""
+def cpu_bf16_units() -> str:
+    """The CPU's native bf16 matmul units: "AMX", "AVX512-BF16" or "" (bf16 then emulated)."""
     from moedream.world_model.train_local import cpu_has_amx
 
+    if cpu_has_amx():
+        return "AMX"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return "AVX512-BF16" if "avx512_bf16" in flags else ""
+
+
+def with_bf16(mode: str) -> bool:
+    """Whether to measure bf16 beside fp32 for ``--bf16 auto|on|off``: "auto" where the CPU
+    has native bf16 units (AMX or AVX512-BF16; elsewhere bf16 matmuls are emulated)."""
     if mode not in ("auto", "on", "off"):
         raise SystemExit(f"--bf16 {mode!r}: use auto, on or off")
-    return mode == "on" or (mode == "auto" and cpu_has_amx())
+    return mode == "on" or (mode == "auto" and bool(cpu_bf16_units()))
 
 
 def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 10) -> float:

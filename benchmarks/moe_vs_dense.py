@@ -3,7 +3,10 @@ parameters (top_k * d_hidden wide) vs DeepSpeed's MoE layer, on this machine.
 
 Goal: native MoE >= 0.7x the dense tokens/s (the MoE does the dense layer's FLOPs times the
 capacity factor, plus routing and dispatch). bf16 autocast is measured beside fp32 only where
-the CPU has AMX (else bf16 matmuls are emulated and slower than fp32; the table says so).
+the CPU has native bf16 units (AMX or AVX512-BF16; else bf16 matmuls are emulated and slower
+than fp32; the table says so). "native" runs each expert on exactly its routed tokens (the
+layer's default at expert-parallel size 1); "native-buffer" fills the padded [e, c, d]
+capacity buffer that expert parallelism sends through the all-to-all.
 
     .venv/bin/python benchmarks/moe_vs_dense.py            # the figures in RESULTS.md
     .venv/bin/python benchmarks/moe_vs_dense.py --tokens 1024 --repeats 3   # quick look
@@ -27,6 +30,7 @@ os.environ.setdefault(
 )
 
 from benchmarks._common import (  # noqa: E402
+    cpu_bf16_units,
     interleaved_times,
     markdown_table,
     parse_args,
@@ -35,7 +39,13 @@ from benchmarks._common import (  # noqa: E402
 )
 from moedream.world_model.moe import MoEConfig, MoEFeedForward, count_parameters  # noqa: E402
 
-BACKENDS = ("native", "dense", "deepspeed")
+# name -> (MoEConfig.backend, MoEConfig.dispatch)
+BACKENDS = {
+    "native": ("native", "grouped"),
+    "native-buffer": ("native", "buffer"),
+    "dense": ("dense", "grouped"),
+    "deepspeed": ("deepspeed", "grouped"),
+}
 
 
 @dataclasses.dataclass
@@ -53,7 +63,7 @@ class Args:
     warmup: int = 2
     threads: int = 2
     bf16: str = "auto"
-    """auto: measure bf16 autocast only if the CPU has AMX; on; off"""
+    """auto: measure bf16 autocast only if the CPU has AMX or AVX512-BF16; on; off"""
     record: bool = True
     """write the table into benchmarks/RESULTS.md"""
 
@@ -73,7 +83,8 @@ def fwd_bwd(layer: MoEFeedForward, x: torch.Tensor, precision: str) -> None:
     loss.backward()
 
 
-def build_layer(backend: str, d_model: int, args: Args) -> MoEFeedForward:
+def build_layer(name: str, d_model: int, args: Args) -> MoEFeedForward:
+    backend, dispatch = BACKENDS[name]
     cfg = MoEConfig(
         d_model=d_model,
         d_hidden=args.hidden_mult * d_model,
@@ -81,6 +92,7 @@ def build_layer(backend: str, d_model: int, args: Args) -> MoEFeedForward:
         top_k=args.top_k,
         capacity_factor=args.capacity_factor,
         backend=backend,
+        dispatch=dispatch,
     )
     torch.manual_seed(0)
     return MoEFeedForward(cfg)
@@ -141,17 +153,19 @@ def main() -> None:
                     print(" | ".join(str(v) for v in row), flush=True)
                 rows += case
     native = [r[-1] for r in rows if r[3] == "native"]
+    buffer = [r[-1] for r in rows if r[3] == "native-buffer"]
     deepspeed = [r[-1] for r in rows if r[3] == "deepspeed"]
     body = markdown_table(headers, rows) + (
         f"\n\n{args.num_experts} experts, top-{args.top_k}, capacity factor {args.capacity_factor}, "
         f"expert width {args.hidden_mult} x d_model; dense = one FFN of width top_k x d_hidden "
         f"(same active parameters). Best and median of {args.repeats} steps (backends interleaved) after {args.warmup} warm-up; ratios from the best times.\n"
         f"Native MoE / dense: {min(native):.2f}x - {max(native):.2f}x (goal >= 0.7x); "
+        f"with the padded capacity buffer: {min(buffer):.2f}x - {max(buffer):.2f}x; "
         f"DeepSpeed MoE / dense: {min(deepspeed):.2f}x - {max(deepspeed):.2f}x.\n"
         + (
-            "bf16 autocast measured beside fp32 (AMX present)."
+            f"bf16 autocast measured beside fp32 ({cpu_bf16_units() or 'forced with --bf16 on'})."
             if "bf16" in precisions
-            else f"bf16 not measured: no AMX on this CPU (capability "
+            else f"bf16 not measured: no AMX or AVX512-BF16 on this CPU (capability "
             f"{torch.backends.cpu.get_cpu_capability()}); bf16 matmuls would be emulated."
         )
     )

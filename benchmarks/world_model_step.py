@@ -2,7 +2,8 @@
 fraction of this machine's own matmul peak, both measured in the same run.
 
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode (matmuls, attention, convs:
-the work that matters); the peak is a square fp32 matmul (and bf16 where the CPU has AMX).
+the work that matters); the peak is a square fp32 matmul (and bf16 where the CPU has native
+bf16 units: AMX or AVX512-BF16).
 Goal: >= 30% of peak.
 
     .venv/bin/python benchmarks/world_model_step.py
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
+    cpu_bf16_units,
     markdown_table,
     matmul_peak,
     parse_args,
@@ -34,7 +36,6 @@ from moedream.envs.spec import EnvSpec  # noqa: E402
 from moedream.world_model.model import WorldModel, WorldModelConfig  # noqa: E402
 from moedream.world_model.train_local import (  # noqa: E402
     TrainConfig,
-    cpu_has_amx,
     make_optimizer,
     train_step,
 )
@@ -65,7 +66,7 @@ class Args:
     threads: int = 2
     matmul_size: int = 1024
     bf16: str = "auto"
-    """auto: also measure bf16 autocast if the CPU has AMX; on; off"""
+    """auto: also measure bf16 autocast if the CPU has AMX or AVX512-BF16; on; off"""
     record: bool = True
 
 
@@ -133,7 +134,7 @@ def main() -> None:
     body = (
         f"Batch {args.batch_size} windows x {args.window} steps x {SPEC.n_agents} agents (HalfCheetah 2x3 sizes), "
         f"forward + backward + AdamW, {args.threads} threads; FLOPs from FlopCounterMode. Goal: >= 30% of "
-        f"the matmul peak measured in the same run. AMX: {cpu_has_amx()}.\n\n{table}"
+        f"the matmul peak measured in the same run. native bf16 units: {cpu_bf16_units() or 'none'}.\n\n{table}"
     )
     publish(
         "world_model_step",

@@ -11,8 +11,10 @@ Dispatch is capacity based (GShard, Switch Transformer): every expert has C slot
 C = ceil(capacity_factor * k * t / e); a token's route to an expert past its C-th slot is
 dropped (its contribution is 0; the caller's residual carries the token) and counted. First
 choices fill the slots before second choices. ``dropless`` sizes C to the busiest expert, so
-nothing is dropped. The [e, c, d] buffer is what expert parallelism sends with all-to-all
-(see ``expert_parallel.py``).
+nothing is dropped (``eval_dropless``: always in eval mode, the default). The [e, c, d] buffer
+is what expert parallelism sends with all-to-all (see ``expert_parallel.py``); at
+expert-parallel size 1 the experts run on exactly their routed tokens instead
+(``dispatch="grouped"``: the same drops, no padding, so dropless costs nothing extra).
 
 The router returns logits; the auxiliary losses are free functions of them
 (``load_balancing_loss``, ``router_z_loss``) and ``MoEFeedForward.forward`` returns them in
@@ -48,9 +50,18 @@ class MoEConfig(ConfigBase):
     """Slots per expert = ceil(capacity_factor * top_k * tokens / num_experts)."""
     dropless: bool = False
     """Size the capacity to the busiest expert so that no token is ever dropped."""
+    eval_dropless: bool = True
+    """Drop nothing in eval mode (native backend): capacity dropping makes a token's output
+    depend on the other tokens of the batch (an imagined rollout on the other rollouts batched
+    with it, a step on later steps of earlier rows); at inference each row must stand alone."""
     jitter_noise: float = 0.0
     """Multiplicative router-input noise x * U(1 - eps, 1 + eps) in training (Switch)."""
     backend: Literal["native", "deepspeed", "dense"] = "native"
+    dispatch: Literal["grouped", "buffer"] = "grouped"
+    """Native backend at expert-parallel size 1: "grouped" runs each expert on exactly the
+    tokens routed to it (no padding to capacity, same drops); "buffer" fills the padded
+    [e, c, d] capacity buffer. Expert parallelism (P > 1) always uses the buffer: the
+    all-to-all exchanges fixed-size slots."""
     activation: str = "gelu"
     balance_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
@@ -79,6 +90,7 @@ class MoEConfig(ConfigBase):
             "must be in [0, 1) (0 disables the noise)",
         )
         check_choice(f"{prefix}backend", self.backend, ("native", "deepspeed", "dense"))
+        check_choice(f"{prefix}dispatch", self.dispatch, ("grouped", "buffer"))
         check_choice(f"{prefix}activation", self.activation, sorted(ACTIVATIONS))
         check_positive(f"{prefix}balance_loss_weight", self.balance_loss_weight, allow_zero=True)
         check_positive(f"{prefix}z_loss_weight", self.z_loss_weight, allow_zero=True)
@@ -271,6 +283,30 @@ def combine(expert_out: Tensor, slots: Tensor, weights: Tensor) -> Tensor:
     return (routed.float() * weights.t().float().unsqueeze(-1)).sum(0)  # [t, d]
 
 
+def grouped_routes(slots: Tensor, num_experts: int, capacity: int) -> tuple[Tensor, Tensor, list]:
+    """The kept routes sorted by expert, for running each expert on exactly its tokens.
+
+    slots [k, t] (from ``route_slots``; dropped routes hold the scratch slot e * C).
+    Returns (route_ids [r] into the flattened [k*t] routes, token_ids [r], counts: routes per
+    expert, a list of e ints). A kept slot e * C + position is unique, so sorting by slot
+    orders the routes by expert, then by queue position (the buffer's order).
+    """
+    tokens = slots.shape[1]
+    flat = slots.reshape(-1)  # [k*t]
+    scratch = num_experts * capacity
+    kept = int((flat < scratch).sum())
+    route_ids = torch.argsort(flat)[:kept]  # dropped routes (scratch slot) sort last
+    counts = torch.bincount(flat[route_ids] // capacity, minlength=num_experts)
+    return route_ids, route_ids % tokens, counts.tolist()
+
+
+def combine_grouped(out: Tensor, token_ids: Tensor, route_weights: Tensor, tokens: int) -> Tensor:
+    """y [t, d] = sum over a token's kept routes of weight * expert output; out [r, d] in the
+    order of ``grouped_routes``, route_weights [r]; accumulated in fp32."""
+    y = out.new_zeros(tokens, out.shape[-1], dtype=torch.float32)
+    return y.index_add(0, token_ids, out.float() * route_weights.float().unsqueeze(-1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Experts
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +345,23 @@ class BatchedExperts(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.act(torch.baddbmm(self.b_in.unsqueeze(1), x, self.w_in))  # [l, n, h]
         return torch.baddbmm(self.b_out.unsqueeze(1), hidden, self.w_out)  # [l, n, d]
+
+    def forward_grouped(self, x: Tensor, counts: Sequence[int]) -> Tensor:
+        """x [r, d] sorted by expert, counts[i] rows for expert i -> [r, d]. One addmm per
+        expert on its own rows: no padding (a CPU runs l small matmuls as fast as one bmm, and
+        torch's grouped_mm has no CPU backward yet)."""
+        # unbind, not w[i]: its backward stacks the l gradients once instead of adding l
+        # full-size zero-padded ones
+        params = zip(
+            self.w_in.unbind(0), self.b_in.unbind(0), self.w_out.unbind(0), self.b_out.unbind(0)
+        )
+        outputs = []
+        for rows, (w_in, b_in, w_out, b_out) in zip(torch.split(x, list(counts)), params):
+            if rows.shape[0] == 0:
+                continue
+            hidden = self.act(torch.addmm(b_in, rows, w_in))  # [n_i, h]
+            outputs.append(torch.addmm(b_out, hidden, w_out))  # [n_i, d]
+        return torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[-1])
 
 
 def _uniform(*shape: int, bound: float) -> Tensor:
@@ -381,9 +434,15 @@ class MoEFeedForward(nn.Module):
         position = slot_positions(experts, cfg.num_experts)  # [k, t]
         capacity = self._capacity(tokens, position)
         slots = route_slots(experts, position, capacity, cfg.num_experts)  # [k, t]
-        buffer = dispatch(x, slots, cfg.num_experts, capacity)  # [e, c, d]
-        expert_out = self._run_experts(buffer)  # [e, c, d]
-        y = combine(expert_out, slots, weights)  # [t, d] fp32
+        if self.ep_size == 1 and cfg.dispatch == "grouped":
+            route_ids, token_ids, counts = grouped_routes(slots, cfg.num_experts, capacity)
+            expert_out = self.experts.forward_grouped(x.index_select(0, token_ids), counts)
+            route_weights = weights.t().reshape(-1).index_select(0, route_ids)  # [r]
+            y = combine_grouped(expert_out, token_ids, route_weights, tokens)  # [t, d] fp32
+        else:
+            buffer = dispatch(x, slots, cfg.num_experts, capacity)  # [e, c, d]
+            expert_out = self._run_experts(buffer)  # [e, c, d]
+            y = combine(expert_out, slots, weights)  # [t, d] fp32
 
         counts = expert_counts(experts, cfg.num_experts)  # [t, e]
         balance = load_balancing_loss(probs, counts)
@@ -401,7 +460,7 @@ class MoEFeedForward(nn.Module):
     def _capacity(self, tokens: int, position: Tensor) -> int:
         """Slots per expert; equal on every rank of the EP group (all-to-all needs it)."""
         cfg = self.cfg
-        if cfg.dropless:
+        if cfg.dropless or (cfg.eval_dropless and not self.training):
             capacity = int(position.max()) + 1 if position.numel() else 1
         else:
             capacity = expert_capacity(tokens, cfg.num_experts, cfg.top_k, cfg.capacity_factor)

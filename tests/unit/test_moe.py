@@ -137,6 +137,21 @@ def test_dropped_tokens_counted_on_skewed_routing():
     torch.testing.assert_close(y[[0, 1, 5, 6, 7]], reference[[0, 1, 5, 6, 7]])
 
 
+def test_eval_mode_drops_nothing_so_rows_do_not_depend_on_the_batch():
+    choices = [0, 0, 0, 0, 0, 1, 1, 2]
+    layer, x = routed_layer(choices, top_k=1, capacity_factor=1.0)
+    layer.eval()
+    with torch.no_grad():
+        y, stats = layer(x)
+        alone, _ = layer(x[4:5])  # token 4 was dropped in training mode behind tokens 0-3
+    assert stats.dropped_tokens.item() == 0
+    torch.testing.assert_close(y, brute_force_moe(layer, x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y[4:5], alone)
+    layer.cfg.eval_dropless = False  # the old behaviour: capacity applies in eval too
+    with torch.no_grad():
+        assert layer(x)[1].dropped_tokens.item() == 3
+
+
 def test_dropless_drops_nothing_and_matches_brute_force():
     choices = [0, 0, 0, 0, 0, 1, 1, 2]
     layer, x = routed_layer(choices, top_k=2, capacity_factor=1.0, dropless=True)
@@ -159,6 +174,41 @@ def test_output_matches_brute_force_when_nothing_dropped(top_k):
     reference = brute_force_moe(layer, x.reshape(-1, 8)).reshape(x.shape)
     torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-6)
     assert stats.expert_load.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.25, 8.0])
+def test_grouped_dispatch_equals_capacity_buffer(capacity_factor):
+    """Running each expert on exactly its routed tokens gives the padded buffer's outputs,
+    drops and gradients (capacity 0.5 drops many routes, 8.0 none)."""
+    torch.manual_seed(5)
+    x = torch.randn(40, 8)
+    results = {}
+    for dispatch in ("grouped", "buffer"):
+        torch.manual_seed(6)
+        layer = MoEFeedForward(small_cfg(capacity_factor=capacity_factor, dispatch=dispatch))
+        inputs = x.clone().requires_grad_(True)
+        y, stats = layer(inputs)
+        (y.square().sum() + stats.aux_loss).backward()
+        grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+        results[dispatch] = (y.detach(), int(stats.dropped_tokens), inputs.grad, grads)
+    (y_g, drop_g, dx_g, grads_g), (y_b, drop_b, dx_b, grads_b) = (
+        results["grouped"],
+        results["buffer"],
+    )
+    assert drop_g == drop_b
+    assert (drop_g > 0) == (capacity_factor < 1.0)
+    torch.testing.assert_close(y_g, y_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx_g, dx_b, rtol=1e-5, atol=1e-6)
+    for name in grads_b:
+        torch.testing.assert_close(grads_g[name], grads_b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_dispatch_with_an_idle_expert():
+    # every token prefers experts 0 and 1: experts 2 and 3 get no rows (empty groups)
+    layer, x = routed_layer([0, 0, 0, 0, 0, 0], top_k=1, capacity_factor=8.0)
+    y, stats = layer(x)
+    torch.testing.assert_close(y, brute_force_moe(layer, x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.expert_load, torch.tensor([1.0, 0.0, 0.0, 0.0]))
 
 
 def test_stats_losses_are_the_free_functions_of_the_router():
@@ -247,6 +297,7 @@ def test_wrong_input_width_names_d_model():
         (dict(backend="megablocks"), "backend"),
         (dict(activation="tanh"), "activation"),
         (dict(jitter_noise=1.5), "jitter_noise"),
+        (dict(dispatch="scatter"), "dispatch"),
         (dict(balance_loss_weight=-1.0), "balance_loss_weight"),
     ],
 )
