@@ -65,18 +65,6 @@ def with_bf16(mode: str) -> bool:
     return mode == "on" or (mode == "auto" and bool(cpu_bf16_units()))
 
 
-def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 10) -> float:
-    """FLOP/s of an n x n x n matmul in ``dtype`` (best of ``repeats``)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
 def interleaved_times(
     steps: dict[str, Callable[[], object]], warmup: int, repeats: int
 ) -> dict[str, list[float]]:
@@ -91,11 +79,6 @@ def interleaved_times(
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
-
-
-def step_times(step: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` timed calls of ``step`` after ``warmup`` untimed ones."""
-    return interleaved_times({"step": step}, warmup, repeats)["step"]
 
 
 def machine() -> str:

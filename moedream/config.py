@@ -42,6 +42,14 @@ def check_positive(field: str, value: Any, *, allow_zero: bool = False) -> None:
     check(ok, field, value, "must be a number >= 0" if allow_zero else "must be a number > 0")
 
 
+def check_positive_ints(config: Any, prefix: str, names: typing.Iterable[str]) -> None:
+    """ConfigError unless each field in ``names`` of ``config`` is an integer > 0 (not a bool)."""
+    for name in names:
+        value = getattr(config, name)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        check(ok, f"{prefix}{name}", value, "must be an integer > 0")
+
+
 def check_fraction(field: str, value: Any) -> None:
     ok = isinstance(value, (int, float)) and 0.0 <= value <= 1.0
     check(ok, field, value, "must be a number in [0, 1]")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moedream.config import ConfigBase, check
+from moedream.config import ConfigBase, check, check_positive_ints
 from moedream.world_model.moe import MoEConfig, MoEFeedForward, MoEStats
 
 
@@ -38,14 +38,7 @@ class BackboneConfig(ConfigBase):
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
-        for name in ("num_layers", "num_heads", "max_context"):
-            value = getattr(self, name)
-            check(
-                isinstance(value, int) and value > 0,
-                f"{prefix}{name}",
-                value,
-                "must be an integer > 0",
-            )
+        check_positive_ints(self, prefix, ("num_layers", "num_heads", "max_context"))
         check(0.0 <= self.dropout < 1.0, f"{prefix}dropout", self.dropout, "must be in [0, 1)")
 
 

@@ -16,25 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moedream.config import ConfigBase, check
-
-
-def check_positive_ints(config: ConfigBase, prefix: str, names: Iterable[str]) -> None:
-    """ConfigError unless each field in ``names`` of ``config`` is an integer > 0."""
-    for name in names:
-        value = getattr(config, name)
-        check(
-            isinstance(value, int) and value > 0,
-            f"{prefix}{name}",
-            value,
-            "must be an integer > 0",
-        )
+from moedream.config import ConfigBase, check, check_positive_ints
 
 
 @dataclasses.dataclass

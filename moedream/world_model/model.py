@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moedream.config import ConfigBase, ConfigError, check, check_positive
+from moedream.config import ConfigBase, ConfigError, check, check_positive, check_positive_ints
 from moedream.envs.spec import EnvSpec
 from moedream.world_model.backbone import Backbone, BackboneConfig
 from moedream.world_model.diffusion import (
@@ -54,7 +54,6 @@ from moedream.world_model.heads import (
     AgentScalarHead,
     Ensemble,
     HeadsConfig,
-    check_positive_ints,
     mlp,
 )
 from moedream.world_model.moe import MoEConfig, MoEStats

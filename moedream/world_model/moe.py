@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moedream.config import ConfigBase, check, check_choice, check_positive
+from moedream.config import ConfigBase, check, check_choice, check_positive, check_positive_ints
 from moedream.world_model import expert_parallel as ep
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -68,14 +68,7 @@ class MoEConfig(ConfigBase):
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
-        for name in ("d_model", "d_hidden", "num_experts", "top_k"):
-            value = getattr(self, name)
-            check(
-                isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                f"{prefix}{name}",
-                value,
-                "must be an integer > 0",
-            )
+        check_positive_ints(self, prefix, ("d_model", "d_hidden", "num_experts", "top_k"))
         check(
             self.top_k <= self.num_experts,
             f"{prefix}top_k",

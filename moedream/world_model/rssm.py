@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moedream.config import ConfigBase, check, check_choice, check_positive
+from moedream.config import ConfigBase, check, check_choice, check_positive, check_positive_ints
 
 
 @dataclasses.dataclass
@@ -55,14 +55,7 @@ class RSSMConfig(ConfigBase):
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
         check_choice(f"{prefix}latent", self.latent, ("gaussian", "categorical"))
-        for name in ("deter", "hidden", "stoch", "groups", "classes"):
-            value = getattr(self, name)
-            check(
-                isinstance(value, int) and value > 0,
-                f"{prefix}{name}",
-                value,
-                "must be an integer > 0",
-            )
+        check_positive_ints(self, prefix, ("deter", "hidden", "stoch", "groups", "classes"))
         check(0.0 <= self.unimix < 1.0, f"{prefix}unimix", self.unimix, "must be in [0, 1)")
         check_positive(f"{prefix}min_std", self.min_std)
         for name in ("free_bits", "dyn_weight", "rep_weight"):

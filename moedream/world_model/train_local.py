@@ -20,8 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from moedream.config import ConfigBase, check, check_fraction, check_positive
-from moedream.world_model.heads import check_positive_ints
+from moedream.config import (
+    ConfigBase,
+    check,
+    check_fraction,
+    check_positive,
+    check_positive_ints,
+)
 from moedream.world_model.model import WorldModel, WorldModelConfig
 from moedream.world_model.trajectory import WINDOW_KEYS
 
