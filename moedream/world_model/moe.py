@@ -429,7 +429,8 @@ class MoEFeedForward(nn.Module):
         slots = route_slots(experts, position, capacity, cfg.num_experts)  # [k, t]
         if self.ep_size == 1 and cfg.dispatch == "grouped":
             route_ids, token_ids, counts = grouped_routes(slots, cfg.num_experts, capacity)
-            expert_out = self.experts.forward_grouped(x.index_select(0, token_ids), counts)
+            rows = _autocast_input(x).index_select(0, token_ids)  # [r, d]
+            expert_out = self.experts.forward_grouped(rows, counts)
             route_weights = weights.t().reshape(-1).index_select(0, route_ids)  # [r]
             y = combine_grouped(expert_out, token_ids, route_weights, tokens)  # [t, d] fp32
         else:
@@ -471,6 +472,15 @@ class MoEFeedForward(nn.Module):
         local_out = self.experts(local_in)  # [l, p*c, d]
         send = local_out.view(l, p, c, d).transpose(0, 1).reshape(e, c, d)  # [p*l, c, d]
         return ep.all_to_all(send, self.ep_group)  # [e, c, d], my tokens' outputs
+
+
+def _autocast_input(x: Tensor) -> Tensor:
+    """x in the autocast dtype when autocast is on: cast once before the gather, not once per
+    expert inside each matmul (the cast is the same either way, the gather moves fewer bytes)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 class DenseFeedForward(nn.Module):
