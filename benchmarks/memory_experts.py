@@ -17,22 +17,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from benchmarks._common import markdown_table, record
-from moedream.envs.memory_task import MemoryTaskConfig, random_episodes
-from moedream.world_model.diffusion import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/...` too
+
+from benchmarks._common import markdown_table, record  # noqa: E402
+from moedream.envs.memory_task import MemoryTaskConfig, random_episodes  # noqa: E402
+from moedream.world_model.diffusion import (  # noqa: E402
     Denoiser,
     DiffusionConfig,
     SamplerConfig,
 )
-from moedream.world_model.memory import ComposedPredictor, EpisodeHistory, MemoryConfig, MemoryStore
-from moedream.world_model.memory.rollout import EpisodeMemory, imagine
-from moedream.world_model.memory.task_eval import evaluate, train_on_task
+from moedream.world_model.memory import ComposedPredictor, EpisodeHistory, MemoryConfig, MemoryStore  # noqa: E402
+from moedream.world_model.memory.rollout import EpisodeMemory, imagine  # noqa: E402
+from moedream.world_model.memory.task_eval import evaluate, train_on_task  # noqa: E402
 
 
 @dataclasses.dataclass

@@ -2,15 +2,18 @@
 recall error for each expert ablation, and cost per imagined step, in one run.
 
 A small WorldModel with a SHORT context (backbone.max_context 4) is trained on cramped_room
-random-policy episodes, its spatial adapter is trained with the model frozen, then on held-out
+random-policy episodes; the spatial expert is fitted on those training episodes (the
+retrieval expert's memory error; the adapter row trains the adapter too); then on held-out
 episodes it observes a prefix and imagines ``horizon`` steps beyond it with the episode's REAL
-actions (moedream.world_model.memory.long_rollout.evaluate_rollouts). Rows: the short-term
-expert alone, + LoRA (long-term), + spatial, all three, and the authors' alpha = 2.
-Recall error = error on steps where an agent stands on a cell it visited in the prefix but
-not inside the short context.
+actions (moedream.world_model.memory.long_rollout.evaluate_rollouts). Every row sees the same
+sampling noise (paired), so the "vs short" columns are per-episode paired differences with
+their standard error and the episodes where the row beats the short-term expert alone.
+Recall error = error on (step, agent) where the agent stands on a cell visited in the prefix
+but not inside the short context. Standardised = each feature's squared error divided by its
+training variance (floored at 0.01): raw MSE is dominated by a few wide features.
 
     python benchmarks/memory_overcooked.py                  # ~5 min on 2 cores
-    python benchmarks/memory_overcooked.py --train-steps 200 --no-record   # smoke
+    python benchmarks/memory_overcooked.py --train-steps 200 --eval-episodes 4 --no-record   # smoke
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import markdown_table, parse_args, publish  # noqa: E402
 from moedream.world_model.memory.long_rollout import (  # noqa: E402
     evaluate_rollouts,
+    paired_difference,
     random_episodes,
     training_windows,
 )
@@ -44,7 +48,7 @@ class Args:
     context: int = 4
     """backbone.max_context of the world model (the short-term expert's memory)."""
     train_episodes: int = 20
-    eval_episodes: int = 3
+    eval_episodes: int = 24
     episode_horizon: int = 100
     train_steps: int = 400
     adapter_steps: int = 300
@@ -69,30 +73,42 @@ def model_config(context: int) -> WorldModelConfig:
     )
 
 
-def train(args: Args, spec, episodes) -> tuple[MemoryWorldModel, float]:
+def train(args: Args, spec, episodes) -> tuple[MemoryWorldModel, MemoryWorldModel, float]:
+    """-> (the model with the retrieval spatial expert, a copy with the adapter, seconds)."""
     torch.manual_seed(args.seed)
-    memory = WorldModelMemoryConfig(adapter_steps=args.adapter_steps, adapter_horizon=16)
+    memory = WorldModelMemoryConfig(
+        adapter_steps=args.adapter_steps, adapter_horizon=16,
+        max_adapters=max(16, args.eval_episodes),
+    )  # fmt: skip
     model = MemoryWorldModel(model_config(args.context), spec, memory)
     cfg = TrainConfig(steps=args.train_steps, batch_size=32, window=args.context, lr=2e-3,
                       warmup=20, eval_every=10**6, log_every=10**6, checkpoint_every=10**6,
                       precision="fp32")  # fmt: skip
     start = time.perf_counter()
     fit(model, training_windows(episodes, spec, args.context), cfg, progress=True)
-    model.train_spatial_adapter(
+    model.fit_spatial([(e.obs, e.action) for e in episodes])
+    adapter = MemoryWorldModel.from_world_model(model, memory.replace(spatial_mode="adapter"))
+    adapter.fit_spatial(
         [(e.obs, e.action) for e in episodes[:10]],
         generator=torch.Generator().manual_seed(args.seed),
         progress=True,
     )
-    return model, time.perf_counter() - start
+    return model, adapter, time.perf_counter() - start
 
 
-def ablations(memory: WorldModelMemoryConfig) -> dict[str, WorldModelMemoryConfig]:
+def ablations(memory: WorldModelMemoryConfig) -> dict[str, tuple[bool, WorldModelMemoryConfig]]:
+    """name -> (use the adapter model, memory config)."""
     return {
-        "short-term alone": memory.only("short"),
-        "short + long-term (LoRA)": memory.only("short", "long"),
-        "short + spatial": memory.only("short", "spatial"),
-        "all three": memory,
-        "all three, alpha_long = 2": memory.replace(alpha_long=2.0),
+        "short-term alone": (False, memory.only("short")),
+        "short + long-term (LoRA)": (False, memory.only("short", "long")),
+        "short + spatial (retrieval)": (False, memory.only("short", "spatial")),
+        "short + spatial (adapter)": (
+            True,
+            memory.only("short", "spatial").replace(spatial_mode="adapter"),
+        ),
+        "all three": (False, memory),
+        "all three, LoRA always kept": (False, memory.replace(lora_validation=0.0)),
+        "all three, alpha_long = 2": (False, memory.replace(alpha_long=2.0)),
     }
 
 
@@ -102,34 +118,57 @@ def main() -> None:
     env = {"layout": "cramped_room", "horizon": args.episode_horizon}
     n_train = args.train_episodes
     spec, episodes = random_episodes("overcooked", env, range(n_train + args.eval_episodes))
-    model, train_s = train(args, spec, episodes[:n_train])
+    model, adapter, train_s = train(args, spec, episodes[:n_train])
     held_out = episodes[n_train:]
+    feature_var = np.concatenate([e.obs for e in episodes[:n_train]]).var(0)  # [N, D]
     quarters = np.array_split(np.arange(args.horizon), 4)
-    rows = []
-    for name, memory in ablations(model.memory_cfg).items():
-        model.set_memory_config(memory)
+    rows, base, kept = [], None, []
+    for name, (use_adapter, memory) in ablations(model.memory_cfg).items():
+        net = adapter if use_adapter else model
+        net.set_memory_config(memory)
         r = evaluate_rollouts(
-            model, held_out, prefix=args.prefix, horizon=args.horizon, samples=args.samples,
-            seed=args.seed,
+            net, held_out, prefix=args.prefix, horizon=args.horizon, samples=args.samples,
+            seed=args.seed, feature_var=feature_var,
         )  # fmt: skip
+        if memory.long_term and memory.lora_validation > 0 and net.store is not None:
+            kept.append(sum(net.store.last_kept.get(e.episode_id, 0) for e in held_out))
+        base = base or r
+        recall = r.episode_recall_sq / np.maximum(r.episode_recall_n, 1)
+        base_recall = base.episode_recall_sq / np.maximum(base.episode_recall_n, 1)
+        has = (r.episode_recall_n > 0) & (base.episode_recall_n > 0)
+        cells = []
+        for a, b in ((r.episode_mse, base.episode_mse), (r.episode_std_mse, base.episode_std_mse),
+                     (recall[has], base_recall[has])):  # fmt: skip
+            d, se, wins = paired_difference(a, b)
+            cells.append(f"{d:+.4f} ± {se:.4f} ({wins}/{len(a)})")
         steps = len(held_out) * args.samples * args.horizon
         by_quarter = [f"{r.horizon_mse[q].mean():.4f}" for q in quarters]
-        rows.append([name, *by_quarter, f"{r.long_horizon_mse:.4f}", f"{r.recall_mse:.4f}",
-                     str(r.n_recall), f"{1e3 * r.seconds / steps:.1f}"])  # fmt: skip
+        rows.append([name, *by_quarter, f"{r.long_horizon_mse:.4f}", f"{r.standardized_mse:.4f}",
+                     f"{r.recall_mse:.4f}", str(r.n_recall), *cells,
+                     f"{1e3 * r.seconds / steps:.1f}"])  # fmt: skip
         print(rows[-1], flush=True)
     h = args.horizon
     heads = [f"MSE steps {q[0] + 1}-{q[-1] + 1}" for q in quarters]
     table = markdown_table(
-        ["experts", *heads, f"mean MSE (h 1-{h})", "recall MSE", "recall steps",
-         "ms per imagined step (incl. memory build)"], rows,
+        ["experts", *heads, f"mean MSE (h 1-{h})", "standardised MSE", "recall MSE",
+         "recall steps", "MSE vs short (paired, wins)", "std. MSE vs short", "recall vs short",
+         "ms per imagined step"], rows,
+    )  # fmt: skip
+    lora = (
+        f" The LoRA adapter passed its validation (lower denoiser loss on the episode's latest "
+        f"25 % of transitions than the base) on {kept[0]} of {len(held_out)} episodes."
+        if kept else ""
     )  # fmt: skip
     body = (
         f"Overcooked cramped_room, small WorldModel (d_model 64, 2 layers, 4 experts) with a "
         f"{args.context}-step context, trained {args.train_steps} steps on {n_train} random-policy "
-        f"episodes of {args.episode_horizon} steps, spatial adapter {args.adapter_steps} steps "
-        f"(total {train_s:.0f} s). {len(held_out)} held-out episodes x {args.samples} samples: "
-        f"{args.prefix} real steps observed, {h} steps imagined with the real actions. Errors are "
-        f"per-feature MSE of the raw observation vs the real one.\n\n{table}"
+        f"episodes of {args.episode_horizon} steps; spatial expert fitted on the same episodes, "
+        f"adapter {args.adapter_steps} steps (total {train_s:.0f} s). {len(held_out)} held-out "
+        f"episodes x {args.samples} samples, same sampling noise in every row: {args.prefix} real "
+        f"steps observed, {h} steps imagined with the real actions. Errors are per-feature MSE "
+        f"of the raw observation vs the real one; 'vs short' columns: mean per-episode "
+        f"difference to the short-term expert alone ± its standard error (episodes where the "
+        f"row is lower / episodes).{lora}\n\n{table}"
     )
     publish(
         "memory_overcooked",

@@ -1,6 +1,6 @@
 """Long imagined rollouts of a :class:`MemoryWorldModel` against real episodes (Overcooked).
 
-Shared by ``tests/unit/test_memory_overcooked.py`` and ``benchmarks/memory_experts.py``.
+Shared by ``tests/unit/test_memory_overcooked.py`` and ``benchmarks/memory_overcooked.py``.
 Protocol per held-out episode: the first ``prefix`` steps are real and observed (they fill the
 spatial memory and finetune the episode's LoRA adapter); from o_prefix the model imagines
 ``horizon`` steps replaying the episode's REAL actions, with a backbone context of only
@@ -9,7 +9,11 @@ spatial memory and finetune the episode's LoRA adapter); from o_prefix the model
 - horizon error: mean squared error of each imagined joint observation, per step ahead [H];
 - recall error: the same, restricted to (step, agent) where the agent really stands on a cell
   it (or the other agent) stood on during the observed prefix, and not during the last
-  ``max_context`` real steps (what the short context cannot hold).
+  ``max_context`` real steps (what the short context cannot hold);
+- standardised error: each feature's squared error divided by its variance (raw MSE is
+  dominated by a few wide features, e.g. a pot's cook time counting 20 .. 0).
+Ablations are paired (same sampling noise, see ``evaluate_rollouts``): compare them per
+episode with ``paired_difference``.
 """
 
 from __future__ import annotations
@@ -67,10 +71,25 @@ class RolloutResult:
     recall_mse: float
     n_recall: int
     seconds: float
+    episode_mse: np.ndarray  # [E] mean over steps, agents, features and samples
+    episode_std_mse: np.ndarray  # [E] the same, each feature divided by its variance
+    episode_recall_sq: np.ndarray  # [E] summed squared error on revisits (per (step, agent))
+    episode_recall_n: np.ndarray  # [E] revisits per episode
 
     @property
     def long_horizon_mse(self) -> float:
         return float(self.horizon_mse.mean())
+
+    @property
+    def standardized_mse(self) -> float:
+        return float(self.episode_std_mse.mean())
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float, int]:
+    """Per-episode a - b -> (mean, its standard error, episodes where a < b)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return float(d.mean()), se, int((d < 0).sum())
 
 
 @torch.no_grad()
@@ -83,32 +102,53 @@ def evaluate_rollouts(
     samples: int = 2,
     seed: int = 0,
     remember: bool = True,
+    feature_var: np.ndarray | None = None,
 ) -> RolloutResult:
     """Imagine ``horizon`` steps after ``prefix`` real ones of each episode with the experts
     enabled in ``model.memory_cfg`` (``samples`` draws per episode, batched). With
     ``remember`` each episode's memory is (re)built first; else it must be stored already
-    under the id ``episode.episode_id``."""
+    under the id ``episode.episode_id``.
+
+    Paired across ablations: the memories are built with their own random streams, and the
+    imagination (RSSM latents, diffusion noise) always starts from the same seeded streams, so
+    two expert configurations see the same sampling noise and their per-episode errors can be
+    compared pairwise. ``feature_var`` [N, D] (default: the model's obs_std^2) divides each
+    feature's squared error in ``episode_std_mse`` (floored at 0.01: near-constant features)."""
     import time
 
     spec, device = model.spec, model.obs_mean.device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    if remember and len(episodes) > model.memory_cfg.max_adapters:
+        raise ValueError(
+            f"evaluate_rollouts: {len(episodes)} episodes but memory.max_adapters = "
+            f"{model.memory_cfg.max_adapters}: the first memories would be evicted"
+        )
     obs = torch.as_tensor(np.stack([e.obs[: prefix + 1] for e in episodes]), device=device)
     act = spec.encode_actions(np.stack([e.action for e in episodes]))  # [E, L, N, A]
     act = torch.as_tensor(act, dtype=torch.float32, device=device)
     if remember:
+        build = torch.Generator(device=device).manual_seed(seed + 1)
         for i, e in enumerate(episodes):
             model.forget(e.episode_id)
-            model.remember(e.episode_id, obs[i], act[i, :prefix], generator=gen)
+            with torch.random.fork_rng(devices=[]):  # LoRA init draws from the global RNG
+                torch.manual_seed(seed + 1 + i)
+                model.remember(e.episode_id, obs[i], act[i, :prefix], generator=build)
     ids = [e.episode_id for e in episodes for _ in range(samples)]
     rep = lambda x: x.repeat_interleave(samples, 0)  # noqa: E731
+    gen = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
-    state = model.observe_episodes(ids, rep(obs), rep(act[:, :prefix]), remember=False)
+    with torch.random.fork_rng(devices=[]):  # observe samples z from the global RNG
+        torch.manual_seed(seed)
+        state = model.observe_episodes(ids, rep(obs), rep(act[:, :prefix]), remember=False)
     plan = rep(act[:, prefix : prefix + horizon])  # [B, H, N, A]
     traj = model.imagine(state, plan, horizon, generator=gen)
     seconds = time.perf_counter() - start
     imagined = traj.obs[:, 1:].reshape(len(episodes), samples, horizon, *traj.obs.shape[2:])
     real = np.stack([e.obs[prefix + 1 : prefix + 1 + horizon] for e in episodes])  # [E,H,N,D]
-    sq = ((imagined - real[:, None]) ** 2).mean(axis=(1, -1))  # [E, H, N]
+    sq_feat = ((imagined - real[:, None]) ** 2).mean(axis=1)  # [E, H, N, D]
+    if feature_var is None:
+        feature_var = (model.obs_std**2).cpu().numpy()
+    std_sq = sq_feat / np.maximum(feature_var, 0.01)  # [E, H, N, D]
+    sq = sq_feat.mean(-1)  # [E, H, N]
     context = model.config.backbone.max_context
     positions = [model.positions(torch.as_tensor(e.obs)).cpu().numpy() for e in episodes]
     masks = [revisits(p, prefix, horizon, context) for p in positions]
@@ -118,4 +158,8 @@ def evaluate_rollouts(
         recall_mse=float(sq[mask].mean()) if mask.any() else float("nan"),
         n_recall=int(mask.sum()),
         seconds=seconds,
+        episode_mse=sq.mean(axis=(1, 2)),
+        episode_std_mse=std_sq.mean(axis=(1, 2, 3)),
+        episode_recall_sq=(sq * mask).sum(axis=(1, 2)),
+        episode_recall_n=mask.sum(axis=(1, 2)),
     )

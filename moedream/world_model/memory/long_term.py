@@ -64,6 +64,7 @@ class MemoryStore:
         self._next = 0
         self._trainable = False
         self.last_finetune_seconds = 0.0
+        self.last_kept: dict[str, int] = {}  # episode id -> its last validation kept it (1/0)
 
     # ----- bookkeeping -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -142,15 +143,26 @@ class MemoryStore:
         *,
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        validation: float = 0.0,
     ) -> dict[str, float]:
         """Fit ``episode_id``'s adapter to the denoiser's own pairs: x0 ``target`` [M, X] given
-        ``cond`` [M, C] (any network whose ``.denoiser`` is wrapped, e.g. a WorldModel's)."""
+        ``cond`` [M, C] (any network whose ``.denoiser`` is wrapped, e.g. a WorldModel's).
+
+        ``validation`` > 0 holds out the latest fraction of the pairs (test-time training with
+        a check): the adapter is fitted on the rest and kept only if it lowers the denoiser's
+        loss on the held-out pairs (same noise for adapter and base); otherwise it is reset to
+        zero (eps^c = eps^u: the expert abstains). Logs ``lora/kept`` (1 or 0)."""
         start = time.perf_counter()
         if target.shape[0] != cond.shape[0] or target.shape[0] == 0:
             raise ValueError(
                 f"MemoryStore.finetune_pairs needs as many targets as conds (> 0), got "
                 f"{tuple(target.shape)} and {tuple(cond.shape)}"
             )
+        n_val = int(round(validation * target.shape[0])) if validation > 0 else 0
+        if n_val < 1 or n_val >= target.shape[0]:
+            n_val = 0
+        val_target, val_cond = target[target.shape[0] - n_val :], cond[cond.shape[0] - n_val :]
+        target, cond = target[: target.shape[0] - n_val], cond[: cond.shape[0] - n_val]
         name = self.get(episode_id) or self._create(episode_id)
         self.model.set_adapter(name)  # only this adapter's LoRA weights require grad
         self._trainable = True
@@ -172,12 +184,34 @@ class MemoryStore:
             last = loss.item()
         self.model.eval()
         self._activate(name)
+        logs = {"lora/loss_first": first, "lora/loss_last": last}
+        if n_val:
+            kept = self._validate(name, val_target, val_cond)
+            self.last_kept[episode_id] = int(kept[0])
+            logs.update({"lora/kept": float(kept[0]), "lora/val_loss": kept[1],
+                         "lora/val_loss_base": kept[2]})  # fmt: skip
         self.last_finetune_seconds = time.perf_counter() - start
-        return {
-            "lora/loss_first": first,
-            "lora/loss_last": last,
-            "lora/seconds": self.last_finetune_seconds,
-        }
+        logs["lora/seconds"] = self.last_finetune_seconds
+        return logs
+
+    @torch.no_grad()
+    def _validate(self, name: str, target: Tensor, cond: Tensor) -> tuple[bool, float, float]:
+        """Keep adapter ``name`` only if it beats the base on (target, cond) with shared noise
+        draws; else zero its LoRA B matrices. -> (kept, adapter loss, base loss)."""
+        denoiser = self.model.get_base_model().denoiser
+        gen = torch.Generator(device=target.device).manual_seed(0)
+        reps = max(1, 256 // target.shape[0])  # noise draws per pair
+        x_t, t, goal = denoiser.noisy_input(target.repeat(reps, 1), gen)
+        c = cond.repeat(reps, 1)
+        self._activate(name)
+        adapted = float((self.model.get_base_model()(x_t, t, c) - goal).pow(2).mean())
+        base = float((self.predict_base(x_t, t, c) - goal).pow(2).mean())
+        kept = adapted < base
+        if not kept:
+            for key, param in self.model.named_parameters():
+                if f"lora_B.{name}." in key:
+                    param.zero_()
+        return kept, adapted, base
 
     # ----- inference ---------------------------------------------------------------------
     def predict(

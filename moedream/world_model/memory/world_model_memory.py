@@ -6,14 +6,27 @@
     expert   eps_i^c                     eps_i^u              its memory
     short    D(x, t, cond)               D(x, t, 0)           the backbone's last K steps + RSSM
     long     D_lora(e)(x, t, cond)       D(x, t, cond)        episode e stored in a LoRA adapter
-    spatial  D(x, t, cond + g(R, cond))  D(x, t, cond)        past observations retrieved by
-                                                              position (R), g: a small adapter
+    spatial  D(x, t, cond) moved to the  D(x, t, cond)        past transitions retrieved by
+             memory (retrieval), or                           position: what really followed
+             D(x, t, cond + g(R, cond))                       an action on this cell (R)
+             (adapter)
 
 where D is the world model's own denoiser and ``cond`` its normal (short-context) condition.
 The composition (``MemoryConfig.form``, :mod:`.compose`) replaces ``self.denoiser`` as the
 sampler's ``predict_fn``; the regressed mean and predicted scale around the diffusion residual
-stay the world model's. The long-term and spatial contrasts isolate what their memory adds to
-the short-term conditional; a null spatial memory (no retrieval) gives g = 0 exactly.
+stay the world model's, so every expert works in the model's diffusion target space (the
+scaled residual x0 = (delta - mean(cond)) / scale(cond)). The long-term and spatial contrasts
+isolate what their memory adds to the short-term conditional; a null memory (no retrieval, or
+a LoRA adapter that failed its validation) gives eps^c = eps^u exactly.
+
+Retrieval spatial expert (``spatial_mode='retrieval'``, default): each denoising step turns
+the short-term prediction into its x0 estimate, maps it to the next observation o_hat, and
+multiplies two Gaussians over the next observation per agent and feature: the short-term
+one (mean o_hat, variance (scale(cond) * delta_std)^2) and, when memory holds a real
+transition from the agent's current cell with its current action, the observation m that
+followed it (variance ``spatial_fusion.mse``, measured by :meth:`fit_spatial` on real
+episodes). x0 moves to the product's mean, and back to the objective's prediction (eps, v or
+flow velocity) at the same (x_t, t).
 
 Memory lives per episode id: ``remember(episode_id, obs, action)`` stores a real episode (or
 its latest part) in a bounded spatial memory and finetunes that episode's LoRA adapter
@@ -23,9 +36,10 @@ and ``imagine`` then use for each row. Imagination reads the memories and never 
 (an imagined branch must not overwrite what was really seen). Rows without an episode id,
 and the teacher-forced ``predict_windows``, sample from the plain denoiser.
 
-Cost per denoising step: one batched denoiser pass over B (short, alpha_short = 1), 2B (+
-spatial) or 3B rows (+ the null condition when alpha_short != 1), plus one LoRA pass over B
-rows with the long-term expert; the spatial retrieval and adapter run once per imagined step.
+Cost per denoising step: one batched denoiser pass over B (short, alpha_short = 1; the
+retrieval spatial expert adds no pass), 2B (+ adapter spatial) or 3B rows (+ the null
+condition when alpha_short != 1), plus one LoRA pass over B rows with the long-term expert;
+the transition lookup runs at every denoising step, the adapter once per imagined step.
 Nothing grows with the episode length (memories are bounded by ``spatial_capacity``).
 
 Shapes: (B)atch, (L) episode steps, (N) agents, (D) obs size, (A) encoded action size,
@@ -59,7 +73,7 @@ class WorldModelMemoryConfig(MemoryConfig):
 
     Defaults measured on Overcooked cramped_room (benchmarks/memory_overcooked.py): alpha 2
     on the LoRA expert (the authors' value) made long rollouts worse; 1 on every expert is the
-    default here.
+    default here. Fit the spatial expert with :meth:`MemoryWorldModel.fit_spatial`.
     """
 
     alpha_short: float = 1.0
@@ -69,10 +83,21 @@ class WorldModelMemoryConfig(MemoryConfig):
     alpha_long: float = 1.0
     """PoCE weight of the LoRA expert (2, the authors' value, worsened long rollouts)."""
     alpha_spatial: float = 1.0
+    spatial_mode: Literal["retrieval", "adapter"] = "retrieval"
+    """How the spatial expert conditions the denoiser on what memory holds at a position.
+    'retrieval' (default): the product of the short-term expert's Gaussian and the real
+    transition memory holds for (cell, action), weighted per state and feature by the scale
+    head's variance against the memory's measured error (see the module docstring). No
+    learned weights, so nothing to mismatch between training and test. 'adapter': the learned
+    cond offset g(R, cond) of the retrieved observations (``train_spatial_adapter``)."""
     lora_steps: int = 60
     lora_lr: float = 3e-3
+    lora_validation: float = 0.25
+    """Fraction of an episode's latest transitions held out at each ``remember``: the LoRA
+    adapter is fitted on the rest and kept only if it lowers the denoiser's loss on them,
+    else reset to zero (the long-term expert abstains: eps^c = eps^u). 0 = always keep."""
     spatial_k: int = 8
-    """Stored observations retrieved per agent (nearest to its current position)."""
+    """Stored observations retrieved per agent for the adapter (nearest to its position)."""
     position_offset: int = -2
     """Index of the first of ``key_dim`` position features in each agent's observation
     (negative: from the end of the agent's real features). Overcooked's featurized
@@ -118,12 +143,19 @@ class WorldModelMemoryConfig(MemoryConfig):
         ok = gap is None or (isinstance(gap, int) and not isinstance(gap, bool) and gap >= 0)
         check(ok, f"{prefix}recent_gap", gap, "must be null or an integer >= 0")
         check_choice(f"{prefix}adapter_data", self.adapter_data, ("imagined", "teacher_forced"))
-        check_positive(f"{prefix}adapter_target_clip", self.adapter_target_clip)
-        for name in ("adapter_hidden", "adapter_steps", "adapter_batch_size", "adapter_horizon"):
+        check_choice(f"{prefix}spatial_mode", self.spatial_mode, ("retrieval", "adapter"))
+        for name in (
+            "adapter_hidden",
+            "adapter_steps",
+            "adapter_batch_size",
+            "adapter_horizon",
+        ):
             value = getattr(self, name)
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
             check(ok, f"{prefix}{name}", value, "must be an integer >= 1")
         check_positive(f"{prefix}adapter_lr", self.adapter_lr)
+        ok = isinstance(self.lora_validation, (int, float)) and 0.0 <= self.lora_validation < 1
+        check(ok, f"{prefix}lora_validation", self.lora_validation, "must be a number in [0, 1)")
         ok = isinstance(self.adapter_dropout, (int, float)) and 0.0 <= self.adapter_dropout < 1
         check(ok, f"{prefix}adapter_dropout", self.adapter_dropout, "must be a number in [0, 1)")
 
@@ -152,7 +184,8 @@ class _DenoiserHolder(nn.Module):
 
 
 class EpisodeSpatialStore:
-    """One episode's (position, observation, step) entries, oldest dropped beyond capacity."""
+    """One episode's (position, observation, step) entries and its transitions (position and
+    action at o_t, o_{t+1}), oldest dropped beyond capacity."""
 
     def __init__(self, n_agents: int, obs_dim: int, key_dim: int, capacity: int, device) -> None:
         self.n_agents, self.capacity = n_agents, capacity
@@ -179,6 +212,66 @@ class EpisodeSpatialStore:
         return retrieve_nearest(
             self.keys[:usable], self.values[:usable], self.steps[:usable], query, k
         )
+
+    def add_transitions(
+        self, positions: Tensor, actions: Tensor, next_obs: Tensor, steps: Tensor
+    ) -> None:
+        """positions [L, N, P] and encoded actions [L, N, A] at o_t, next_obs [L, N, D] =
+        o_{t+1}, steps [L] (episode steps of o_{t+1})."""
+        n, p, a = positions.shape[1], positions.shape[-1], actions.shape[-1]
+        if not hasattr(self, "t_keys"):
+            dev = self.keys.device
+            self.t_keys = torch.zeros(0, p, device=dev)  # [M, P] cell of o_t
+            self.t_actions = torch.zeros(0, a, device=dev)  # [M, A] action taken there
+            self.t_next = torch.zeros(0, self.values.shape[-1], device=dev)  # [M, D] o_{t+1}
+            self.t_steps = torch.zeros(0, dtype=torch.long, device=dev)  # [M] ascending
+        parts = (
+            positions.reshape(-1, p),
+            actions.reshape(-1, a),
+            next_obs.reshape(-1, self.values.shape[-1]),
+        )
+        self.t_keys, self.t_actions, self.t_next = (
+            torch.cat([old, new])[-self.capacity :]
+            for old, new in zip((self.t_keys, self.t_actions, self.t_next), parts, strict=True)
+        )
+        steps = steps.to(self.t_steps).repeat_interleave(n)
+        self.t_steps = torch.cat([self.t_steps, steps])[-self.capacity :]
+
+    def lookup_transition(
+        self, query: Tensor, action: Tensor, before_step: int
+    ) -> tuple[Tensor, Tensor]:
+        """query cells [Q, P] and encoded actions [Q, A] -> (the observation that really
+        followed the latest time that action was taken on that cell [Q, D], hit [Q] bool),
+        among transitions whose o_{t+1} has step <= ``before_step`` (no hit: zeros)."""
+        q, d = query.shape[0], self.values.shape[-1]
+        if not hasattr(self, "t_keys") or len(self.t_steps) == 0:
+            return query.new_zeros(q, d), torch.zeros(q, dtype=torch.bool, device=query.device)
+        usable = int((self.t_steps <= before_step).sum())  # steps ascending: a prefix
+        keys, acts = self.t_keys[:usable], self.t_actions[:usable]  # [M, P], [M, A]
+        same = ((keys[None] - query[:, None]).abs().amax(-1) <= _SAME_CELL) & (
+            (acts[None] - action[:, None]).abs().amax(-1) <= _SAME_CELL
+        )  # [Q, M]
+        order = torch.arange(usable, device=query.device)
+        latest = torch.where(same, order, -1).amax(-1) if usable else order.new_full((q,), -1)
+        hit = latest >= 0
+        value = self.t_next[:usable][latest.clamp_min(0)] if usable else query.new_zeros(q, d)
+        return value * hit[:, None], hit
+
+
+_FAR = 99.0  # the offset key of an agent that is not adjacent
+_SAME_CELL = 1e-4  # |key - query| below this: the same (rounded) position
+
+
+class SpatialFusion(nn.Module):
+    """What the retrieval spatial expert knows about its memory: per agent and feature, the
+    mean square error of "the observation that followed the latest time this action was
+    taken on this cell" as a prediction of the next observation, measured on real episodes
+    (inf before :meth:`MemoryWorldModel.fit_spatial` and on padding: memory never used)."""
+
+    def __init__(self, n_agents: int, obs_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mse", torch.full((n_agents, obs_dim), torch.inf))  # [N, D]
+        self.register_buffer("hits", torch.zeros((), dtype=torch.long))  # fitting hits
 
 
 class SpatialAdapter(nn.Module):
@@ -215,7 +308,24 @@ class _SampleContext:
     """What the composed predict_fn of one imagined step needs."""
 
     episode_ids: list[str | None]
-    spatial_entries: Tensor | None  # [B, N, k, D + P + 1], None: spatial expert off
+    spatial_entries: Tensor | None  # [B, N, k, D + P + 1], None: adapter off
+    current: Tensor | None = None  # [B, N, D] o_t (retrieval spatial expert)
+    step: Tensor | None = None  # [B] episode step of o_t
+    action: Tensor | None = None  # [B, N, A] encoded a_t
+
+
+@dataclasses.dataclass
+class _Fusion:
+    """The retrieval spatial expert's inputs during one imagined step's denoising."""
+
+    episode_ids: list[str | None]
+    current: Tensor  # [B, N, D]
+    step: Tensor  # [B]
+    action: Tensor  # [B, N, A]
+    mean: Tensor  # [B, X] regressed mean of the normalised delta (0 for 'delta')
+    r_std: Tensor  # [B, X] predicted residual scale (1 without a scale head)
+    value: Tensor  # [B, N, D] memory's answer: the real o_{t+1} after (situation, action)
+    hit: Tensor  # [B, N] bool: memory holds such a transition
 
 
 class MemoryWorldModel(WorldModel):
@@ -237,6 +347,7 @@ class MemoryWorldModel(WorldModel):
         self.spatial_adapter = SpatialAdapter(
             n, d, p, config.cond_dim, self.memory_cfg.adapter_hidden
         )
+        self.spatial_fusion = SpatialFusion(n, d)
         self.store: MemoryStore | None = None  # created at the first remember()
         self.spatial_stores: OrderedDict[str, EpisodeSpatialStore] = OrderedDict()
         self._context: _SampleContext | None = None
@@ -249,7 +360,7 @@ class MemoryWorldModel(WorldModel):
         """A memory world model with a copy of ``model``'s weights (``model`` is untouched)."""
         out = cls(model.config, model.spec, memory).to(model.obs_mean.device)
         missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("spatial_adapter.") for k in missing):
+        if unexpected or any(not k.startswith(_MEMORY_PREFIXES) for k in missing):
             raise ValueError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
         return out.train(model.training)
 
@@ -270,11 +381,31 @@ class MemoryWorldModel(WorldModel):
 
     # ----------------------------------------------------------------------- memory contents
 
-    def positions(self, obs: Tensor) -> Tensor:
+    def positions(self, obs: Tensor, *, rounded: bool = True) -> Tensor:
         """Agents' position keys from observations [..., N, D] -> [..., N, P] (rounded to the
-        grid with ``round_positions``)."""
-        cfg = self.memory_cfg
-        keys = []
+        grid with ``round_positions``, unless ``rounded`` is False)."""
+        keys = [obs[..., i, start : start + self.memory_cfg.key_dim]
+                for i, start in enumerate(self.position_starts())]  # fmt: skip
+        pos = torch.stack(keys, dim=-2)  # [..., N, P]
+        return pos.round() if self.memory_cfg.round_positions and rounded else pos
+
+    def situations(self, obs: Tensor) -> Tensor:
+        """Transition-memory keys [..., N, P * N] from observations [..., N, D]: each agent's
+        cell, then every other agent's offset from it when it is adjacent (|offset| <= 1 per
+        key dim, i.e. it may block or be blocked) and a far sentinel otherwise, so a remembered
+        move is only reused when the neighbourhood's occupancy is the same."""
+        pos = self.positions(obs)  # [..., N, P]
+        n = pos.shape[-2]
+        parts = [pos]
+        for shift in range(1, n):
+            other = pos.roll(-shift, dims=-2) - pos  # [..., N, P] the agent `shift` further on
+            near = (other.abs().amax(-1, keepdim=True) <= 1.0).to(pos.dtype)
+            parts.append(other * near + _FAR * (1 - near))
+        return torch.cat(parts, -1)
+
+    def position_starts(self) -> list[int]:
+        """Index of each agent's first position feature in its observation."""
+        cfg, starts = self.memory_cfg, []
         for i, dim in enumerate(self.spec.obs_dims):
             start = cfg.position_offset % dim if cfg.position_offset < 0 else cfg.position_offset
             if start + cfg.key_dim > dim:
@@ -282,9 +413,8 @@ class MemoryWorldModel(WorldModel):
                     f"config field `memory.position_offset` = {cfg.position_offset} with "
                     f"key_dim {cfg.key_dim} leaves agent {i}'s observation ({dim} features)"
                 )
-            keys.append(obs[..., i, start : start + cfg.key_dim])
-        pos = torch.stack(keys, dim=-2)  # [..., N, P]
-        return pos.round() if cfg.round_positions else pos
+            starts.append(start)
+        return starts
 
     @property
     def recent_gap(self) -> int:
@@ -364,12 +494,21 @@ class MemoryWorldModel(WorldModel):
             obs_new, steps_new = obs[1:], steps[1:]
         else:
             obs_new, steps_new = obs, steps
-        self._spatial_store(episode_id).add(self.positions(obs_new), obs_new, steps_new)
+        store = self._spatial_store(episode_id)
+        store.add(self.positions(obs_new), obs_new, steps_new)
+        if action.shape[0] > 0:
+            store.add_transitions(self.situations(obs[:-1]), action, obs[1:], steps[1:])
         if not (finetune and self.memory_cfg.long_term and action.shape[0] > 0):
             return {}
         cond, x0 = self.denoiser_pairs(obs, action)
         with torch.enable_grad():
-            return self.memory_store().finetune_pairs(episode_id, x0, cond, generator=generator)
+            return self.memory_store().finetune_pairs(
+                episode_id,
+                x0,
+                cond,
+                generator=generator,
+                validation=self.memory_cfg.lora_validation,
+            )
 
     def _spatial_store(self, episode_id: str) -> EpisodeSpatialStore:
         stores, cfg = self.spatial_stores, self.memory_cfg
@@ -436,7 +575,9 @@ class MemoryWorldModel(WorldModel):
                 state, action, sampler=sampler, noise_scale=noise_scale, generator=generator
             )
         step = state.step if state.step is not None else torch.zeros(len(ids), dtype=torch.long)
-        self._context = _SampleContext(ids, self._retrievals(state.current_obs, ids, step))
+        current = state.current_obs
+        retrieved = self._retrievals(current, ids, step)
+        self._context = _SampleContext(ids, retrieved, current, step, action)
         try:
             out, new_state = super().transition(
                 state, action, sampler=sampler, noise_scale=noise_scale, generator=generator
@@ -448,7 +589,7 @@ class MemoryWorldModel(WorldModel):
     def _retrievals(self, current: Tensor, ids: list[str | None], step: Tensor) -> Tensor | None:
         """Entries [B, N, k, D + P + 1] near each agent's current position (normalised, relative
         to the current observation), or None when the spatial expert is off."""
-        if not self.memory_cfg.spatial:
+        if not self.memory_cfg.spatial or self.memory_cfg.spatial_mode != "adapter":
             return None
         return self._gather_retrievals(current, ids, step)
 
@@ -495,16 +636,43 @@ class MemoryWorldModel(WorldModel):
         if self._context is None:
             return super()._sample_delta(cond, sampler, noise_scale, generator)
         ctx = self._context
-        offset = None
+        offset = fusion = None
         if ctx.spatial_entries is not None:
             offset = self.spatial_adapter(ctx.spatial_entries, cond)  # [B, C]
-        predict_fn = self.composed_predict_fn(ctx.episode_ids, offset)
+        if self.memory_cfg.spatial and self.memory_cfg.spatial_mode == "retrieval":
+            fusion = self.fusion_inputs(ctx.episode_ids, ctx.current, ctx.step, ctx.action, cond)
+        predict_fn = self.composed_predict_fn(ctx.episode_ids, offset, fusion)
         return super()._sample_delta(cond, sampler, noise_scale, generator, predict_fn)
 
-    def composed_predict_fn(self, episode_ids: list[str | None], spatial_offset: Tensor | None):
+    def fusion_inputs(
+        self,
+        episode_ids: list[str | None],
+        current: Tensor,
+        step: Tensor,
+        action: Tensor,
+        cond: Tensor,
+    ) -> _Fusion:
+        """What the retrieval spatial expert needs at one imagined step (cond [B, C]),
+        including memory's answers (looked up once: they do not depend on x_t)."""
+        x = self.denoiser.x_dim
+        mean = cond.new_zeros(cond.shape[0], x)
+        if self.config.diffusion_target != "delta":
+            mean = self.mean_head(cond).float()
+        r_std = cond.new_ones(cond.shape[0], x)
+        if self.scale_head is not None:
+            r_std = self._residual_std(self.scale_head(cond).float())
+        value, hit = self.transition_lookup(episode_ids, self.situations(current), action, step)
+        return _Fusion(list(episode_ids), current, step, action, mean, r_std, value, hit)
+
+    def composed_predict_fn(
+        self,
+        episode_ids: list[str | None],
+        spatial_offset: Tensor | None,
+        fusion: _Fusion | None = None,
+    ):
         """predict_fn(x_t [B, X], t [B], cond [B, C]) -> the PoCE composition [B, X]."""
         return lambda x_t, t, cond: self.compose(
-            self.expert_predictions(x_t, t, cond, episode_ids, spatial_offset)
+            self.expert_predictions(x_t, t, cond, episode_ids, spatial_offset, fusion)
         )
 
     def expert_predictions(
@@ -514,12 +682,16 @@ class MemoryWorldModel(WorldModel):
         cond: Tensor,
         episode_ids: Sequence[str | None],
         spatial_offset: Tensor | None,
+        fusion: _Fusion | None = None,
     ) -> dict[str, tuple[Tensor, Tensor]]:
-        """{expert: (eps^c [B, X], eps^u [B, X])} of the enabled experts (short, long, spatial)."""
+        """{expert: (eps^c [B, X], eps^u [B, X])} of the enabled experts (short, long, spatial).
+        The spatial expert is the adapter's cond + g(R, cond) pass ('adapter' mode) or the
+        short-term prediction fused with the cells' memory (``fusion``, 'retrieval' mode)."""
         cfg, b = self.memory_cfg, x_t.shape[0]
         null_needed = cfg.short_term and cfg.alpha_short != 1.0
+        adapter = cfg.spatial and cfg.spatial_mode == "adapter"
         conds = [cond]
-        if cfg.spatial:
+        if adapter:
             conds.append(cond + (spatial_offset if spatial_offset is not None else 0.0))
         if null_needed:
             conds.append(torch.zeros_like(cond))
@@ -532,9 +704,133 @@ class MemoryWorldModel(WorldModel):
         if cfg.long_term:
             long = self.memory_store().predict(x_t, t, cond, list(episode_ids))
             out["long"] = (long, f_ctx)
-        if cfg.spatial:
+        if adapter:
             out["spatial"] = (preds[1], f_ctx)
+        elif cfg.spatial:
+            fused = f_ctx if fusion is None else self.fused_prediction(x_t, t, f_ctx, fusion)
+            out["spatial"] = (fused, f_ctx)
         return out
+
+    # ----------------------------------------------------------------------- retrieval expert
+
+    def fused_prediction(self, x_t: Tensor, t: Tensor, pred: Tensor, fz: _Fusion) -> Tensor:
+        """The retrieval spatial expert's eps^c [B, X]: the short-term prediction ``pred``
+        with its x0 estimate moved to the product of two Gaussians over the next observation,
+        then turned back into a prediction (in the diffusion target space: x0 is the scaled
+        residual). One Gaussian is the short-term expert's (its estimate, variance (r
+        delta_std)^2 from the scale head, per state and feature); the other, for each agent
+        whose memory holds a real transition from its current cell with its current action,
+        is the observation that followed it (variance ``spatial_fusion.mse``, measured on real
+        episodes). A cell/action pair memory never saw adds nothing (eps^c = eps^u)."""
+        if not bool(fz.hit.any()):
+            return pred
+        x0 = self._x0_from_prediction(pred, x_t, t)  # [B, X]
+        b, (n, d) = x0.shape[0], self.obs_mask.shape
+        o_hat = fz.current + (x0 * fz.r_std + fz.mean).view(b, n, d) * self.delta_std
+        o_hat = o_hat + self.delta_mean  # [B, N, D] the short-term next observation
+        weight = fz.hit[..., None] * self.fusion_weight(fz)  # [B, N, D]
+        if not bool((weight > 0).any()):  # memory trusted nowhere: exactly eps^u
+            return pred
+        pull = weight * (fz.value - o_hat)  # [B, N, D]
+        fused = x0 + (pull / self.delta_std * self.obs_mask).flatten(1) / fz.r_std
+        return self._prediction_from_x0(fused, x_t, t)
+
+    def fusion_weight(self, fz: _Fusion) -> Tensor:
+        """[B, N, D] weight of memory against the short-term expert: var_s / (var_s + mse)."""
+        b, (n, d) = fz.r_std.shape[0], self.obs_mask.shape
+        var_s = (fz.r_std.view(b, n, d) * self.delta_std).pow(2)  # raw units
+        return var_s / (var_s + self.spatial_fusion.mse.clamp_min(1e-8))
+
+    def transition_lookup(
+        self, episode_ids: Sequence[str | None], cells: Tensor, action: Tensor, step: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """cells [B, N, P], encoded actions [B, N, A] -> (the real next observation after
+        that action on that cell in each row's episode memory, among transitions ending
+        before ``step - recent_gap`` [B, N, D]; hit [B, N] bool)."""
+        b, n = cells.shape[:2]
+        value = cells.new_zeros(b, n, self.spec.obs_dim)
+        hit = torch.zeros(b, n, dtype=torch.bool, device=cells.device)
+        for row, episode_id in enumerate(episode_ids):
+            store = self.spatial_stores.get(episode_id) if episode_id is not None else None
+            if store is not None:
+                before = int(step[row]) - self.recent_gap
+                value[row], hit[row] = store.lookup_transition(cells[row], action[row], before)
+        return value, hit
+
+    def _alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """x_t = a x0 + s eps at scheduler time t [B] -> (a, s) [B, 1]."""
+        dcfg = self.config.diffusion
+        if dcfg.objective == "flow":
+            sigma = (t / dcfg.num_train_timesteps).clamp(1e-4, 1.0)[:, None]
+            return 1.0 - sigma, sigma
+        abar = self.denoiser.scheduler.alphas_cumprod.to(t.device)[t.long()][:, None].float()
+        return abar.sqrt(), (1.0 - abar).sqrt().clamp_min(1e-4)
+
+    def _x0_from_prediction(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        a, s = self._alpha_sigma(t)
+        objective = self.config.diffusion.objective
+        if objective == "flow":  # v = eps - x0, x_t = (1 - s) x0 + s eps
+            return x_t - s * pred
+        if objective == "eps":
+            return (x_t - s * pred) / a.clamp_min(1e-4)
+        return a * x_t - s * pred  # v = a eps - s x0
+
+    def _prediction_from_x0(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        a, s = self._alpha_sigma(t)
+        objective = self.config.diffusion.objective
+        if objective == "flow":
+            return (x_t - x0) / s
+        eps = (x_t - a * x0) / s
+        return eps if objective == "eps" else a * eps - s * x0
+
+    @torch.no_grad()
+    def fit_spatial(
+        self,
+        episodes: Sequence[tuple[Any, Any]],
+        *,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        writer=None,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Fit the spatial expert on real episodes [(obs [L+1, N, D], actions), ...] (not the
+        ones it is evaluated on).
+
+        'retrieval': measures the memory's error exactly as imagination uses it: replaying
+        each episode, at every step the transition memory (of that episode, before the short
+        context) is asked what follows the agent's action on its cell; the mean square error
+        of that answer against the real next observation, per agent and feature, becomes
+        ``spatial_fusion.mse`` (inf where memory never answered). Real data only, no model in
+        the loop. 'adapter': trains the adapter (``train_spatial_adapter``). Returns {"hits":
+        (step, agent) answers used, "losses": adapter losses}."""
+        losses: list[float] = []
+        if self.memory_cfg.spatial_mode == "adapter":
+            with torch.enable_grad():
+                losses = self.train_spatial_adapter(
+                    episodes, steps=steps, generator=generator, writer=writer, progress=progress
+                )
+            return {"hits": 0, "losses": losses}
+        err = torch.zeros_like(self.spatial_fusion.mse)  # [N, D] sum (m - y)^2 on hits
+        hits = torch.zeros(self.spec.n_agents, device=err.device)  # [N]
+        for obs, action in episodes:
+            obs = self._tensor(obs).float()  # [L+1, N, D]
+            action = self._encode_action(action, (obs.shape[0] - 1,))
+            store = EpisodeSpatialStore(
+                obs.shape[1], obs.shape[2], self.memory_cfg.key_dim,
+                self.memory_cfg.spatial_capacity, obs.device,
+            )  # fmt: skip
+            pos = self.situations(obs)  # [L+1, N, S]
+            ends = torch.arange(1, obs.shape[0], device=obs.device)  # steps of o_{t+1}
+            store.add_transitions(pos[:-1], action, obs[1:], ends)
+            for t in range(action.shape[0]):  # o_{t+1} imagined from o_t: memory <= t - gap
+                value, hit = store.lookup_transition(pos[t], action[t], t - self.recent_gap)
+                err += (value - obs[t + 1]).pow(2) * hit[:, None]
+                hits += hit
+        mse = err / hits.clamp_min(1)[:, None]
+        ok = (hits[:, None] > 0) & self.obs_mask.bool()
+        self.spatial_fusion.mse.copy_(torch.where(ok, mse, torch.inf))
+        self.spatial_fusion.hits.fill_(int(hits.sum()))
+        return {"hits": int(hits.sum()), "losses": losses}
 
     def compose(self, experts: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
         """PoCE of expert predictions (see :mod:`.compose`). With the short-term expert off,
@@ -679,6 +975,9 @@ class MemoryWorldModel(WorldModel):
             for p in frozen:
                 p.requires_grad_(True)
         return losses
+
+
+_MEMORY_PREFIXES = ("spatial_adapter.", "spatial_fusion.")
 
 
 def _fields(state: WorldModelState) -> dict[str, Any]:
