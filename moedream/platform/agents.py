@@ -72,7 +72,15 @@ class ImaginationConfig(ConfigBase):
     horizon: int = 10
     """Steps per imagined rollout."""
     imagined_ratio: float = 1.0
-    """Imagined env steps requested per real env step, each iteration."""
+    """Imagined env steps requested per real env step, per imagination round (the total per
+    real step is imagined_ratio * updates)."""
+    updates: int = 1
+    """PPO updates per real batch that learn from imagination: the first on real + imagined
+    episodes, each further one on freshly imagined episodes under the just-updated planner
+    (many policy updates per real step: the model-based lever). 1 = one mixed update."""
+    start_iteration: int = 0
+    """Iterations before this one (0-based) update on real episodes only, while the world
+    model already observes (and retrains on) them."""
     world_model_retrain_every: int = 0
     """Retrain the world model every this many iterations (0 = never)."""
     gate: bool = True
@@ -89,6 +97,21 @@ class ImaginationConfig(ConfigBase):
         check_choice(f"{prefix}provider", self.provider, PROVIDERS)
         check(self.horizon > 0, f"{prefix}horizon", self.horizon, "must be an integer > 0")
         check_positive(f"{prefix}imagined_ratio", self.imagined_ratio, allow_zero=not self.enabled)
+        check(
+            isinstance(self.updates, int) and not isinstance(self.updates, bool)
+            and self.updates >= 1,
+            f"{prefix}updates",
+            self.updates,
+            "must be an integer >= 1 (PPO updates per real batch using imagination; 1 = one "
+            "update on real + imagined episodes)",
+        )  # fmt: skip
+        check(
+            isinstance(self.start_iteration, int) and not isinstance(self.start_iteration, bool)
+            and self.start_iteration >= 0,
+            f"{prefix}start_iteration",
+            self.start_iteration,
+            "must be an integer >= 0 (0 = imagine from the first iteration)",
+        )  # fmt: skip
         check(
             self.world_model_retrain_every >= 0,
             f"{prefix}world_model_retrain_every",
@@ -280,6 +303,8 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
             imagination=im.enabled,
             imagination_horizon=im.horizon,
             imagined_ratio=im.imagined_ratio,
+            imagination_updates=im.updates,
+            imagination_start_iteration=im.start_iteration,
             world_model_retrain_every=im.world_model_retrain_every,
             gate=im.gate,
             serve_app_name=im.serve_app_name,

@@ -10,6 +10,10 @@
 - ``gate``: the trajectories go to the central gate actor (``judge_and_refine``); REFINE rows
   are re-imagined by the gate through the same deployment with shrunk noise, and the final
   (possibly re-imagined) rows come back with the verdicts;
+- ``evaluate``: before they are stored, every iteration's NEW real episodes (held out: the
+  served model has never seen them) score the model's one-step predictions with real context
+  and real actions: reward MAE (beside a constant predictor's), reward correlation, and the
+  next-observation error relative to a "nothing changes" predictor (``provider/wm_eval_*``);
 - ``observe``: every iteration's real episodes go to a bounded in-memory store
   (moedream.platform.retrain.RealEpisodeStore; optionally also Parquet shards);
 - ``retrain``: on MBMAPPO's ``world_model_retrain_every`` schedule, the served checkpoint is
@@ -87,6 +91,9 @@ class ServedWorldModelImaginerFactory(ConfigBase):
     """How long to wait for the deployment to serve a new checkpoint."""
     progress: bool = False
     """tqdm bar during the fine-tune (a one-line log is written either way)."""
+    eval_rows: int = 256
+    """Held-out one-step predictions scored on each iteration's new real episodes before they
+    are stored (provider/wm_eval_* metrics); 0 = do not score."""
 
     def __post_init__(self) -> None:
         self.validate(f"{type(self).__name__}.")
@@ -101,7 +108,7 @@ class ServedWorldModelImaginerFactory(ConfigBase):
         for name in ("max_rows", "store_max_steps", "retrain_steps", "retrain_batch_size"):
             value = getattr(self, name)
             check(_is_int(value) and value > 0, f"{prefix}{name}", value, "must be an integer > 0")
-        for name in ("retrain_warmup", "retrain_window"):
+        for name in ("retrain_warmup", "retrain_window", "eval_rows"):
             value = getattr(self, name)
             check(_is_int(value) and value >= 0, f"{prefix}{name}", value,
                   "must be an integer >= 0")  # fmt: skip
@@ -164,6 +171,7 @@ class ServedWorldModelImaginer:
         self._restored = False  # set_state gave a checkpoint that may not be served yet
         self._base_windows: dict[str, np.ndarray] | None = None
         self._skipped_episodes = 0
+        self._eval_window: int | None = None
         ensure_log_handler()
 
     # -------------------------------------------------------------------------- imagine
@@ -249,6 +257,72 @@ class ServedWorldModelImaginer:
             rejected=int(np.sum(~keep)),
             trajectories=result.trajectories,
         )
+
+    # ------------------------------------------------------------------------ evaluate
+
+    def evaluate(self, episodes: list[Any]) -> dict[str, float]:
+        """Score the served model's one-step predictions on the NEW real episodes (call before
+        ``observe``): teacher-forced, with up to ``context`` real steps before each predicted
+        step and the real action. Returns (and logs as provider metrics) wm_eval_*."""
+        rows = self.factory.eval_rows
+        if not rows:
+            return {}
+        converted = []
+        for episode in episodes:
+            try:
+                converted.append(episode_from_rllib(episode, self.spec))
+            except ValueError:
+                continue
+        windows = eval_windows(converted, self.spec, self._eval_context(), rows, self._eval_rng())
+        if windows is None:
+            return {}
+        from ray import serve
+
+        self._ensure_restored()
+        handle = serve.get_deployment_handle(
+            self.factory.deployment_name, app_name=self.factory.app_name
+        )
+        t = windows["action"].shape[1]  # context steps + the predicted one
+        seed = (self._seed * 7_777 + self._calls) % 2**31
+        replies = []
+        for rows in _row_chunks(len(windows["obs"]), self.factory.max_rows):
+            request = {
+                "start_obs": windows["obs"][rows, t - 1],
+                "actions": windows["action"][rows, t - 1 : t],  # the real action
+                "horizon": 1,
+                "seed": seed,
+            }
+            if t > 1:  # the real steps before it are the model's context
+                request["context"] = {
+                    "obs": windows["obs"][rows, : t - 1],
+                    "actions": windows["action"][rows, : t - 1],
+                }
+            replies.append(handle.imagine.remote(request))
+        out = _concat_replies([r.result() for r in replies])
+        scores = prediction_scores(
+            pred_obs=out["obs"][:, 1],
+            pred_reward=out["reward"][:, 0, 0],
+            obs=windows["obs"][:, t - 1],
+            next_obs=windows["obs"][:, t],
+            reward=windows["reward"][:, t - 1, 0],
+        )
+        self._last.update(scores)
+        return scores
+
+    def _eval_context(self) -> int:
+        if self.factory.retrain_window:
+            return self.factory.retrain_window
+        if self._eval_window is None:
+            try:
+                info = served_checkpoint(self.factory.app_name, self.factory.deployment_name)
+                model = WorldModel.load(info["path"], map_location="cpu")
+                self._eval_window = int(model.config.backbone.max_context)
+            except Exception:  # noqa: BLE001 - no path to read: a short context is still fair
+                self._eval_window = 8
+        return self._eval_window
+
+    def _eval_rng(self) -> np.random.Generator:
+        return np.random.default_rng((self._seed * 104_729 + self._calls) % 2**31)
 
     # ------------------------------------------------------------------ observe / retrain
 
@@ -549,6 +623,68 @@ def _wait_served(app_name: str, deployment_name: str, expected: str, timeout_s: 
         f"{expected} within swap_timeout_s = {timeout_s} s (last seen: {last}); raise "
         "ServedWorldModelImaginerFactory.swap_timeout_s or check `serve status`"
     )
+
+
+def eval_windows(
+    episodes: list[Any], spec: EnvSpec, window: int, rows: int, rng: np.random.Generator
+) -> dict[str, np.ndarray] | None:
+    """Up to ``rows`` random windows of ``window`` steps (shorter where the episodes are
+    shorter, at least 1) from ``episodes`` (moedream.data Episodes): the last step of each is
+    the one to predict, the earlier ones its context. None if no episode has a step."""
+    lengths = np.array([ep.length for ep in episodes], dtype=np.int64)
+    if not lengths.size or lengths.max() < 1:
+        return None
+    window = int(max(1, min(window, lengths.max())))
+    usable = [ep for ep in episodes if ep.length >= window]
+    starts = [(k, s) for k, ep in enumerate(usable) for s in range(ep.length - window + 1)]
+    picks = rng.choice(len(starts), size=min(rows, len(starts)), replace=False)
+    obs, action, reward = [], [], []
+    for i in picks:
+        k, s = starts[int(i)]
+        ep = usable[k]
+        obs.append(ep.obs[s : s + window + 1])
+        action.append(spec.encode_actions(ep.action[s : s + window]))
+        reward.append(ep.reward[s : s + window])
+    return {
+        "obs": np.asarray(obs, dtype=np.float32),  # [M, T+1, N, D]
+        "action": np.asarray(action, dtype=np.float32),  # [M, T, N, A]
+        "reward": np.asarray(reward, dtype=np.float32),  # [M, T, N]
+    }
+
+
+def prediction_scores(
+    *,
+    pred_obs: np.ndarray,
+    pred_reward: np.ndarray,
+    obs: np.ndarray,
+    next_obs: np.ndarray,
+    reward: np.ndarray,
+) -> dict[str, float]:
+    """One-step prediction quality against real outcomes (rows M; obs [M, N, D], rewards [M]).
+
+    wm_eval_reward_mae vs wm_eval_reward_mae_const (predicting the batch's mean reward: a model
+    that does not beat it has learnt nothing about reward), wm_eval_reward_corr (Pearson; NaN
+    when either side is constant), wm_eval_obs_rel_err = RMS(pred - next) / RMS(next - obs)
+    (< 1: better than predicting no change), wm_eval_rows.
+    """
+    pred_reward = np.asarray(pred_reward, dtype=np.float64).reshape(-1)
+    reward = np.asarray(reward, dtype=np.float64).reshape(-1)
+    mae = float(np.mean(np.abs(pred_reward - reward)))
+    const = float(np.mean(np.abs(reward - reward.mean())))
+    corr = (
+        float(np.corrcoef(pred_reward, reward)[0, 1])
+        if pred_reward.std() > 1e-9 and reward.std() > 1e-9
+        else float("nan")
+    )
+    change = float(np.sqrt(np.mean((np.asarray(next_obs) - np.asarray(obs)) ** 2)))
+    err = float(np.sqrt(np.mean((np.asarray(pred_obs) - np.asarray(next_obs)) ** 2)))
+    return {
+        "wm_eval_reward_mae": mae,
+        "wm_eval_reward_mae_const": const,
+        "wm_eval_reward_corr": corr,
+        "wm_eval_obs_rel_err": err / change if change > 0 else float("nan"),
+        "wm_eval_rows": float(reward.size),
+    }
 
 
 def _row_chunks(n: int, size: int) -> list[slice]:

@@ -7,6 +7,10 @@
    current planner (``imagine``), keep what the gate approves (``gate``), and turn the kept
    trajectories into episodes (:func:`build_imagined_episodes`);
 3. one PPO update on real + kept imagined episodes (``learner_group.update(episodes=...)``);
+3b. with ``imagination_updates`` = K > 1: K - 1 more rounds of (imagine under the UPDATED
+   planner from real start states -> gate -> PPO update on the kept imagined episodes only),
+   the Dyna/ME-TRPO lever: many policy updates per real step, each on fresh on-policy
+   imagined data (real episodes are never reused: after an update they are off-policy);
 4. sync ALL modules (perceiver and reflector have no loss of their own, so PPO's
    "modules in the learner results" would miss them) to the env runners.
 
@@ -116,6 +120,8 @@ class MBMAPPOConfig(PPOConfig):
         self.imagination = False
         self.imagination_horizon = 10
         self.imagined_ratio = 1.0
+        self.imagination_updates = 1
+        self.imagination_start_iteration = 0
         self.world_model_retrain_every = 0
         self.gate = True
         self.serve_app_name = "world_model"
@@ -132,6 +138,8 @@ class MBMAPPOConfig(PPOConfig):
         imagination: bool | None = NotProvided,
         imagination_horizon: int | None = NotProvided,
         imagined_ratio: float | None = NotProvided,
+        imagination_updates: int | None = NotProvided,
+        imagination_start_iteration: int | None = NotProvided,
         world_model_retrain_every: int | None = NotProvided,
         gate: bool | None = NotProvided,
         serve_app_name: str | None = NotProvided,
@@ -147,7 +155,14 @@ class MBMAPPOConfig(PPOConfig):
         Args:
             imagination: learn from imagined rollouts too (False = model-free MAPPO).
             imagination_horizon: steps per imagined rollout (H).
-            imagined_ratio: imagined env steps per real env step requested each iteration.
+            imagined_ratio: imagined env steps per real env step requested per imagination
+                round (total imagined per real step = imagined_ratio * imagination_updates).
+            imagination_updates: PPO updates per real batch that learn from imagination (K):
+                the first on real + imagined episodes, the K - 1 others each on freshly
+                imagined episodes under the just-updated planner (1 = one mixed update).
+            imagination_start_iteration: iterations (0-based) before this one are model-free
+                updates (the provider still observes the real episodes and retrains on
+                schedule), e.g. to let the world model first fit the agents' own data.
             world_model_retrain_every: call the provider's ``retrain`` every this many
                 iterations (0 = never).
             gate: drop the trajectories the provider's gate does not keep.
@@ -195,6 +210,19 @@ class MBMAPPOConfig(PPOConfig):
             "must be a number >= 0 (imagined:real steps)",
         )
         _check(
+            _is_int(self.imagination_updates) and self.imagination_updates >= 1,
+            "imagination_updates",
+            self.imagination_updates,
+            "must be an integer >= 1 (PPO updates per real batch that use imagination; 1 = "
+            "one update on real + imagined episodes)",
+        )
+        _check(
+            _is_int(self.imagination_start_iteration) and self.imagination_start_iteration >= 0,
+            "imagination_start_iteration",
+            self.imagination_start_iteration,
+            "must be an integer >= 0 (0 = imagine from the first iteration)",
+        )
+        _check(
             isinstance(self.world_model_retrain_every, int) and self.world_model_retrain_every >= 0,
             "world_model_retrain_every",
             self.world_model_retrain_every,
@@ -231,6 +259,10 @@ class MBMAPPOConfig(PPOConfig):
         return EnvSpec.from_json(self.env_spec_json)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"MBMAPPOConfig field `{field}` = {value!r} is invalid: {allowed}")
@@ -265,6 +297,7 @@ class MBMAPPO(PPO):
         self.provider = None
         self._imagination_module = None
         self._rng = np.random.default_rng(self.config.seed)
+        self._gate_counts = {"approve": 0, "refine": 0, "reject": 0}
         if self.config.imagination:
             self.provider = self.config.imagination_provider(self.config)
             spec = self.config.get_multi_rl_module_spec(
@@ -277,10 +310,30 @@ class MBMAPPO(PPO):
         episodes = self._sample_real()
         if not episodes:
             return
-        imagined = self._imagine(episodes) if self.config.imagination else []
+        cfg = self.config
+        imagined, rounds = [], 0
+        self._gate_counts = {"approve": 0, "refine": 0, "reject": 0}
+        if cfg.imagination:
+            self._prepare_imagination(episodes)
+            if self.iteration >= cfg.imagination_start_iteration:
+                rounds = cfg.imagination_updates
+                imagined = self._imagine(episodes)
+        self._update(episodes + imagined)
+        for _ in range(1, rounds):  # more updates, each on fresh imagination under the new policy
+            imagined = self._imagine(episodes)
+            if imagined:
+                self._update(imagined)
+        self.metrics.log_value((METRICS, "imagination_rounds"), rounds, window=1)
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(
+                from_worker_or_learner_group=self.learner_group, policies=None, inference_only=True
+            )
+
+    def _update(self, episodes: list) -> None:
+        """One PPO update (num_epochs x minibatches) on ``episodes``."""
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
             learner_results = self.learner_group.update(
-                episodes=episodes + imagined,
+                episodes=episodes,
                 timesteps={
                     NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
                         (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME)
@@ -294,10 +347,6 @@ class MBMAPPO(PPO):
                 shuffle_batch_per_epoch=self.config.shuffle_batch_per_epoch,
             )
             self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
-        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
-            self.env_runner_group.sync_weights(
-                from_worker_or_learner_group=self.learner_group, policies=None, inference_only=True
-            )
 
     def _sample_real(self) -> list:
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
@@ -320,15 +369,24 @@ class MBMAPPO(PPO):
         self._log_counts(real_env_steps=real_steps)
         return episodes
 
-    def _imagine(self, episodes: list) -> list:
-        """Real episodes -> kept imagined episodes (and the imagination metrics)."""
-        cfg, spec = self.config, self.config.env_spec
+    def _prepare_imagination(self, episodes: list) -> None:
+        """Once per iteration, before any imagination: the provider scores its model on the
+        NEW real episodes (held out: it has not seen them), stores them, and retrains on
+        schedule."""
+        cfg = self.config
+        if hasattr(self.provider, "evaluate"):
+            self.provider.evaluate(episodes)
         if hasattr(self.provider, "observe"):
             self.provider.observe(episodes)
         every = cfg.world_model_retrain_every  # after every `every` iterations of new data
         if every and (self.iteration + 1) % every == 0:
             if hasattr(self.provider, "retrain"):
                 self.provider.retrain(self.iteration)
+
+    def _imagine(self, episodes: list) -> list:
+        """One imagination round: real episodes -> kept imagined episodes under the CURRENT
+        planner (and the imagination metrics; counts are summed over the iteration's rounds)."""
+        cfg, spec = self.config, self.config.env_spec
         self._refresh_imagination_module()
         real_steps = sum(e.env_steps() for e in episodes)
         n = max(1, math.ceil(cfg.imagined_ratio * real_steps / cfg.imagination_horizon))
@@ -355,14 +413,24 @@ class MBMAPPO(PPO):
             else []
         )
         self._log_counts(imagined_env_steps=sum(e.env_steps() for e in imagined))
-        total = max(1, decision.approved + decision.refined + decision.rejected)
+        counts = self._gate_counts  # reset by training_step every iteration
         for name, count in (
             ("approve", decision.approved),
             ("refine", decision.refined),
             ("reject", decision.rejected),
         ):
-            self.metrics.log_value((METRICS, f"gate_{name}_rate"), count / total, window=1)
+            counts[name] += count
             self.metrics.log_value((METRICS, f"gate_{name}_total"), count, reduce="lifetime_sum")
+        total = max(1, counts["approve"] + counts["refine"] + counts["reject"])
+        for name in ("approve", "refine", "reject"):  # over the iteration's rounds so far
+            self.metrics.log_value((METRICS, f"gate_{name}_rate"), counts[name] / total, window=1)
+        if kept.batch_size:  # what the learner sees: per-step team reward, imagined vs real
+            self.metrics.log_value(
+                (METRICS, "imagined_reward_per_step"), float(np.mean(kept.reward[..., 0])), window=1
+            )
+        self.metrics.log_value(
+            (METRICS, "real_reward_per_step"), _team_reward_per_step(episodes, spec), window=1
+        )
         if hasattr(self.provider, "metrics"):  # e.g. world-model loss, refine tries
             for key, value in self.provider.metrics().items():
                 self.metrics.log_value((METRICS, f"provider_{key}"), float(value), window=1)
@@ -398,6 +466,17 @@ class MBMAPPO(PPO):
         super().set_state(state)
         if STATE_KEY in state and self.provider is not None and hasattr(self.provider, "set_state"):
             self.provider.set_state(state[STATE_KEY])
+
+
+def _team_reward_per_step(episodes: list, spec: EnvSpec) -> float:
+    """Mean per-step reward of the first agent (the team reward when it is shared)."""
+    first = spec.agent_ids[0]
+    rewards = [
+        np.asarray(e.agent_episodes[first].get_rewards(), dtype=np.float64)
+        for e in episodes
+        if first in e.agent_episodes and len(e.agent_episodes[first])
+    ]
+    return float(np.concatenate(rewards).mean()) if rewards else float("nan")
 
 
 def _weights_seq_no(episodes: list) -> int:

@@ -32,6 +32,9 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
         "gate/approve_rate": md.get("gate_approve_rate", np.nan),
         "gate/refine_rate": md.get("gate_refine_rate", np.nan),
         "gate/reject_rate": md.get("gate_reject_rate", np.nan),
+        "imagination/rounds": md.get("imagination_rounds", 0.0),
+        "imagination/imagined_reward_per_step": md.get("imagined_reward_per_step", np.nan),
+        "imagination/real_reward_per_step": md.get("real_reward_per_step", np.nan),
         "learner/imagined_agent_steps": learners.get(IMAGINED_STEPS_KEY, 0.0),
         "learner/real_agent_steps": learners.get(REAL_STEPS_KEY, np.nan),
     }

@@ -73,11 +73,18 @@ def test_config_errors_name_fields():
         tiny_config("overcooked", imagination={"enabled": True, "provider": "crystal_ball"})
     with pytest.raises(ConfigError, match="team.mode"):
         tiny_config("overcooked", team={"mode": "dream"})
+    with pytest.raises(ConfigError, match="imagination.updates"):
+        tiny_config("overcooked", imagination={"enabled": True, "updates": 0})
+    with pytest.raises(ConfigError, match="imagination.start_iteration"):
+        tiny_config("overcooked", imagination={"enabled": True, "start_iteration": -1})
     algo_config = build_algo_config(tiny_config("overcooked"), logdir_root="/tmp/unused")
     for field, value in [
         ("imagination_horizon", 0),
         ("imagined_ratio", -1.0),
         ("world_model_retrain_every", -2),
+        ("imagination_updates", 0),
+        ("imagination_updates", 2.5),
+        ("imagination_start_iteration", -1),
         ("serve_app_name", ""),
     ]:
         bad = algo_config.copy(copy_frozen=False).model_based(**{field: value})
@@ -162,6 +169,44 @@ def test_two_iterations_with_imagination_on_mamujoco(ray_cluster, storage_path):
     try:
         assert math.isfinite(history[-1]["charts/team_return"])
         assert math.isnan(history[-1]["charts/soups_per_episode"])  # no soups in MuJoCo
+    finally:
+        algo.stop()
+
+
+def test_imagination_rounds_update_on_fresh_imagination_only(ray_cluster, storage_path):
+    """imagination.updates = 3: per real batch, one real + imagined update and two updates on
+    freshly imagined episodes under the updated planner (real episodes learnt from once);
+    start_iteration = 1: the first iteration is a model-free update."""
+    from moedream.policies.metrics import iteration_metrics
+
+    cfg = tiny_config(
+        "overcooked",
+        imagination={"enabled": True, "horizon": 5, "imagined_ratio": 0.5, "updates": 3,
+                     "start_iteration": 1},
+    )  # fmt: skip
+    algo = build_algo_config(cfg, logdir_root=storage_path).build_algo()
+    try:
+        first = iteration_metrics(algo.train())
+        assert first["imagination/rounds"] == 0 and first["charts/imagined_env_steps_iter"] == 0
+        assert first["learner/real_agent_steps"] == 2 * 400
+        assert algo.provider.env_steps_taken == 0
+        before = module_weights(algo)
+        second = iteration_metrics(algo.train())
+        assert second["imagination/rounds"] == 3
+        # three rounds of 0.5 x 400 real steps at horizon 5, all kept by the stand-in's gate
+        assert second["charts/imagined_env_steps_iter"] == 3 * 200
+        assert algo.provider.env_steps_taken == 3 * 200  # each round imagined afresh
+        assert second["learner/imagined_agent_steps"] == 2 * 3 * 200
+        assert second["learner/real_agent_steps"] == 2 * 400  # the real batch, once
+        assert second["gate/approve_rate"] == 1.0
+        assert math.isfinite(second["imagination/imagined_reward_per_step"])
+        assert math.isfinite(second["imagination/real_reward_per_step"])
+        after = module_weights(algo)
+        # the env runner (the driver here) acts with the weights after the LAST round
+        runner = algo.env_runner.module.get_state()
+        for key, value in runner["planner"].items():
+            np.testing.assert_array_equal(np.asarray(value), after["planner"][key])
+        assert any(not np.array_equal(before["planner"][k], v) for k, v in after["planner"].items())
     finally:
         algo.stop()
 

@@ -13,6 +13,8 @@ from moedream.data import collect_episodes, read_episodes
 from moedream.platform.agents import AgentsConfig, build_algo_config
 from moedream.platform.model_based import (
     ServedWorldModelImaginerFactory,
+    eval_windows,
+    prediction_scores,
     push_checkpoint,
     served_checkpoint,
 )
@@ -126,6 +128,10 @@ def test_mbmappo_retrains_the_served_world_model_and_keeps_imagining(served_worl
         assert math.isfinite(md["provider_wm_retrain_loss"]) and md["provider_wm_retrain_loss"] > 0
         assert 0 < md["provider_wm_retrain_seconds"] < 600
         assert md["imagined_env_steps"] > 0
+        # held-out one-step scores of the served model on the iteration's new real episodes
+        assert md["provider_wm_eval_rows"] > 0
+        for key in ("reward_mae", "reward_mae_const", "obs_rel_err"):
+            assert math.isfinite(md[f"provider_wm_eval_{key}"]), key
     info = _retrain_info(paths[1])
     assert info["base_windows"] > 0 and info["new_windows"] > 0 and info["steps"] == 8
     assert info["source_checkpoint"] == str(paths[0])
@@ -163,3 +169,51 @@ def _retrain_info(weights) -> dict:
     import json
 
     return json.loads((weights.parent / "retrain.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# The held-out prediction scores (no cluster)
+
+
+def test_prediction_scores_tell_a_model_from_a_constant():
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(64, 2, 3))
+    next_obs = obs + rng.normal(size=obs.shape)
+    reward = rng.integers(0, 2, size=64).astype(np.float64) * 3.0
+    perfect = prediction_scores(
+        pred_obs=next_obs, pred_reward=reward, obs=obs, next_obs=next_obs, reward=reward
+    )
+    assert perfect["wm_eval_reward_mae"] == 0.0 and perfect["wm_eval_obs_rel_err"] == 0.0
+    assert perfect["wm_eval_reward_corr"] == pytest.approx(1.0)
+    assert perfect["wm_eval_reward_mae_const"] > 1.0 and perfect["wm_eval_rows"] == 64
+    # "nothing changes" and "the mean reward" score exactly rel. err 1 and the constant's MAE
+    const = prediction_scores(
+        pred_obs=obs, pred_reward=np.full(64, reward.mean()), obs=obs, next_obs=next_obs,
+        reward=reward,
+    )  # fmt: skip
+    assert const["wm_eval_obs_rel_err"] == pytest.approx(1.0)
+    assert const["wm_eval_reward_mae"] == pytest.approx(const["wm_eval_reward_mae_const"])
+    assert math.isnan(const["wm_eval_reward_corr"])  # a constant prediction has no correlation
+
+
+def test_eval_windows_end_on_the_step_to_predict():
+    from moedream.data.episodes import Episode
+    from moedream.envs import env_spec
+
+    spec = env_spec("overcooked", **ENV_OPTIONS)
+    length = 12
+    obs = np.arange(length + 1, dtype=np.float32)[:, None, None] * np.ones((1, 2, 96), np.float32)
+    episode = Episode("e", obs, np.zeros((length, 2), np.int64),
+                      np.arange(length, dtype=np.float32)[:, None].repeat(2, 1),
+                      np.zeros((length, 2), bool), np.zeros((length, 2), bool))  # fmt: skip
+    short = Episode("s", obs[:3], np.zeros((2, 2), np.int64), np.zeros((2, 2), np.float32),
+                    np.zeros((2, 2), bool), np.zeros((2, 2), bool))  # fmt: skip
+    w = eval_windows([episode, short], spec, 4, 100, np.random.default_rng(0))
+    assert w["obs"].shape == (length - 4 + 1, 5, 2, 96)  # every start of the long episode
+    assert w["action"].shape == (length - 4 + 1, 4, 2, 6)
+    # the reward of the predicted (last) step belongs to the transition obs[-2] -> obs[-1]
+    np.testing.assert_array_equal(w["reward"][:, -1, 0], w["obs"][:, -2, 0, 0])
+    assert len(eval_windows([episode], spec, 4, 3, np.random.default_rng(1))["obs"]) == 3
+    assert eval_windows([], spec, 4, 3, np.random.default_rng(0)) is None
+    # episodes shorter than the window: the window shrinks to the longest episode
+    assert eval_windows([short], spec, 8, 10, np.random.default_rng(0))["obs"].shape[1] == 3
