@@ -128,6 +128,11 @@ def measure_case(tokens: int, d_model: int, precision: str, args: Args) -> list[
     return rows
 
 
+def _span(rows: list[list], backend: str, precision: str) -> str:
+    ratios = [r[-1] for r in rows if r[3] == backend and r[2] == precision]
+    return f"{min(ratios):.2f}x - {max(ratios):.2f}x"
+
+
 def main() -> None:
     args = parse_args(Args, __doc__)
     torch.set_num_threads(args.threads)
@@ -152,16 +157,16 @@ def main() -> None:
                 for row in case:
                     print(" | ".join(str(v) for v in row), flush=True)
                 rows += case
-    native = [r[-1] for r in rows if r[3] == "native"]
-    buffer = [r[-1] for r in rows if r[3] == "native-buffer"]
-    deepspeed = [r[-1] for r in rows if r[3] == "deepspeed"]
+    summary = "; ".join(
+        f"{precision}: native {_span(rows, 'native', precision)} (goal >= 0.7x), padded capacity "
+        f"buffer {_span(rows, 'native-buffer', precision)}, DeepSpeed {_span(rows, 'deepspeed', precision)}"
+        for precision in precisions
+    )
     body = markdown_table(headers, rows) + (
         f"\n\n{args.num_experts} experts, top-{args.top_k}, capacity factor {args.capacity_factor}, "
         f"expert width {args.hidden_mult} x d_model; dense = one FFN of width top_k x d_hidden "
         f"(same active parameters). Best and median of {args.repeats} steps (backends interleaved) after {args.warmup} warm-up; ratios from the best times.\n"
-        f"Native MoE / dense: {min(native):.2f}x - {max(native):.2f}x (goal >= 0.7x); "
-        f"with the padded capacity buffer: {min(buffer):.2f}x - {max(buffer):.2f}x; "
-        f"DeepSpeed MoE / dense: {min(deepspeed):.2f}x - {max(deepspeed):.2f}x.\n"
+        f"MoE / dense tokens/s, {summary}.\n"
         + (
             f"bf16 autocast measured beside fp32 ({cpu_bf16_units() or 'forced with --bf16 on'})."
             if "bf16" in precisions
