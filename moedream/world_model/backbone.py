@@ -31,9 +31,11 @@ from moedream.world_model.moe import MoEConfig, MoEFeedForward, MoEStats
 class BackboneConfig(ConfigBase):
     num_layers: int = 2
     num_heads: int = 4
-    max_context: int = 16
+    max_context: int = 8
     """Longest context (time steps) the time embedding covers; longer inputs are rejected and
-    imagination keeps the last ``max_context`` steps."""
+    imagination keeps the last ``max_context`` steps. Train on windows of this length (the
+    trainer's ``window``): time embeddings past the training window get no gradient, so
+    imagined contexts longer than it are out of distribution."""
     dropout: float = 0.0
 
     def validate(self, prefix: str = "") -> None:

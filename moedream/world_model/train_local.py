@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -245,6 +246,19 @@ def sample_batch(
     return {k: windows[k][index] for k in WINDOW_KEYS}
 
 
+def warn_untrained_context(max_context: int, window: int) -> None:
+    """Imagination keeps up to ``max_context`` steps of context, but the time embeddings of
+    positions >= ``window`` are never trained: warn (it still trains) and say the fix."""
+    if window < max_context:
+        warnings.warn(
+            f"train.window ({window}) < model.backbone.max_context ({max_context}): time "
+            f"embeddings {window}..{max_context - 1} get no training, and imagination uses up to "
+            f"{max_context} steps of context; set backbone.max_context = {window} (or train on "
+            f"windows of {max_context})",
+            stacklevel=3,
+        )
+
+
 def fit(
     model: WorldModel,
     train_windows: dict[str, np.ndarray],
@@ -261,6 +275,7 @@ def fit(
 
     cfg.validate()
     _check_windows(train_windows, cfg, "training")
+    warn_untrained_context(model.config.backbone.max_context, cfg.window)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = model.obs_mean.device

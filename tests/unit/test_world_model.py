@@ -4,6 +4,7 @@ the local trainer and the CLI. Tiny models on fake or short real data; no Ray.""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -449,3 +450,13 @@ def test_cli_train_world_model_local(episode_dir, tmp_path):
                 "--local",
             ]
         )
+
+
+def test_training_on_windows_shorter_than_the_context_warns_with_the_fix():
+    from moedream.world_model.train_local import warn_untrained_context
+
+    with pytest.warns(UserWarning, match=r"set backbone.max_context = 8"):
+        warn_untrained_context(max_context=16, window=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_untrained_context(max_context=8, window=8)  # matched: silent

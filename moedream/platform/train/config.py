@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from moedream.config import ConfigBase, ConfigError, check, check_choice, check_positive
 from moedream.world_model.model import WorldModelConfig
-from moedream.world_model.train_local import TrainConfig
+from moedream.world_model.train_local import TrainConfig, warn_untrained_context
 
 ENGINES = ("native", "deepspeed")
 
@@ -98,6 +98,7 @@ class DistributedTrainConfig(ConfigBase):
         batch = self.train.batch_size
         check(batch % n == 0, f"{prefix}train.batch_size", batch,
               f"is the global batch and must be divisible by num_workers ({n})")  # fmt: skip
+        warn_untrained_context(self.model.backbone.max_context, self.train.window)
         check(self.train.window <= self.model.backbone.max_context, f"{prefix}train.window",
               self.train.window, f"must be <= model.backbone.max_context "
               f"({self.model.backbone.max_context})")  # fmt: skip
