@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moedream.config import ConfigError, check, check_choice, check_positive
+from moedream.config import ConfigError, check, check_choice, check_positive, check_positive_ints
 from moedream.envs.spec import EnvSpec
 from moedream.world_model.diffusion import Denoiser, DiffusionSampler
 from moedream.world_model.memory.compose import compose_predictions
@@ -144,15 +144,11 @@ class WorldModelMemoryConfig(MemoryConfig):
         check(ok, f"{prefix}recent_gap", gap, "must be null or an integer >= 0")
         check_choice(f"{prefix}adapter_data", self.adapter_data, ("imagined", "teacher_forced"))
         check_choice(f"{prefix}spatial_mode", self.spatial_mode, ("retrieval", "adapter"))
-        for name in (
-            "adapter_hidden",
-            "adapter_steps",
-            "adapter_batch_size",
-            "adapter_horizon",
-        ):
-            value = getattr(self, name)
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-            check(ok, f"{prefix}{name}", value, "must be an integer >= 1")
+        check_positive_ints(
+            self,
+            prefix,
+            ("adapter_hidden", "adapter_steps", "adapter_batch_size", "adapter_horizon"),
+        )
         check_positive(f"{prefix}adapter_lr", self.adapter_lr)
         ok = isinstance(self.lora_validation, (int, float)) and 0.0 <= self.lora_validation < 1
         check(ok, f"{prefix}lora_validation", self.lora_validation, "must be a number in [0, 1)")
