@@ -232,7 +232,10 @@ def fine_tune(
 
     Each batch of ``cfg.batch_size`` windows takes ``round(new_fraction * batch_size)`` (at
     least 1) from ``new_windows`` and the rest from ``base_windows`` (all from the new ones
-    when there are no base windows). The model's normalisation statistics are NOT refitted.
+    when there are no base windows). Before training, the imagined-observation support
+    widens to cover the new windows (``WorldModel.widen_support``) and the reward
+    statistics are refitted to all the windows with the heads rescaled to match
+    (``WorldModel.refit_reward_normalization``); the other statistics stay as trained.
     Returns ``loss_first`` / ``loss_last`` (means over the first / last tenth of the steps),
     ``loss`` (= loss_last), ``steps``, ``seconds``.
     """
@@ -243,6 +246,10 @@ def fine_tune(
         raise ValueError("fine_tune: no new windows; observe real episodes of >= window steps")
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
+    model.widen_support(new_windows)
+    model.refit_reward_normalization(
+        concat_windows([new_windows, base_windows]) if base_windows else new_windows
+    )
     n_new = cfg.batch_size
     if base_windows:
         n_new = min(cfg.batch_size, max(1, round(new_fraction * cfg.batch_size)))

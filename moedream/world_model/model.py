@@ -119,7 +119,11 @@ class WorldModelConfig(ConfigBase):
     """Lower bound of the predicted residual scale (normalised units): bounds the diffusion
     target when the scale head is over-confident."""
     norm_std_floor: float = 1e-3
-    """Lower bound of every normalisation std (constant features stay finite)."""
+    """Features whose std is below this are constant in the fitted data: observations and
+    rewards then keep their raw scale (std 1), delta stds are floored at it. A floor of 1e-3
+    for a constant observation (a pot that never cooked in random data) made its first real
+    value 1000 standard deviations away, and a reward-free random collection made every later
+    reward a 1000-sigma target."""
     delta_std_floor_ratio: float = 0.5
     """Lower bound of each feature's delta std as a fraction of the mean delta std over
     features: rarely changing features (std near 0) would otherwise get huge normalised
@@ -298,9 +302,11 @@ class WorldModel(nn.Module):
         flat_obs = obs.flatten(0, 1)  # [B*(T+1), N, D]
         delta = (obs[:, 1:] - obs[:, :-1]).flatten(0, 1)  # [B*T, N, D]
         flat_reward = reward.flatten(0, 1)  # [B*T, N]
-        for name, values in (("obs", flat_obs), ("delta", delta), ("reward", flat_reward)):
+        for name, values in (("obs", flat_obs), ("reward", flat_reward)):
             getattr(self, f"{name}_mean").copy_(values.mean(0))
-            getattr(self, f"{name}_std").copy_(values.std(0, correction=0).clamp_min(floor))
+            getattr(self, f"{name}_std").copy_(_std_or_unit(values, floor))
+        self.delta_mean.copy_(delta.mean(0))
+        self.delta_std.copy_(delta.std(0, correction=0).clamp_min(floor))
         real = self.obs_mask.bool()
         relative_floor = self.config.delta_std_floor_ratio * self.delta_std[real].mean()
         self.delta_std.copy_(self.delta_std.clamp_min(float(relative_floor)))
@@ -309,6 +315,51 @@ class WorldModel(nn.Module):
             self.obs_low.copy_(flat_obs.amin(0) - margin)
             self.obs_high.copy_(flat_obs.amax(0) + margin)
         self.normalization_fitted.fill_(True)
+
+    @torch.no_grad()
+    def refit_reward_normalization(self, windows: dict[str, Any]) -> None:
+        """Refit the reward statistics to ``windows`` (reward [B, T, N]) and rescale the last
+        layers of the reward head and of the ensemble's reward outputs so that predictions in
+        raw reward units stay the same (PopArt, van Hasselt et al. 2016).
+
+        Statistics fitted on a random policy's rewards are far too narrow for a trained team's
+        (a soup delivery is then a 100-sigma target and the reward loss swamps the rest). The
+        reward head is shared by all agents, so its rescale uses the agents' mean statistics
+        (exact when the team shares one reward, as on Overcooked and MaMuJoCo).
+        """
+        device = self.reward_mean.device
+        reward = torch.as_tensor(np.asarray(windows["reward"]), dtype=torch.float32, device=device)
+        flat = reward.flatten(0, 1)  # [B*T, N]
+        old_mean, old_std = self.reward_mean.clone(), self.reward_std.clone()  # [N]
+        new_mean, new_std = flat.mean(0), _std_or_unit(flat, self.config.norm_std_floor)
+        last = self.reward_head.net[-1]  # Linear(hidden, 1), shared over agents
+        scale = float((old_std / new_std).mean())
+        shift = float(((old_mean - new_mean) / new_std).mean())
+        last.weight.mul_(scale)
+        last.bias.mul_(scale).add_(shift)
+        n = reward.shape[-1]
+        out = self.ensemble.layers[-1]  # BatchedLinear [K, hidden, n*D + n]: rewards last
+        out.weight[..., -n:].mul_(old_std / new_std)
+        out.bias[..., -n:].mul_(old_std / new_std).add_((old_mean - new_mean) / new_std)
+        self.reward_mean.copy_(new_mean)
+        self.reward_std.copy_(new_std)
+
+    @torch.no_grad()
+    def widen_support(self, windows: dict[str, Any]) -> None:
+        """Grow the imagined-observation bounds to also cover ``windows`` (obs [B, T+1, N, D]).
+
+        The bounds come from the data of the first fit (often a random policy's); a better
+        policy's real data reaches states it never showed (a cooking pot, a held soup, a faster
+        run), and imagination clamped to the old bounds could never show them. The statistics
+        the network was trained with are left as they are."""
+        if self.config.support_margin is None:
+            return
+        device = self.obs_low.device
+        obs = torch.as_tensor(np.asarray(windows["obs"]), dtype=torch.float32, device=device)
+        flat_obs = obs.flatten(0, 1)  # [B*(T+1), N, D]
+        margin = self.config.support_margin * self.obs_std
+        self.obs_low.copy_(torch.minimum(self.obs_low, flat_obs.amin(0) - margin))
+        self.obs_high.copy_(torch.maximum(self.obs_high, flat_obs.amax(0) + margin))
 
     def normalize_obs(self, obs: Tensor) -> Tensor:
         return (obs - self.obs_mean) / self.obs_std  # [..., N, D]
@@ -881,3 +932,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def _std_or_unit(values: Tensor, floor: float) -> Tensor:
+    """Per-feature std over dim 0, with 1 (the raw scale) where the feature is constant."""
+    std = values.std(0, correction=0)
+    return torch.where(std < floor, torch.ones_like(std), std)

@@ -188,7 +188,7 @@ def linear_episode(spec: EnvSpec, length: int, seed: int):
     return episode_from_agent_arrays(f"lin{seed}", spec, arrays)
 
 
-def test_fine_tune_lowers_the_loss_and_keeps_the_normalisation():
+def test_fine_tune_lowers_the_loss_keeps_the_input_statistics_and_widens_the_support():
     spec = CONTINUOUS
     base = RealEpisodeStore(spec, 1000)
     base.add([linear_episode(spec, 30, seed=s) for s in range(4)])
@@ -213,8 +213,17 @@ def test_fine_tune_lowers_the_loss_and_keeps_the_normalisation():
     assert result["steps"] == 30 and np.isfinite(result["loss"]) and result["seconds"] > 0
     assert after < 0.5 * before, (before, after)
     assert not model.training
-    for key, value in norm_before.items():
-        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+    state = model.state_dict()
+    for key, value in norm_before.items():  # what the network was trained with stays
+        if key.startswith(("obs_mean", "obs_std", "delta_")):
+            torch.testing.assert_close(state[key], value, msg=key)
+    both = np.concatenate([new_w["reward"], base_w["reward"]]).reshape(-1, spec.n_agents)
+    np.testing.assert_allclose(state["reward_mean"].numpy(), both.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(state["reward_std"].numpy(), both.std(0), rtol=1e-4)
+    new_obs = new_w["obs"].reshape(-1, spec.n_agents, spec.obs_dim)
+    assert torch.all(state["obs_low"] <= torch.as_tensor(new_obs.min(0)) + 1e-6)
+    assert torch.all(state["obs_high"] >= torch.as_tensor(new_obs.max(0)) - 1e-6)
+    assert torch.all(state["obs_low"] <= norm_before["obs_low"])
     with pytest.raises(ValueError, match="no new windows"):
         fine_tune(model, {}, cfg)
 

@@ -264,6 +264,61 @@ def test_imagined_observations_stay_inside_the_data_support():
     assert np.any(traj.obs[:, 1:, 0, 1] != 0.25), "untrained and unclamped, the flag drifts"
 
 
+def test_constant_features_and_reward_free_data_keep_their_raw_scale():
+    """A feature constant in the fitted data (a pot that never cooked under a random policy)
+    and a collection without any reward get std 1, not the 1e-3 floor that made their first
+    real value a 1000-sigma input or target."""
+    batch = fake_batch(b=8, seed=1)
+    batch["obs"][..., 0, 1] = 0.25
+    batch["reward"][:] = 0.0
+    m = WorldModel(tiny_config(), SPEC)
+    m.fit_normalization(batch)
+    assert float(m.obs_std[0, 1]) == 1.0 and float(m.obs_mean[0, 1]) == pytest.approx(0.25)
+    torch.testing.assert_close(m.reward_std, torch.ones(3))
+    moving = batch["obs"][..., 0, 0].std()
+    assert float(m.obs_std[0, 0]) == pytest.approx(float(moving), rel=1e-4)
+
+
+def test_refit_reward_normalization_keeps_raw_predictions_and_widen_support_grows_bounds():
+    """PopArt: new reward statistics, the same rewards in raw units (exact for a team reward,
+    the shared head's case); the support grows to cover new data and never shrinks."""
+    batch = fake_batch(b=8, seed=2)
+    batch["reward"][:] = batch["reward"][..., :1]  # one team reward
+    torch.manual_seed(0)
+    model = WorldModel(tiny_config(), SPEC)
+    model.fit_normalization(batch)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    model.eval()
+    before = model.predict_windows(batch, generator=gen())
+    hidden = torch.randn(3, 5, 16)  # [K, M, ensemble_hidden] into the ensemble's last layer
+
+    def ensemble_raw_rewards() -> torch.Tensor:
+        with torch.no_grad():
+            out = model.ensemble.layers[-1](hidden)[..., -3:]  # normalised rewards [K, M, N]
+            return out * model.reward_std + model.reward_mean
+
+    ensemble_before = ensemble_raw_rewards()
+    wider = {**batch, "reward": (batch["reward"] * 25.0 + 7.0).astype(np.float32)}
+    model.refit_reward_normalization(wider)
+    flat = wider["reward"].reshape(-1, 3)
+    np.testing.assert_allclose(model.reward_mean.numpy(), flat.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(model.reward_std.numpy(), flat.std(0), rtol=1e-4)
+    after = model.predict_windows(batch, generator=gen())
+    torch.testing.assert_close(
+        torch.as_tensor(after["reward"]), torch.as_tensor(before["reward"]), rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(ensemble_raw_rewards(), ensemble_before, rtol=1e-4, atol=1e-4)
+    low, high = model.obs_low.clone(), model.obs_high.clone()
+    far = {**batch, "obs": batch["obs"] * 10.0}
+    model.widen_support(far)
+    flat_obs = torch.as_tensor(far["obs"]).flatten(0, 1)
+    assert torch.all(model.obs_low <= torch.minimum(low, flat_obs.amin(0)) + 1e-6)
+    assert torch.all(model.obs_high >= torch.maximum(high, flat_obs.amax(0)) - 1e-6)
+    assert torch.any(model.obs_high > high), "the wider data must widen the bounds"
+    model.widen_support(batch)  # narrower data: the bounds stay
+    assert torch.all(model.obs_high >= flat_obs.amax(0) - 1e-6)
+
+
 def test_policy_callable_and_action_plan_give_the_same_rollout(model):
     start = fake_batch()["obs"][:, 0]
     plan = np.random.default_rng(3).uniform(-1, 1, size=(B, 4, 3, 2)).astype(np.float32)
