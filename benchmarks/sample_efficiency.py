@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -50,8 +51,11 @@ class Args:
     """Ray Train steps of the world model (provider world_model)."""
     wm_reward_loss_weight: float = 0.0
     """World model's reward-head loss weight (model.loss_weights.reward; 0 = the config's)."""
-    collect_episodes: int = 4
-    """Random episodes collected for the world model (provider world_model)."""
+    collect_steps: int = 1000
+    """Real env steps of random-policy episodes collected to first train the world model
+    (provider world_model): ceil(steps / episode length) episodes, at least one (Overcooked
+    400-step episodes: 3; MuJoCo 1000-step episodes: 1). They count as the model-based run's
+    real steps."""
     env_steps: int = 40_000
     """Real env step budget per run."""
     seeds: tuple[int, ...] = (0,)
@@ -72,6 +76,10 @@ class Args:
     retrain_every: int = 1
     """Fine-tune the served world model on the new real episodes every this many iterations
     (provider world_model; 0 = never)."""
+    smooth_steps: int = 4000
+    """Each curve point is the mean team return of the iterations within the last this many
+    real steps of its run (both runs alike): one iteration's return averages only a few
+    episodes, and a lucky point would set the target or the first hit."""
     num_env_runners: int = 2
     episode_horizon: int = 0
     """Override the env's episode length (0 = the config's: 400 Overcooked, 1000 MuJoCo)."""
@@ -131,7 +139,7 @@ def prepare_world_model(args: Args, env: str) -> tuple[int, str]:
     data["name"], data["out"] = f"world_model_{env}", args.storage_path
     data["http_port"] = args.http_port
     data["collect"] = {**data["collect"], "env_options": dict(agents.env_options),
-                       "episodes": args.collect_episodes}  # fmt: skip
+                       "episodes": collect_episodes(args, agents)}  # fmt: skip
     data["world_model"]["train"] = {**data["world_model"]["train"], "steps": args.world_model_steps}
     if args.wm_reward_loss_weight:
         model = data["world_model"]["model"]
@@ -141,6 +149,18 @@ def prepare_world_model(args: Args, env: str) -> tuple[int, str]:
         }
     prepared = prepare_imagination(QuickstartConfig.from_dict(data))
     return int(prepared["collect_env_steps"]), str(prepared["world_model"]["checkpoint"])
+
+
+def episode_length(agents) -> int:
+    """The agents' env episode length (Overcooked ``horizon``, MuJoCo ``max_episode_steps``)."""
+    from moedream.envs import env_config
+
+    cfg = env_config(agents.env, **agents.env_options).to_dict()
+    return int(cfg.get("horizon") or cfg.get("max_episode_steps"))
+
+
+def collect_episodes(args: Args, agents) -> int:
+    return max(1, math.ceil(args.collect_steps / episode_length(agents)))
 
 
 def serve_base_checkpoint(path: str) -> None:
@@ -164,6 +184,17 @@ def curve(
     )
     returns = np.array([h["charts/team_return"] for h in history])
     return steps, returns
+
+
+def smooth(steps: np.ndarray, returns: np.ndarray, window: int) -> np.ndarray:
+    """Per point i: the mean return of the points j <= i with steps[j] > steps[i] - window
+    (a trailing window in real steps; NaN returns are skipped)."""
+    out = np.full(len(returns), np.nan)
+    for i in range(len(returns)):
+        inside = (steps <= steps[i]) & (steps > steps[i] - window) & ~np.isnan(returns)
+        if inside.any():
+            out[i] = float(np.mean(returns[inside]))
+    return out
 
 
 DIAGNOSTIC_HEADERS = [
@@ -205,7 +236,28 @@ def steps_to_reach(steps: np.ndarray, returns: np.ndarray, target: float) -> flo
     return float(steps[hit[0]]) if hit.size else float("nan")
 
 
-def plot(env: str, curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], path: Path) -> None:
+def compare(mf: tuple, mb: tuple) -> list:
+    """Table cells of one model-free vs model-based pair of (steps, smoothed returns, seconds,
+    last metrics): the MB real steps to reach MF's final smoothed return, and the ratio."""
+    x_mf, y_mf, t_mf, _ = mf
+    x_mb, y_mb, t_mb, last_mb = mb
+    reach = steps_to_reach(x_mb, y_mb, y_mf[-1])
+    imagined = last_mb.get("charts/imagined_env_steps", np.nan)
+    return [
+        int(x_mf[-1]),
+        round(float(y_mf[-1]), 2),
+        round(t_mf) if t_mf == t_mf else "",
+        int(x_mb[-1]),
+        round(float(y_mb[-1]), 2),
+        int(imagined) if imagined == imagined else "",
+        round(t_mb) if t_mb == t_mb else "",
+        reach,
+        float(x_mf[-1] / reach) if reach == reach and reach > 0 else float("nan"),
+    ]
+
+
+def plot(env: str, curves: dict[str, list[tuple]], path: Path) -> None:
+    """Per label and seed: (steps, per-iteration return, smoothed return) lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,16 +265,12 @@ def plot(env: str, curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, runs in curves.items():
-        for k, (x, y) in enumerate(runs):
-            ax.plot(
-                x,
-                y,
-                label=label if k == 0 else None,
-                color="C0" if label == "model-free" else "C1",
-                alpha=0.8,
-            )
+        color = "C0" if label == "model-free" else "C1"
+        for k, (x, y, smoothed) in enumerate(runs):
+            ax.plot(x, y, color=color, alpha=0.25, lw=1)  # per iteration
+            ax.plot(x, smoothed, label=label if k == 0 else None, color=color, alpha=0.9)
     ax.set_xlabel("real env steps")
-    ax.set_ylabel("team return per episode")
+    ax.set_ylabel("team return per episode (thin: per iteration)")
     ax.set_title(f"{env}: team return vs real env steps")
     ax.legend()
     fig.tight_layout()
@@ -271,27 +319,16 @@ def main(argv: list[str] | None = None) -> None:
                 x, y = curve(result.history, count_provider_steps=imagination and stand_in)
                 if imagination:  # the world model's training data were real steps too
                     x = x + offset
-                curves[label].append((x, y))
-                results[label] = (x, y, time.perf_counter() - start, result.history[-1])
-            x_mf, y_mf, t_mf, _ = results["model-free"]
-            x_mb, y_mb, t_mb, last_mb = results[mb_label]
-            target = y_mf[-1]
-            reach = steps_to_reach(x_mb, y_mb, target)
-            rows.append(
-                [
-                    env,
-                    seed,
-                    int(x_mf[-1]),
-                    float(y_mf[-1]),
-                    round(t_mf),
-                    int(x_mb[-1]),
-                    float(y_mb[-1]),
-                    int(last_mb["charts/imagined_env_steps"]),
-                    round(t_mb),
-                    reach,
-                    float(x_mf[-1] / reach) if reach == reach and reach > 0 else float("nan"),
-                ]
-            )
+                smoothed = smooth(x, y, args.smooth_steps)
+                curves[label].append((x, y, smoothed))
+                results[label] = (x, smoothed, time.perf_counter() - start, result.history[-1])
+            rows.append([env, seed, *compare(results["model-free"], results[mb_label])])
+        if len(args.seeds) > 1:  # the seeds' mean curves (the same iterations in every seed)
+            mean = {
+                label: (runs[0][0], np.mean([r[2] for r in runs], 0), np.nan, {})
+                for label, runs in curves.items()
+            }
+            rows.append([env, "mean", *compare(mean["model-free"], mean[mb_label])])
         path = Path(args.plots) / f"sample_efficiency_{env}.png"
         plot(env, curves, path)
         plots.append(path)
@@ -299,10 +336,10 @@ def main(argv: list[str] | None = None) -> None:
         "env",
         "seed",
         "MF real steps",
-        "MF final return",
+        "MF final return (smoothed)",
         "MF time s",
         "MB real steps",
-        "MB final return",
+        "MB final return (smoothed)",
         "MB imagined steps",
         "MB time s",
         "MB real steps to reach MF final",
@@ -321,12 +358,15 @@ def main(argv: list[str] | None = None) -> None:
         f"imagined episodes, the others on fresh imagination under the updated planner), "
         f"imagined:real {args.imagined_ratio} per update "
         f"({args.imagined_ratio * args.imagination_updates:g} in all), world model "
-        f"{args.world_model_steps} Ray Train steps on {args.collect_episodes} random episodes, "
+        f"{args.world_model_steps} Ray Train steps on random-policy episodes of "
+        f"{args.collect_steps} real steps (rounded up to whole episodes), "
         f"fine-tuned {args.retrain_steps} steps every {args.retrain_every} iteration(s) on the "
         f"real episodes so far; budget {args.env_steps} real env steps per run, batch "
         f"{args.train_batch_size}, minibatch {args.minibatch_size}, {args.num_epochs} epochs "
         "(model-free: the same config with imagination off). MB real steps include the "
-        "random episodes the world model was first trained on.\n\n"
+        "random episodes the world model was first trained on. Returns are smoothed alike for "
+        f"both runs: each point is the mean over the iterations of the last {args.smooth_steps} "
+        "real steps of its run; the target is model-free's final smoothed return.\n\n"
         f"Headline (goal >= {GOAL:g}x fewer real steps to reach model-free's final return): "
         + "; ".join(verdicts)
         + ".\n\n"

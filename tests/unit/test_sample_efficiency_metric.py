@@ -1,0 +1,38 @@
+"""The sample-efficiency benchmark's headline arithmetic (no Ray): trailing smoothing in real
+steps, the first step reaching a target, and the reported ratio."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "sample_efficiency.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("sample_efficiency", PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smooth_averages_the_trailing_window_in_real_steps(bench):
+    steps = np.array([2000, 4000, 6000, 8000])
+    returns = np.array([1.0, 3.0, np.nan, 9.0])
+    np.testing.assert_allclose(bench.smooth(steps, returns, 4000), [1.0, 2.0, 3.0, 9.0])
+    np.testing.assert_allclose(bench.smooth(steps, returns, 1), [1.0, 3.0, np.nan, 9.0])
+
+
+def test_ratio_is_model_free_steps_over_the_first_model_based_hit(bench):
+    mf = (np.array([2000, 4000, 6000]), np.array([1.0, 2.0, 4.0]), 10.0, {})
+    mb = (np.array([3200, 5200, 7200]), np.array([1.0, 4.5, 5.0]), 20.0, {})
+    cells = bench.compare(mf, mb)
+    assert cells[1] == 4.0 and cells[-2] == 5200 and cells[-1] == pytest.approx(6000 / 5200)
+    never = bench.compare(mf, (mb[0], np.array([1.0, 2.0, 3.9]), 20.0, {}))
+    assert np.isnan(never[-2]) and np.isnan(never[-1])
