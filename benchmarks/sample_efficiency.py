@@ -256,6 +256,26 @@ def compare(mf: tuple, mb: tuple) -> list:
     ]
 
 
+BUDGET_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+
+
+def by_budget(mf: tuple, mb: tuple) -> list[str]:
+    """Per model-free budget (a fraction of its run): "ratio (MF smoothed return)", the ratio
+    being that budget over the MB real steps to first reach MF's return there."""
+    x_mf, y_mf = mf[0], mf[1]
+    cells = []
+    for fraction in BUDGET_FRACTIONS:
+        inside = np.flatnonzero(x_mf <= fraction * x_mf[-1] + 1e-9)
+        if not inside.size:
+            cells.append("")
+            continue
+        i = inside[-1]
+        reach = steps_to_reach(mb[0], mb[1], y_mf[i])
+        ratio = f"{x_mf[i] / reach:.2f}x" if reach == reach and reach > 0 else "never"
+        cells.append(f"{ratio} ({y_mf[i]:.1f})")
+    return cells
+
+
 def plot(env: str, curves: dict[str, list[tuple]], path: Path) -> None:
     """Per label and seed: (steps, per-iteration return, smoothed return) lines."""
     import matplotlib
@@ -295,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         if stand_in
         else f"model-based ({args.provider})"
     )
-    rows, plots, diagnostics = [], [], []
+    rows, budget_rows, plots, diagnostics = [], [], [], []
     for env in args.envs:
         curves: dict[str, list] = {"model-free": [], mb_label: []}
         offset, base = prepare_world_model(args, env) if args.provider == "world_model" else (0, "")
@@ -323,12 +343,14 @@ def main(argv: list[str] | None = None) -> None:
                 curves[label].append((x, y, smoothed))
                 results[label] = (x, smoothed, time.perf_counter() - start, result.history[-1])
             rows.append([env, seed, *compare(results["model-free"], results[mb_label])])
+            budget_rows.append([env, seed, *by_budget(results["model-free"], results[mb_label])])
         if len(args.seeds) > 1:  # the seeds' mean curves (the same iterations in every seed)
             mean = {
                 label: (runs[0][0], np.mean([r[2] for r in runs], 0), np.nan, {})
                 for label, runs in curves.items()
             }
             rows.append([env, "mean", *compare(mean["model-free"], mean[mb_label])])
+            budget_rows.append([env, "mean", *by_budget(mean["model-free"], mean[mb_label])])
         path = Path(args.plots) / f"sample_efficiency_{env}.png"
         plot(env, curves, path)
         plots.append(path)
@@ -371,6 +393,13 @@ def main(argv: list[str] | None = None) -> None:
         + "; ".join(verdicts)
         + ".\n\n"
         + markdown_table(headers, rows)
+        + "\n\nThe same ratio against the model-free run's smoothed return at a part of its "
+        "budget (model-free real steps there / model-based real steps to first reach it; in "
+        "brackets the model-free return):\n\n"
+        + markdown_table(
+            ["env", "seed", *(f"MF at {f:g} of its budget" for f in BUDGET_FRACTIONS)],
+            budget_rows,
+        )
         + "\n\nDiagnostics of the model-based runs (means over iterations; the world-model "
         "scores are one-step predictions on each iteration's NEW real episodes, before the "
         "model trains on them; a reward MAE not below the constant predictor's means the model "

@@ -36,3 +36,10 @@ def test_ratio_is_model_free_steps_over_the_first_model_based_hit(bench):
     assert cells[1] == 4.0 and cells[-2] == 5200 and cells[-1] == pytest.approx(6000 / 5200)
     never = bench.compare(mf, (mb[0], np.array([1.0, 2.0, 3.9]), 20.0, {}))
     assert np.isnan(never[-2]) and np.isnan(never[-1])
+
+
+def test_by_budget_gives_a_ratio_per_part_of_the_model_free_budget(bench):
+    mf = (np.array([1000, 2000, 3000, 4000]), np.array([1.0, 2.0, 3.0, 4.0]), 0.0, {})
+    mb = (np.array([500, 1000, 1500, 2000]), np.array([2.0, 3.0, 3.5, 3.8]), 0.0, {})
+    cells = bench.by_budget(mf, mb)
+    assert cells == ["2.00x (1.0)", "4.00x (2.0)", "3.00x (3.0)", "never (4.0)"]
