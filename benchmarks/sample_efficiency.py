@@ -151,16 +151,11 @@ def prepare_world_model(args: Args, env: str) -> tuple[int, str]:
     return int(prepared["collect_env_steps"]), str(prepared["world_model"]["checkpoint"])
 
 
-def episode_length(agents) -> int:
-    """The agents' env episode length (Overcooked ``horizon``, MuJoCo ``max_episode_steps``)."""
-    from moedream.envs import env_config
-
-    cfg = env_config(agents.env, **agents.env_options).to_dict()
-    return int(cfg.get("horizon") or cfg.get("max_episode_steps"))
-
-
 def collect_episodes(args: Args, agents) -> int:
-    return max(1, math.ceil(args.collect_steps / episode_length(agents)))
+    """Whole random episodes covering ``--collect-steps`` real steps (at least one)."""
+    from moedream.envs import episode_limit
+
+    return max(1, math.ceil(args.collect_steps / episode_limit(agents.env, **agents.env_options)))
 
 
 def serve_base_checkpoint(path: str) -> None:

@@ -80,6 +80,14 @@ def env_config(name: str, **options: Any) -> ConfigBase:
         raise ConfigError(f"env {name!r}: {err}") from None
 
 
+def episode_limit(name: str, **options: Any) -> int | None:
+    """Steps per episode of env ``name`` (Overcooked ``horizon``, MuJoCo
+    ``max_episode_steps``), or None when the env sets no limit."""
+    cfg = env_config(name, **options).to_dict()
+    limit = cfg.get("horizon", cfg.get("max_episode_steps"))
+    return int(limit) if limit else None
+
+
 def make_env(name: str, render_mode: str | None = None, **options: Any) -> Any:
     """A PettingZoo ParallelEnv for ``name`` ('overcooked', 'mamujoco', 'memory')."""
     config = env_config(name, **options)  # validates the name and options first
@@ -129,4 +137,12 @@ def register_rllib_envs() -> None:
         )
 
 
-__all__ = ["EnvSpec", "env_config", "env_names", "env_spec", "make_env", "register_rllib_envs"]
+__all__ = [
+    "EnvSpec",
+    "env_config",
+    "env_names",
+    "env_spec",
+    "episode_limit",
+    "make_env",
+    "register_rllib_envs",
+]

@@ -28,7 +28,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.env.multi_agent_episode import MultiAgentEpisode
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
-from moedream.envs import env_config, make_env
+from moedream.envs import episode_limit, make_env
 from moedream.envs.spec import EnvSpec
 from moedream.policies.connectors import IMAGINED_PREFIX
 from moedream.policies.rl_modules import AGENT_INDEX, planner_id
@@ -292,8 +292,7 @@ class EnvReplayImaginer:
         self._obs: list[dict | None] = []
         self._t: list[int] = []
         self._spec: EnvSpec | None = None
-        cfg = env_config(env_name, **self.env_options).to_dict()
-        self.episode_limit = int(cfg.get("horizon", cfg.get("max_episode_steps", 10**9)))
+        self.episode_limit = episode_limit(env_name, **self.env_options) or 10**9
 
     def imagine(self, start_obs: np.ndarray, policy: TeamPolicy) -> Trajectories:
         b, h, spec = start_obs.shape[0], self.horizon, policy.spec

@@ -310,10 +310,9 @@ class WorldModel(nn.Module):
         real = self.obs_mask.bool()
         relative_floor = self.config.delta_std_floor_ratio * self.delta_std[real].mean()
         self.delta_std.copy_(self.delta_std.clamp_min(float(relative_floor)))
-        if self.config.support_margin is not None:
-            margin = self.config.support_margin * self.obs_std
-            self.obs_low.copy_(flat_obs.amin(0) - margin)
-            self.obs_high.copy_(flat_obs.amax(0) + margin)
+        self.obs_low.fill_(torch.inf)  # the support of these windows alone
+        self.obs_high.fill_(-torch.inf)
+        self.widen_support({"obs": obs})
         self.normalization_fitted.fill_(True)
 
     @torch.no_grad()
@@ -353,9 +352,11 @@ class WorldModel(nn.Module):
         run), and imagination clamped to the old bounds could never show them. The statistics
         the network was trained with are left as they are."""
         if self.config.support_margin is None:
+            self.obs_low.fill_(-torch.inf)
+            self.obs_high.fill_(torch.inf)
             return
         device = self.obs_low.device
-        obs = torch.as_tensor(np.asarray(windows["obs"]), dtype=torch.float32, device=device)
+        obs = torch.as_tensor(windows["obs"], dtype=torch.float32, device=device)  # numpy/torch
         flat_obs = obs.flatten(0, 1)  # [B*(T+1), N, D]
         margin = self.config.support_margin * self.obs_std
         self.obs_low.copy_(torch.minimum(self.obs_low, flat_obs.amin(0) - margin))
