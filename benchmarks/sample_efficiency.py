@@ -69,6 +69,9 @@ class Args:
     imagination_updates: int = 4
     """PPO updates per real batch that use imagination (1 = one mixed real + imagined update;
     K > 1 adds K - 1 updates on fresh imagination under the updated planner)."""
+    real_every_update: bool = True
+    """Model-based run: every imagination update also learns from the real batch
+    (imagination.real_every_update; --no-real-every-update: the first update only)."""
     start_iteration: int = 0
     """Model-based run: iterations before this one update on real episodes only."""
     retrain_steps: int = 150
@@ -116,6 +119,7 @@ def run_config(args: Args, env: str, seed: int, imagination: bool):
         "updates": args.imagination_updates,
         "start_iteration": args.start_iteration,
     }
+    data["imagination"]["real_every_update"] = args.real_every_update
     if imagination and args.provider == "world_model" and args.retrain_every:
         run_dir = (Path(args.storage_path) / f"world_model_{env}").resolve()  # its run folder
         data["imagination"]["world_model_retrain_every"] = args.retrain_every
@@ -372,7 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     body = (
         f"Model-based run: **{mb_label}**, imagination horizon {args.horizon}, "
         f"{args.imagination_updates} imagination update(s) per real batch (the first on real + "
-        f"imagined episodes, the others on fresh imagination under the updated planner), "
+        f"imagined episodes, the others on fresh imagination under the updated planner"
+        + (", each with the real batch too" if args.real_every_update else "")
+        + "), "
         f"imagined:real {args.imagined_ratio} per update "
         f"({args.imagined_ratio * args.imagination_updates:g} in all), world model "
         f"{args.world_model_steps} Ray Train steps on random-policy episodes of "

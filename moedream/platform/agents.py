@@ -81,6 +81,10 @@ class ImaginationConfig(ConfigBase):
     start_iteration: int = 0
     """Iterations before this one (0-based) update on real episodes only, while the world
     model already observes (and retrains on) them."""
+    real_every_update: bool = False
+    """Every one of the `updates` PPO updates also learns from the real batch (an anchor: PPO's
+    clipped ratio pulls the planner back where imagination moved it against real advantages);
+    false = the real batch is learnt from in the first update only."""
     world_model_retrain_every: int = 0
     """Retrain the world model every this many iterations (0 = never)."""
     gate: bool = True
@@ -305,6 +309,7 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
             imagined_ratio=im.imagined_ratio,
             imagination_updates=im.updates,
             imagination_start_iteration=im.start_iteration,
+            imagination_real_every_update=im.real_every_update,
             world_model_retrain_every=im.world_model_retrain_every,
             gate=im.gate,
             serve_app_name=im.serve_app_name,

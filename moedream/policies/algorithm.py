@@ -19,6 +19,7 @@ With ``imagination=False`` it is the model-free MAPPO baseline.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -122,6 +123,7 @@ class MBMAPPOConfig(PPOConfig):
         self.imagined_ratio = 1.0
         self.imagination_updates = 1
         self.imagination_start_iteration = 0
+        self.imagination_real_every_update = False
         self.world_model_retrain_every = 0
         self.gate = True
         self.serve_app_name = "world_model"
@@ -140,6 +142,7 @@ class MBMAPPOConfig(PPOConfig):
         imagined_ratio: float | None = NotProvided,
         imagination_updates: int | None = NotProvided,
         imagination_start_iteration: int | None = NotProvided,
+        imagination_real_every_update: bool | None = NotProvided,
         world_model_retrain_every: int | None = NotProvided,
         gate: bool | None = NotProvided,
         serve_app_name: str | None = NotProvided,
@@ -163,6 +166,10 @@ class MBMAPPOConfig(PPOConfig):
             imagination_start_iteration: iterations (0-based) before this one are model-free
                 updates (the provider still observes the real episodes and retrains on
                 schedule), e.g. to let the world model first fit the agents' own data.
+            imagination_real_every_update: every one of the K updates also learns from the
+                real batch (PPO's clipped ratio against the sampling policy then pulls the
+                planner back wherever imagination moved it against the real advantages);
+                False = the real batch is learnt from in the first update only.
             world_model_retrain_every: call the provider's ``retrain`` every this many
                 iterations (0 = never).
             gate: drop the trajectories the provider's gate does not keep.
@@ -221,6 +228,12 @@ class MBMAPPOConfig(PPOConfig):
             "imagination_start_iteration",
             self.imagination_start_iteration,
             "must be an integer >= 0 (0 = imagine from the first iteration)",
+        )
+        _check(
+            isinstance(self.imagination_real_every_update, bool),
+            "imagination_real_every_update",
+            self.imagination_real_every_update,
+            "must be true or false",
         )
         _check(
             isinstance(self.world_model_retrain_every, int) and self.world_model_retrain_every >= 0,
@@ -318,11 +331,15 @@ class MBMAPPO(PPO):
             if self.iteration >= cfg.imagination_start_iteration:
                 rounds = cfg.imagination_updates
                 imagined = self._imagine(episodes)
+        # A local learner's connectors append a bootstrap step to the episodes IN PLACE, so the
+        # later rounds branch from (and re-learn) an untouched copy of the real batch.
+        pristine = copy.deepcopy(episodes) if rounds > 1 else episodes
         self._update(episodes + imagined)
         for _ in range(1, rounds):  # more updates, each on fresh imagination under the new policy
-            imagined = self._imagine(episodes)
+            imagined = self._imagine(pristine)
+            anchor = copy.deepcopy(pristine) if cfg.imagination_real_every_update else []
             if imagined:
-                self._update(imagined)
+                self._update(anchor + imagined)
         self.metrics.log_value((METRICS, "imagination_rounds"), rounds, window=1)
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             self.env_runner_group.sync_weights(

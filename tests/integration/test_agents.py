@@ -211,6 +211,30 @@ def test_imagination_rounds_update_on_fresh_imagination_only(ray_cluster, storag
         algo.stop()
 
 
+def test_real_batch_anchors_every_imagination_update(ray_cluster, storage_path):
+    """imagination.real_every_update: each of the 3 updates learns from the real batch too."""
+    from moedream.policies.metrics import iteration_metrics
+
+    cfg = tiny_config(
+        "overcooked",
+        imagination={"enabled": True, "horizon": 5, "imagined_ratio": 0.5, "updates": 3,
+                     "real_every_update": True},
+    )  # fmt: skip
+    algo = build_algo_config(cfg, logdir_root=storage_path).build_algo()
+    try:
+        metrics = iteration_metrics(algo.train())
+        assert metrics["imagination/rounds"] == 3
+        real = metrics["charts/real_env_steps_iter"]
+        assert real >= 400
+        assert metrics["learner/real_agent_steps"] == 3 * 2 * real  # the real batch, 3 times
+        # three rounds of 0.5 x the real steps at horizon 5 (rounded up to whole rollouts)
+        assert metrics["learner/imagined_agent_steps"] == 2 * 3 * 5 * math.ceil(0.5 * real / 5)
+    finally:
+        algo.stop()
+    with pytest.raises(ConfigError, match="imagination.real_every_update"):
+        tiny_config("overcooked", imagination={"enabled": True, "real_every_update": "yes"})
+
+
 def test_overcooked_imagination_then_save_restore_continue(ray_cluster, storage_path, tmp_path):
     from moedream.policies.algorithm import MBMAPPO
     from moedream.policies.metrics import iteration_metrics
