@@ -69,9 +69,9 @@ class Args:
     imagination_updates: int = 4
     """PPO updates per real batch that use imagination (1 = one mixed real + imagined update;
     K > 1 adds K - 1 updates on fresh imagination under the updated planner)."""
-    real_every_update: bool = True
-    """Model-based run: every imagination update also learns from the real batch
-    (imagination.real_every_update; --no-real-every-update: the first update only)."""
+    real_every_update: str = "config"
+    """Model-based run: does every imagination update also learn from the real batch
+    (imagination.real_every_update)? 'config' (each env's agents config), 'true' or 'false'."""
     start_iteration: int = 0
     """Model-based run: iterations before this one update on real episodes only."""
     retrain_steps: int = 150
@@ -93,6 +93,15 @@ class Args:
     plots: str = "benchmarks/plots"
     record: bool = True
     """Write the block in benchmarks/RESULTS.md."""
+    tag: str = ""
+    """Record in the block `sample_efficiency_<tag>` (plots `sample_efficiency_<tag>_<env>.png`)
+    instead of `sample_efficiency`, e.g. for a run on one env that must not replace the
+    block of both."""
+
+
+def block_name(args: Args) -> str:
+    """RESULTS.md block (and plot file prefix) of this run."""
+    return f"sample_efficiency_{args.tag}" if args.tag else "sample_efficiency"
 
 
 def run_config(args: Args, env: str, seed: int, imagination: bool):
@@ -119,7 +128,8 @@ def run_config(args: Args, env: str, seed: int, imagination: bool):
         "updates": args.imagination_updates,
         "start_iteration": args.start_iteration,
     }
-    data["imagination"]["real_every_update"] = args.real_every_update
+    if args.real_every_update != "config":
+        data["imagination"]["real_every_update"] = args.real_every_update == "true"
     if imagination and args.provider == "world_model" and args.retrain_every:
         run_dir = (Path(args.storage_path) / f"world_model_{env}").resolve()  # its run folder
         data["imagination"]["world_model_retrain_every"] = args.retrain_every
@@ -305,6 +315,10 @@ def main(argv: list[str] | None = None) -> None:
     from moedream.platform.ray_setup import init_ray
 
     args = parse_args(Args, __doc__.split("\n\n")[0], argv)
+    if args.real_every_update not in ("config", "true", "false"):
+        raise SystemExit(
+            f"--real-every-update {args.real_every_update!r}: use config, true or false"
+        )
     torch.set_num_threads(1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_ray()
@@ -350,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
             }
             rows.append([env, "mean", *compare(mean["model-free"], mean[mb_label])])
             budget_rows.append([env, "mean", *by_budget(mean["model-free"], mean[mb_label])])
-        path = Path(args.plots) / f"sample_efficiency_{env}.png"
+        path = Path(args.plots) / f"{block_name(args)}_{env}.png"
         plot(env, curves, path)
         plots.append(path)
     headers = [
@@ -377,7 +391,9 @@ def main(argv: list[str] | None = None) -> None:
         f"Model-based run: **{mb_label}**, imagination horizon {args.horizon}, "
         f"{args.imagination_updates} imagination update(s) per real batch (the first on real + "
         f"imagined episodes, the others on fresh imagination under the updated planner"
-        + (", each with the real batch too" if args.real_every_update else "")
+        + {"true": ", each with the real batch too", "false": ""}.get(
+            args.real_every_update, ", with the real batch too where the env config says so"
+        )
         + "), "
         f"imagined:real {args.imagined_ratio} per update "
         f"({args.imagined_ratio * args.imagination_updates:g} in all), world model "
@@ -415,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
             else ""
         )
     )
-    publish("sample_efficiency", "Sample efficiency: return vs real env steps", body, args.record)
+    title = "Sample efficiency: return vs real env steps" + (f" ({args.tag})" if args.tag else "")
+    publish(block_name(args), title, body, args.record)
 
 
 if __name__ == "__main__":
