@@ -72,6 +72,9 @@ class Args:
     real_every_update: str = "config"
     """Model-based run: does every imagination update also learn from the real batch
     (imagination.real_every_update)? 'config' (each env's agents config), 'true' or 'false'."""
+    kl_coeff: float = -1.0
+    """Both runs: initial weight of PPO's adaptive KL penalty (kl_coeff; -1 = each env's
+    agents config, 0 = no KL penalty)."""
     start_iteration: int = 0
     """Model-based run: iterations before this one update on real episodes only."""
     retrain_steps: int = 150
@@ -116,6 +119,8 @@ def run_config(args: Args, env: str, seed: int, imagination: bool):
         minibatch_size=min(args.minibatch_size, args.train_batch_size),
         num_epochs=args.num_epochs,
     )
+    if args.kl_coeff >= 0:
+        data["kl_coeff"] = args.kl_coeff
     if args.episode_horizon:
         key = "horizon" if env == "overcooked" else "max_episode_steps"
         data["env_options"] = {**data["env_options"], key: args.episode_horizon}

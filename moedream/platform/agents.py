@@ -146,6 +146,12 @@ class AgentsConfig(ConfigBase):
     lambda_: float = 0.95
     entropy_coeff: float = 0.01
     clip_param: float = 0.2
+    kl_coeff: float = 0.2
+    """Initial weight of PPO's adaptive KL penalty (RLlib's default; 0 = no KL penalty, the
+    clipped ratio alone bounds each update, as in CleanRL and MAPPO). RLlib multiplies it by
+    1.5 after every update whose KL exceeds 2 x kl_target and halves it below 0.5 x: with K
+    imagination updates per iteration it compounds K times per iteration."""
+    kl_target: float = 0.01
     vf_loss_coeff: float = 0.5
     grad_clip: float = 0.5
     torch_num_threads: int = 1
@@ -197,6 +203,8 @@ class AgentsConfig(ConfigBase):
         for name in ("lr", "clip_param", "vf_loss_coeff", "grad_clip"):
             check_positive(f"{prefix}{name}", getattr(self, name))
         check_positive(f"{prefix}entropy_coeff", self.entropy_coeff, allow_zero=True)
+        check_positive(f"{prefix}kl_coeff", self.kl_coeff, allow_zero=True)
+        check_positive(f"{prefix}kl_target", self.kl_target)
         for name in ("gamma", "lambda_"):
             check(
                 0.0 <= getattr(self, name) <= 1.0,
@@ -279,6 +287,9 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
             lambda_=cfg.lambda_,
             entropy_coeff=cfg.entropy_coeff,
             clip_param=cfg.clip_param,
+            use_kl_loss=cfg.kl_coeff > 0,
+            kl_coeff=cfg.kl_coeff,
+            kl_target=cfg.kl_target,
             vf_loss_coeff=cfg.vf_loss_coeff,
             grad_clip=cfg.grad_clip,
             vf_clip_param=float("inf"),

@@ -43,9 +43,11 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
             out[f"provider/{key[len('provider_') :]}"] = value
     for module_id, stats in learners.items():
         if isinstance(stats, dict) and "total_loss" in stats:
-            for key in ("total_loss", "policy_loss", "vf_loss", "entropy"):
+            for key in ("total_loss", "policy_loss", "vf_loss", "entropy", "mean_kl_loss"):
                 if key in stats:
                     out[f"losses/{module_id}/{key}"] = stats[key]
+            if "curr_kl_coeff" in stats:  # PPO's adaptive KL penalty weight after the update
+                out[f"losses/{module_id}/kl_coeff"] = stats["curr_kl_coeff"]
     return {k: float(v) for k, v in out.items()}
 
 
