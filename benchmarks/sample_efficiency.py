@@ -72,6 +72,8 @@ class Args:
     real_every_update: str = "config"
     """Model-based run: does every imagination update also learn from the real batch
     (imagination.real_every_update)? 'config' (each env's agents config), 'true' or 'false'."""
+    uncertainty_penalty: float = -1.0
+    """Model-based run: imagination.uncertainty_penalty (MOPO's lambda; -1 = the config's)."""
     kl_coeff: float = -1.0
     """Both runs: initial weight of PPO's adaptive KL penalty (kl_coeff; -1 = each env's
     agents config, 0 = no KL penalty)."""
@@ -133,6 +135,8 @@ def run_config(args: Args, env: str, seed: int, imagination: bool):
         "updates": args.imagination_updates,
         "start_iteration": args.start_iteration,
     }
+    if args.uncertainty_penalty >= 0:
+        data["imagination"]["uncertainty_penalty"] = args.uncertainty_penalty
     if args.real_every_update != "config":
         data["imagination"]["real_every_update"] = args.real_every_update == "true"
     if imagination and args.provider == "world_model" and args.retrain_every:

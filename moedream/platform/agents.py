@@ -85,6 +85,10 @@ class ImaginationConfig(ConfigBase):
     """Every one of the `updates` PPO updates also learns from the real batch (an anchor: PPO's
     clipped ratio pulls the planner back where imagination moved it against real advantages);
     false = the real batch is learnt from in the first update only."""
+    uncertainty_penalty: float = 0.0
+    """MOPO's pessimism: each kept imagined step's reward, for every agent, minus this times
+    the world model's ensemble spread at that step, so the planner earns less where the model
+    is unsure and cannot climb its errors (0 = off)."""
     world_model_retrain_every: int = 0
     """Retrain the world model every this many iterations (0 = never)."""
     gate: bool = True
@@ -116,6 +120,7 @@ class ImaginationConfig(ConfigBase):
             self.start_iteration,
             "must be an integer >= 0 (0 = imagine from the first iteration)",
         )  # fmt: skip
+        check_positive(f"{prefix}uncertainty_penalty", self.uncertainty_penalty, allow_zero=True)
         check(
             self.world_model_retrain_every >= 0,
             f"{prefix}world_model_retrain_every",
@@ -321,6 +326,7 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
             imagination_updates=im.updates,
             imagination_start_iteration=im.start_iteration,
             imagination_real_every_update=im.real_every_update,
+            imagination_uncertainty_penalty=im.uncertainty_penalty,
             world_model_retrain_every=im.world_model_retrain_every,
             gate=im.gate,
             serve_app_name=im.serve_app_name,

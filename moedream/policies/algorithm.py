@@ -20,6 +20,7 @@ With ``imagination=False`` it is the model-free MAPPO baseline.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import tempfile
@@ -57,6 +58,7 @@ from moedream.policies.imagination import (
     build_imagined_episodes,
     sample_start_obs,
 )
+from moedream.world_model.trajectory import Trajectories
 
 METRICS = "moedream"  # results[METRICS][...] holds the per-iteration moedream metrics
 STATE_KEY = "moedream_imagination"
@@ -124,6 +126,7 @@ class MBMAPPOConfig(PPOConfig):
         self.imagination_updates = 1
         self.imagination_start_iteration = 0
         self.imagination_real_every_update = False
+        self.imagination_uncertainty_penalty = 0.0
         self.world_model_retrain_every = 0
         self.gate = True
         self.serve_app_name = "world_model"
@@ -143,6 +146,7 @@ class MBMAPPOConfig(PPOConfig):
         imagination_updates: int | None = NotProvided,
         imagination_start_iteration: int | None = NotProvided,
         imagination_real_every_update: bool | None = NotProvided,
+        imagination_uncertainty_penalty: float | None = NotProvided,
         world_model_retrain_every: int | None = NotProvided,
         gate: bool | None = NotProvided,
         serve_app_name: str | None = NotProvided,
@@ -170,6 +174,9 @@ class MBMAPPOConfig(PPOConfig):
                 real batch (PPO's clipped ratio against the sampling policy then pulls the
                 planner back wherever imagination moved it against the real advantages);
                 False = the real batch is learnt from in the first update only.
+            imagination_uncertainty_penalty: lambda of MOPO's pessimism: a kept imagined
+                step's reward (every agent's) minus lambda x the model's ensemble spread at
+                that step (0 = off; providers without an uncertainty are not penalised).
             world_model_retrain_every: call the provider's ``retrain`` every this many
                 iterations (0 = never).
             gate: drop the trajectories the provider's gate does not keep.
@@ -234,6 +241,14 @@ class MBMAPPOConfig(PPOConfig):
             "imagination_real_every_update",
             self.imagination_real_every_update,
             "must be true or false",
+        )
+        _check(
+            isinstance(self.imagination_uncertainty_penalty, (int, float))
+            and not isinstance(self.imagination_uncertainty_penalty, bool)
+            and self.imagination_uncertainty_penalty >= 0,
+            "imagination_uncertainty_penalty",
+            self.imagination_uncertainty_penalty,
+            "must be a number >= 0 (0 = no pessimism)",
         )
         _check(
             isinstance(self.world_model_retrain_every, int) and self.world_model_retrain_every >= 0,
@@ -418,6 +433,11 @@ class MBMAPPO(PPO):
         if decision.trajectories is not None:  # the gate re-imagined its REFINE rows
             trajs = decision.trajectories
         kept = trajs.select(np.flatnonzero(decision.keep))
+        if kept.batch_size:  # what the model predicts, before any pessimism
+            self.metrics.log_value(
+                (METRICS, "imagined_reward_per_step"), float(np.mean(kept.reward[..., 0])), window=1
+            )
+        kept = self._penalise_uncertainty(kept)
         imagined = (
             build_imagined_episodes(
                 kept,
@@ -441,10 +461,6 @@ class MBMAPPO(PPO):
         total = max(1, counts["approve"] + counts["refine"] + counts["reject"])
         for name in ("approve", "refine", "reject"):  # over the iteration's rounds so far
             self.metrics.log_value((METRICS, f"gate_{name}_rate"), counts[name] / total, window=1)
-        if kept.batch_size:  # what the learner sees: per-step team reward, imagined vs real
-            self.metrics.log_value(
-                (METRICS, "imagined_reward_per_step"), float(np.mean(kept.reward[..., 0])), window=1
-            )
         self.metrics.log_value(
             (METRICS, "real_reward_per_step"), _team_reward_per_step(episodes, spec), window=1
         )
@@ -458,6 +474,17 @@ class MBMAPPO(PPO):
                 window=1,
             )
         return imagined
+
+    def _penalise_uncertainty(self, kept: Trajectories) -> Trajectories:
+        """reward [B, H, N] - lambda * uncertainty [B, H] (MOPO), when lambda > 0."""
+        lam = float(self.config.imagination_uncertainty_penalty)
+        if lam <= 0 or not kept.batch_size or kept.uncertainty is None:
+            return kept
+        penalty = lam * np.nan_to_num(kept.uncertainty, nan=0.0)[..., None]  # [B, H, 1]
+        self.metrics.log_value(
+            (METRICS, "imagined_penalty_per_step"), float(np.mean(penalty)), window=1
+        )
+        return dataclasses.replace(kept, reward=(kept.reward - penalty).astype(kept.reward.dtype))
 
     def _log_counts(self, **counts: int) -> None:
         for name, value in counts.items():

@@ -35,6 +35,7 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
         "imagination/rounds": md.get("imagination_rounds", 0.0),
         "imagination/imagined_reward_per_step": md.get("imagined_reward_per_step", np.nan),
         "imagination/real_reward_per_step": md.get("real_reward_per_step", np.nan),
+        "imagination/penalty_per_step": md.get("imagined_penalty_per_step", 0.0),
         "learner/imagined_agent_steps": learners.get(IMAGINED_STEPS_KEY, 0.0),
         "learner/real_agent_steps": learners.get(REAL_STEPS_KEY, np.nan),
     }
