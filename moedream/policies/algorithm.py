@@ -20,7 +20,6 @@ With ``imagination=False`` it is the model-free MAPPO baseline.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 import tempfile
@@ -56,6 +55,7 @@ from moedream.policies.imagination import (
     GateDecision,
     TeamPolicy,
     build_imagined_episodes,
+    penalise_uncertainty,
     sample_start_obs,
 )
 from moedream.world_model.trajectory import Trajectories
@@ -476,15 +476,10 @@ class MBMAPPO(PPO):
         return imagined
 
     def _penalise_uncertainty(self, kept: Trajectories) -> Trajectories:
-        """reward [B, H, N] - lambda * uncertainty [B, H] (MOPO), when lambda > 0."""
-        lam = float(self.config.imagination_uncertainty_penalty)
-        if lam <= 0 or not kept.batch_size or kept.uncertainty is None:
-            return kept
-        penalty = lam * np.nan_to_num(kept.uncertainty, nan=0.0)[..., None]  # [B, H, 1]
-        self.metrics.log_value(
-            (METRICS, "imagined_penalty_per_step"), float(np.mean(penalty)), window=1
-        )
-        return dataclasses.replace(kept, reward=(kept.reward - penalty).astype(kept.reward.dtype))
+        kept, penalty = penalise_uncertainty(kept, self.config.imagination_uncertainty_penalty)
+        if penalty:
+            self.metrics.log_value((METRICS, "imagined_penalty_per_step"), penalty, window=1)
+        return kept
 
     def _log_counts(self, **counts: int) -> None:
         for name, value in counts.items():

@@ -73,6 +73,19 @@ class ImaginationProvider(Protocol):
         """Verdicts on the trajectories: a GateDecision or a [B] bool keep mask."""
 
 
+def penalise_uncertainty(trajs: Trajectories, lam: float) -> tuple[Trajectories, float]:
+    """MOPO's pessimism: reward [B, H, N] - lam * uncertainty [B, H] for every agent.
+
+    Returns the penalised trajectories and the mean penalty per step (0.0 when lam is 0, the
+    batch is empty, or the provider gives no uncertainty, e.g. real env replay).
+    """
+    if lam <= 0 or not trajs.batch_size or trajs.uncertainty is None:
+        return trajs, 0.0
+    penalty = float(lam) * np.nan_to_num(trajs.uncertainty, nan=0.0)[..., None]  # [B, H, 1]
+    reward = (trajs.reward - penalty).astype(trajs.reward.dtype)
+    return dataclasses.replace(trajs, reward=reward), float(np.mean(penalty))
+
+
 class TeamPolicy:
     """The planners of a team module as a batched policy over stacked observations.
 

@@ -77,7 +77,17 @@ def test_config_errors_name_fields():
         tiny_config("overcooked", imagination={"enabled": True, "updates": 0})
     with pytest.raises(ConfigError, match="imagination.start_iteration"):
         tiny_config("overcooked", imagination={"enabled": True, "start_iteration": -1})
+    with pytest.raises(ConfigError, match="imagination.uncertainty_penalty"):
+        tiny_config("overcooked", imagination={"enabled": True, "uncertainty_penalty": -1.0})
+    with pytest.raises(ConfigError, match="kl_coeff"):
+        tiny_config("overcooked", kl_coeff=-0.1)
+    with pytest.raises(ConfigError, match="kl_target"):
+        tiny_config("overcooked", kl_target=0.0)
+    # kl_coeff 0 turns PPO's KL penalty off; the default keeps RLlib's adaptive one
+    no_kl = build_algo_config(tiny_config("overcooked", kl_coeff=0.0), logdir_root="/tmp/unused")
+    assert no_kl.use_kl_loss is False
     algo_config = build_algo_config(tiny_config("overcooked"), logdir_root="/tmp/unused")
+    assert algo_config.use_kl_loss is True and algo_config.kl_coeff == 0.2
     for field, value in [
         ("imagination_horizon", 0),
         ("imagined_ratio", -1.0),
@@ -85,6 +95,7 @@ def test_config_errors_name_fields():
         ("imagination_updates", 0),
         ("imagination_updates", 2.5),
         ("imagination_start_iteration", -1),
+        ("imagination_uncertainty_penalty", -0.5),
         ("serve_app_name", ""),
     ]:
         bad = algo_config.copy(copy_frozen=False).model_based(**{field: value})
@@ -99,6 +110,31 @@ def test_config_errors_name_fields():
 
 # ---------------------------------------------------------------------------------------------
 # Imagined episodes look like sampled ones (no cluster)
+
+
+def test_uncertainty_penalty_lowers_each_reward_by_lambda_times_the_spread():
+    from moedream.policies.imagination import penalise_uncertainty
+    from moedream.world_model.trajectory import Trajectories
+
+    b, h, n, d = 3, 4, 2, 5
+    rng = np.random.default_rng(0)
+    trajs = Trajectories(
+        obs=rng.normal(size=(b, h + 1, n, d)).astype(np.float32),
+        action=rng.normal(size=(b, h, n, 1)).astype(np.float32),
+        reward=rng.normal(size=(b, h, n)).astype(np.float32),
+        terminated=np.zeros((b, h, n), np.float32),
+        uncertainty=rng.uniform(0.0, 0.2, size=(b, h)).astype(np.float32),
+    )
+    out, mean_penalty = penalise_uncertainty(trajs, 2.5)
+    expected = trajs.reward - 2.5 * trajs.uncertainty[..., None]  # every agent alike
+    np.testing.assert_allclose(out.reward, expected, rtol=1e-6)
+    assert out.reward.dtype == np.float32 and out.reward.shape == (b, h, n)
+    assert mean_penalty == pytest.approx(2.5 * trajs.uncertainty.mean(), rel=1e-5)
+    np.testing.assert_array_equal(out.obs, trajs.obs)  # only the reward changes
+    same, zero = penalise_uncertainty(trajs, 0.0)
+    assert same is trajs and zero == 0.0
+    real_like = Trajectories(trajs.obs, trajs.action, trajs.reward, trajs.terminated)
+    assert penalise_uncertainty(real_like, 2.5) == (real_like, 0.0)  # no uncertainty: no change
 
 
 def test_imagined_episodes_carry_the_real_model_outputs():
