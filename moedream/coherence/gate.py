@@ -96,6 +96,9 @@ class CoherenceGate:
             normalizer if isinstance(normalizer, Normalizer) else Normalizer.from_dict(normalizer)
         )
         self.state_path = Path(state_dir) / f"{config.actor_name}.json"
+        self.normalizer_path = Path(state_dir) / f"{config.actor_name}_normalizer.json"
+        if self.normalizer_path.is_file():  # a refit (refit / set_normalizer) outlives restarts
+            self.normalizer = Normalizer.load(self.normalizer_path)
         self.state = load_state(self.state_path, config.h7_bins)
         self.state["starts"] += 1
         self._reimagine_fn = reimagine
@@ -105,13 +108,57 @@ class CoherenceGate:
     # -- judging -------------------------------------------------------------------------------
 
     def judge(
-        self, trajs: Trajectories | Any, env_name: str = "default", policy_id: str = "default"
+        self,
+        trajs: Trajectories | Any,
+        env_name: str = "default",
+        policy_id: str = "default",
+        record: bool = True,
     ) -> GateResult:
-        """Verdicts for a batch (Trajectories, its ObjectRef, or its to_dict()); no refine."""
+        """Verdicts for a batch (Trajectories, its ObjectRef, or its to_dict()); no refine.
+        ``record=False`` leaves the counters alone (e.g. to check the gate on REAL data)."""
         trajs = resolve_trajectories(trajs)
         result = judge(trajs, self.normalizer, self.config)
-        self._record(result, env_name, policy_id, entered_refine=0, attempts=0, recovered=0)
+        if record:
+            self._record(result, env_name, policy_id, entered_refine=0, attempts=0, recovered=0)
         return result
+
+    # -- φ ---------------------------------------------------------------------------------------
+
+    def refit(self, sequences: list[np.ndarray] | np.ndarray) -> dict[str, float]:
+        """Refit φ on real observation sequences (episodes [T_i+1, N, D] or windows
+        [B, T+1, N, D]), e.g. the agents' latest real episodes: φ fitted on a random policy's
+        collection calls a trained team's real steps incoherent (they are larger and reach
+        states random play never does). The model-metric quantiles (kl, ensemble) are kept
+        and the support [min, max] is the union of the old and the new one.
+        Persisted in the state dir, so a restarted actor keeps it."""
+        new = Normalizer.fit(sequences, self.config)
+        old = self.normalizer
+        if (new.n_agents, new.obs_dim) != (old.n_agents, old.obs_dim):
+            raise ValueError(
+                f"refit sequences have {new.n_agents} agents x {new.obs_dim} features; this gate "
+                f"judges {old.n_agents} x {old.obs_dim}: send observations of the same env"
+            )
+        for metric in ("kl", "ensemble"):  # calibrated on the model's outputs, not real data
+            if metric in old.quantiles:
+                new.quantiles[metric] = old.quantiles[metric]
+        # the support only widens: states real data visited before stay on support
+        new.state_min = np.minimum(new.state_min, old.state_min)
+        new.state_max = np.maximum(new.state_max, old.state_max)
+        self.set_normalizer(new)
+        return {"refit_steps": float(new.n_steps), "refit_l2_quantile": new.quantiles["l2"]}
+
+    def set_normalizer(self, normalizer: dict[str, Any] | Normalizer) -> None:
+        """Replace φ (persisted, see :meth:`refit`)."""
+        norm = (
+            normalizer if isinstance(normalizer, Normalizer) else Normalizer.from_dict(normalizer)
+        )
+        norm.save(self.normalizer_path)  # atomic: a crash leaves the old file or the new one
+        self.normalizer = norm
+        self.state["refits"] = int(self.state.get("refits", 0)) + 1
+        self._persist()
+
+    def get_normalizer(self) -> dict[str, Any]:
+        return self.normalizer.to_dict()
 
     def judge_and_refine(
         self,
@@ -303,6 +350,7 @@ def stats_from_state(state: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {
         "gate/starts": float(state["starts"]),
         "gate/calls": float(state["calls"]),
+        "gate/refits": float(state.get("refits", 0)),
     }
     bins = int(state["h7_bins"])
     for env_name, per_env in state["counters"].items():

@@ -34,9 +34,11 @@ import numpy as np
 import torch
 
 from moedream.config import ConfigBase, ConfigError, check, check_positive
+from moedream.data.episodes import episode_windows
 from moedream.envs.spec import EnvSpec
 from moedream.platform.retrain import (
     RealEpisodeStore,
+    concat_windows,
     ensure_log_handler,
     episode_from_rllib,
     fine_tune,
@@ -91,6 +93,11 @@ class ServedWorldModelImaginerFactory(ConfigBase):
     """How long to wait for the deployment to serve a new checkpoint."""
     progress: bool = False
     """tqdm bar during the fine-tune (a one-line log is written either way)."""
+    gate_refit: bool = True
+    """Every iteration, refit the coherence gate's φ on the episode store (the agents' own
+    real episodes): φ fitted once on the random collection rejects more and more imagination
+    as the team's real motion leaves random play behind. Before each refit the new episodes'
+    real H-step windows are judged (uncounted): provider/gate_real_approve_rate."""
     eval_rows: int = 256
     """Held-out one-step predictions scored on each iteration's new real episodes before they
     are stored (provider/wm_eval_* metrics); 0 = do not score."""
@@ -112,6 +119,8 @@ class ServedWorldModelImaginerFactory(ConfigBase):
             value = getattr(self, name)
             check(_is_int(value) and value >= 0, f"{prefix}{name}", value,
                   "must be an integer >= 0")  # fmt: skip
+        check(isinstance(self.gate_refit, bool), f"{prefix}gate_refit", self.gate_refit,
+              "must be true or false")  # fmt: skip
         check_positive(f"{prefix}retrain_lr", self.retrain_lr)
         check_positive(f"{prefix}swap_timeout_s", self.swap_timeout_s)
         check(
@@ -149,6 +158,7 @@ class ServedWorldModelImaginerFactory(ConfigBase):
             horizon=config.imagination_horizon,
             seed=config.seed or 0,
             factory=self,
+            refit_gate=self.gate_refit and bool(getattr(config, "gate", True)),
         )
 
 
@@ -158,9 +168,16 @@ def _is_int(value: Any) -> bool:
 
 class ServedWorldModelImaginer:
     def __init__(
-        self, *, spec: EnvSpec, horizon: int, seed: int, factory: ServedWorldModelImaginerFactory
+        self,
+        *,
+        spec: EnvSpec,
+        horizon: int,
+        seed: int,
+        factory: ServedWorldModelImaginerFactory,
+        refit_gate: bool = False,
     ):
         self.spec, self.horizon, self.factory = spec, int(horizon), factory
+        self.refit_gate = refit_gate  # the factory's gate_refit, when the gate is used at all
         self._seed = int(seed)
         self._calls = 0
         self._last: dict[str, float] = {}
@@ -172,6 +189,8 @@ class ServedWorldModelImaginer:
         self._base_windows: dict[str, np.ndarray] | None = None
         self._skipped_episodes = 0
         self._eval_window: int | None = None
+        self._gate_normalizer: dict[str, Any] | None = None  # our last refit (for checkpoints)
+        self._gate_restored = False  # set_state gave a refit the actor may not have
         ensure_log_handler()
 
     # -------------------------------------------------------------------------- imagine
@@ -241,7 +260,8 @@ class ServedWorldModelImaginer:
         from moedream.coherence.kernel import Verdict
         from moedream.policies.imagination import GateDecision
 
-        actor = ray.get_actor(self.factory.gate_actor_name, namespace=self.factory.gate_namespace)
+        self._push_restored_gate()
+        actor = self._gate_actor()
         result = ray.get(
             actor.judge_and_refine.remote(
                 trajectories, self.spec.env_name, self.factory.policy_id, seed=self._calls
@@ -335,7 +355,48 @@ class ServedWorldModelImaginer:
             except ValueError as err:  # e.g. an agent that did not act every step
                 self._skipped_episodes += 1
                 logger.debug("episode store: skipped an episode: %s", err)
+        if self.refit_gate:
+            self._judge_real(converted)
         self.store.add(converted)
+        if self.refit_gate and self.store.episodes:
+            self._refit_gate()
+
+    def _gate_actor(self) -> Any:
+        import ray
+
+        return ray.get_actor(self.factory.gate_actor_name, namespace=self.factory.gate_namespace)
+
+    def _judge_real(self, episodes: list[Any]) -> None:
+        """How much of the team's NEW real data (H-step windows) the gate would approve."""
+        import ray
+
+        from moedream.coherence.kernel import Verdict
+
+        parts = [episode_windows(ep, self.spec, self.horizon) for ep in episodes]
+        windows = concat_windows([p for p in parts if p])
+        if not windows:
+            return
+        real = Trajectories(obs=windows["obs"], action=windows["action"],
+                            reward=windows["reward"], terminated=windows["terminated"])  # fmt: skip
+        self._push_restored_gate()
+        result = ray.get(self._gate_actor().judge.remote(real, record=False))
+        self._last["gate_real_approve_rate"] = float(np.mean(result.verdicts == Verdict.APPROVE))
+
+    def _refit_gate(self) -> None:
+        import ray
+
+        actor = self._gate_actor()
+        info = ray.get(actor.refit.remote([ep.obs for ep in self.store.episodes]))
+        self._gate_normalizer = ray.get(actor.get_normalizer.remote())
+        self._last.update({f"gate_{k}": float(v) for k, v in info.items()})
+
+    def _push_restored_gate(self) -> None:
+        """After set_state with a refit φ: give it back to the gate (e.g. a fresh actor)."""
+        if self._gate_restored and self._gate_normalizer is not None:
+            import ray
+
+            ray.get(self._gate_actor().set_normalizer.remote(self._gate_normalizer))
+        self._gate_restored = False
 
     def retrain(self, iteration: int) -> dict[str, float]:
         """Fine-tune the served checkpoint on original + stored real windows, write a new
@@ -477,6 +538,7 @@ class ServedWorldModelImaginer:
             "checkpoint": self._checkpoint,
             "checkpoint_id": self._checkpoint_id,
             "checkpoint_version": self._version,
+            "gate_normalizer": self._gate_normalizer,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -484,6 +546,9 @@ class ServedWorldModelImaginer:
         imagination) if the deployment serves another one."""
         self._calls = int(state.get("calls", 0))
         self._version = int(state.get("checkpoint_version", 0))
+        if state.get("gate_normalizer"):  # the gate's refit φ at save time
+            self._gate_normalizer = state["gate_normalizer"]
+            self._gate_restored = True
         if state.get("checkpoint"):
             self._checkpoint = str(state["checkpoint"])
             self._checkpoint_id = state.get("checkpoint_id")

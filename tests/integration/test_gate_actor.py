@@ -252,3 +252,50 @@ def test_stats_go_to_tensorboard(ray_cluster, real, config, tmp_path):
     assert "gate/mamujoco/planner/approve_rate" in events.Tags()["scalars"]
     assert "gate/mamujoco/planner/h7" in events.Tags()["histograms"]
     _kill_actor(ray, gate)
+
+
+def _faster(obs: np.ndarray, factor: float) -> np.ndarray:
+    """The same paths taken `factor` times faster: [.., T+1, N, D] with every step scaled."""
+    steps = np.diff(obs, axis=-3) * factor
+    return np.concatenate([obs[..., :1, :, :], obs[..., :1, :, :] + np.cumsum(steps, -3)], -3)
+
+
+def test_refit_follows_the_teams_real_data_and_survives_a_restart(
+    ray_cluster, real, config, tmp_path
+):
+    """A trained team's real steps are larger than random play's: φ fitted on the random
+    collection rejects them; refit on the team's episodes approves them again, keeps the
+    model-metric quantiles, widens the support, and is kept by a restarted actor."""
+    from moedream.coherence.gate import get_or_create_gate
+
+    ray = ray_cluster
+    normalizer, windows = real
+    normalizer.quantiles["ensemble"] = 0.123  # as if calibrated on the model
+    episodes = collect_random_episodes("mamujoco", n_episodes=8, max_steps=150, seed=1)
+    team = [_faster(e["obs"], 3.0) for e in episodes[:5]]
+    held_out = Trajectories(_faster(windows.obs, 3.0), windows.action, windows.reward,
+                            windows.terminated)  # fmt: skip
+    gate = get_or_create_gate(config, normalizer, tmp_path)
+
+    def approve_rate() -> float:
+        result = ray.get(gate.judge.remote(held_out, record=False))
+        return float(np.mean(result.verdicts == Verdict.APPROVE))
+
+    before = approve_rate()
+    info = ray.get(gate.refit.remote(team))
+    after = approve_rate()
+    assert before < 0.2 and after > 0.8, (before, after)
+    assert info["refit_steps"] == sum(len(e) - 1 for e in team)
+    refit = Normalizer.from_dict(ray.get(gate.get_normalizer.remote()))
+    assert refit.quantiles["ensemble"] == 0.123
+    assert np.all(refit.state_min <= normalizer.state_min)
+    assert np.all(refit.state_max >= normalizer.state_max)
+    stats = ray.get(gate.stats.remote())
+    assert stats["gate/refits"] == 1 and stats["gate/calls"] == 0  # record=False: uncounted
+    assert (tmp_path / f"{config.actor_name}_normalizer.json").is_file()
+
+    ray.kill(gate, no_restart=False)  # restarted with the constructor's (random) φ ...
+    assert approve_rate() == after  # ... but it reloads the refit one
+    with pytest.raises(ray.exceptions.RayTaskError, match="same env"):
+        ray.get(gate.refit.remote([e[:, :, :5] for e in team]))
+    _kill_actor(ray, gate)

@@ -63,7 +63,7 @@ def served_world_model(ray_cluster, tmp_path_factory):
     serve.delete(APP)
 
 
-def algo_config(root, data, retrain_every: int):
+def algo_config(root, data, retrain_every: int, gate: str | None = None):
     cfg = AgentsConfig.from_dict(
         {
             "env": "overcooked",
@@ -75,7 +75,7 @@ def algo_config(root, data, retrain_every: int):
             "team": {"embedding_dim": 16, "perceiver_hidden": [16], "planner_hidden": [16],
                      "reflector_hidden": [16]},
             "imagination": {"enabled": True, "provider": "world_model", "horizon": 4,
-                            "imagined_ratio": 0.2, "serve_app_name": APP, "gate": False},
+                            "imagined_ratio": 0.2, "serve_app_name": APP, "gate": gate is not None},
         }
     )  # fmt: skip
     factory = ServedWorldModelImaginerFactory(
@@ -90,6 +90,7 @@ def algo_config(root, data, retrain_every: int):
         retrain_lr=1e-3,
         retrain_warmup=0,
         swap_timeout_s=240.0,
+        **({"gate_actor_name": gate, "gate_namespace": "moedream_test"} if gate else {}),
     )
     return build_algo_config(cfg, logdir_root=str(root / "rllib")).model_based(
         world_model_retrain_every=retrain_every, imagination_provider=factory
@@ -156,6 +157,58 @@ def test_mbmappo_retrains_the_served_world_model_and_keeps_imagining(served_worl
     assert fresh.metrics()["wm_retrain_skipped"] == 1.0
     assert served_checkpoint(APP, DEPLOYMENT)["id"] == ids[1]
     assert not (root / "world_model" / "retrain_2").exists()
+
+
+def test_the_gate_is_refit_on_the_teams_real_episodes_and_restored(served_world_model):
+    """gate_refit (default): every iteration the new real windows are judged uncounted, then
+    the gate's φ is refit on the episode store; checkpoints carry it to a fresh gate."""
+    import uuid
+
+    import ray
+
+    from moedream.coherence.gate import get_or_create_gate
+    from moedream.coherence.kernel import GateConfig, Normalizer
+    from moedream.data import load_windows
+
+    root, data = served_world_model["root"], served_world_model["data"]
+    gate_cfg = GateConfig(actor_name=f"gate_{uuid.uuid4().hex[:8]}", namespace="moedream_test",
+                          reimaginer_app=APP, reimaginer_deployment=DEPLOYMENT)  # fmt: skip
+    _, windows, _ = load_windows(data, 4)
+    random_phi = Normalizer.fit(windows["obs"], gate_cfg)
+    gate = get_or_create_gate(gate_cfg, random_phi, root / f"state_{gate_cfg.actor_name}")
+    algo = algo_config(root, data, retrain_every=0, gate=gate_cfg.actor_name).build_algo()
+    try:
+        results = [algo.train(), algo.train()]
+        state = algo.get_state()[STATE_KEY]
+        store_steps = algo.provider.store.steps
+    finally:
+        algo.stop()
+    for result in results:
+        md = result[METRICS]
+        assert 0.0 <= md["provider_gate_real_approve_rate"] <= 1.0
+        assert md["provider_gate_refit_steps"] == md["real_env_steps_lifetime"]  # the store
+        assert md["provider_gate_refit_l2_quantile"] > 0
+    stats = ray.get(gate.stats.remote())
+    assert stats["gate/refits"] == 2
+    md = results[-1][METRICS]  # lifetime verdict totals: the real windows were not counted
+    verdicts = sum(md[f"gate_{v}_total"] for v in ("approve", "refine", "reject"))
+    assert stats["gate/overcooked/team/judged"] == verdicts > 0
+    refit = Normalizer.from_dict(state["gate_normalizer"])
+    assert refit.n_steps == store_steps
+    assert not np.allclose(refit.delta_std, random_phi.delta_std)
+
+    # a fresh gate (random φ again) gets the saved refit back before it judges anything
+    ray.kill(gate, no_restart=True)
+    for old in (root / f"state_{gate_cfg.actor_name}").glob("*"):
+        old.unlink()
+    gate = get_or_create_gate(gate_cfg, random_phi, root / f"state_{gate_cfg.actor_name}")
+    fresh = algo_config(root, data, 0, gate=gate_cfg.actor_name).imagination_provider(algo.config)
+    fresh.set_state(state)
+    fresh._push_restored_gate()
+    np.testing.assert_allclose(
+        Normalizer.from_dict(ray.get(gate.get_normalizer.remote())).delta_std, refit.delta_std
+    )
+    ray.kill(gate, no_restart=True)
 
 
 def _replica_id() -> str:
