@@ -84,6 +84,9 @@ class Args:
     retrain_every: int = 1
     """Fine-tune the served world model on the new real episodes every this many iterations
     (provider world_model; 0 = never)."""
+    gate_refit: bool = True
+    """Model-based run: refit the gate's φ on the team's real episodes every iteration
+    (imagination.world_model.gate_refit; --no-gate-refit keeps the random collection's)."""
     smooth_steps: int = 4000
     """Each curve point is the mean team return of the iterations within the last this many
     real steps of its run (both runs alike): one iteration's return averages only a few
@@ -146,6 +149,7 @@ def run_config(args: Args, env: str, seed: int, imagination: bool):
             "checkpoint_dir": str(run_dir / f"world_model_retrain_seed{seed}"),
             "base_data_path": str(run_dir / "data"),
             "retrain_steps": args.retrain_steps,
+            "gate_refit": args.gate_refit,
         }
     return AgentsConfig.from_dict(data)
 
