@@ -278,12 +278,14 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
             num_envs_per_env_runner=cfg.num_envs_per_env_runner,
             env_to_module_connector=functools.partial(env_to_module_pieces, agent_ids=agent_ids),
         )
-        .learners(num_learners=0)
-        .training(
+        .learners(
+            num_learners=0,
             learner_class=TeamPPOTorchLearner,
             learner_connector=functools.partial(
                 _learner_connector, agent_ids=agent_ids, obs_dim=spec.obs_dim, obs_norm=cfg.obs_norm
             ),
+        )
+        .training(
             train_batch_size_per_learner=cfg.train_batch_size,
             minibatch_size=cfg.minibatch_size,
             num_epochs=cfg.num_epochs,

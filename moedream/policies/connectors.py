@@ -163,7 +163,7 @@ def env_to_module_pieces(
 def learner_pieces(
     input_observation_space=None, input_action_space=None, *, agent_ids: list[str], obs_dim: int
 ) -> list[ConnectorV2]:
-    """``config.training(learner_connector=partial(learner_pieces, agent_ids=..., obs_dim=...))``."""
+    """``config.learners(learner_connector=partial(learner_pieces, agent_ids=..., obs_dim=...))``."""
     return [
         CountImaginedSteps(),
         AddAgentIndex(agent_ids=agent_ids, as_learner_connector=True),
