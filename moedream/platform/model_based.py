@@ -385,9 +385,11 @@ class ServedWorldModelImaginer:
     def _refit_gate(self) -> None:
         import ray
 
-        actor = self._gate_actor()
-        info = ray.get(actor.refit.remote([ep.obs for ep in self.store.episodes]))
-        self._gate_normalizer = ray.get(actor.get_normalizer.remote())
+        actor = self._gate_actor()  # an actor runs its calls in order: one wait for both
+        info, self._gate_normalizer = ray.get(
+            [actor.refit.remote([ep.obs for ep in self.store.episodes]),
+             actor.get_normalizer.remote()]
+        )  # fmt: skip
         self._last.update({f"gate_{k}": float(v) for k, v in info.items()})
 
     def _push_restored_gate(self) -> None:
