@@ -110,6 +110,9 @@ DRIVER = textwrap.dedent(
         return ray.get_runtime_context().get_node_id(), os.environ.get("CUDA_VISIBLE_DEVICES")
 
     gate = Gate.remote()
+    ray.get(gate.verdict.remote([]), timeout=60)  # placed on the head before any runner is
+    # asked for, so the head's 1 CPU is already 0.25 short: a runner racing the gate there
+    # could otherwise take it
     runners = [EnvRunner.remote() for _ in range(4)]
     samples = ray.get([r.sample.remote(i) for i, r in enumerate(runners)], timeout=150)
     train_node, visible = ray.get(train_step.remote(), timeout=150)
