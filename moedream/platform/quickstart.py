@@ -244,7 +244,12 @@ def _start_gate(cfg: QuickstartConfig) -> dict[str, Any]:
                             terminated=hold["terminated"])  # fmt: skip
         verdicts = judge(real, normalizer, gate_cfg).verdict_names()
         approval = float(np.mean([v == "APPROVE" for v in verdicts]))
-    print(f"gate: held-out real trajectories approved: {approval:.1%}")
+        print(f"gate: held-out real trajectories approved: {approval:.1%}")
+    else:  # one collected episode: all of it fits φ, none is left to judge
+        print(
+            "gate: no held-out real episode to judge (only one was collected; collect 2 or "
+            "more to measure the approval of real trajectories)"
+        )
     return {"holdout_real_approval": approval}
 
 
