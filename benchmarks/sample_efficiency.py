@@ -62,8 +62,8 @@ class Args:
     train_batch_size: int = 4000
     minibatch_size: int = 500
     num_epochs: int = 6
-    horizon: int = 10
-    """Imagination horizon."""
+    horizon: int = 0
+    """Imagination horizon (0 = each env's agents config: imagination.horizon)."""
     imagined_ratio: float = 1.0
     """Imagined env steps per real env step per imagination round."""
     imagination_updates: int = 4
@@ -133,11 +133,12 @@ def run_config(args: Args, env: str, seed: int, imagination: bool):
         **data.get("imagination", {}),
         "enabled": imagination,
         "provider": args.provider,
-        "horizon": args.horizon,
         "imagined_ratio": args.imagined_ratio,
         "updates": args.imagination_updates,
         "start_iteration": args.start_iteration,
     }
+    if args.horizon:
+        data["imagination"]["horizon"] = args.horizon
     if args.uncertainty_penalty >= 0:
         data["imagination"]["uncertainty_penalty"] = args.uncertainty_penalty
     if args.real_every_update != "config":
@@ -152,6 +153,13 @@ def run_config(args: Args, env: str, seed: int, imagination: bool):
             "gate_refit": args.gate_refit,
         }
     return AgentsConfig.from_dict(data)
+
+
+def horizons(args: Args) -> str:
+    """'env H, ...': the imagination horizon each env's model-based run uses."""
+    return ", ".join(
+        f"{env} {run_config(args, env, 0, True).imagination.horizon}" for env in args.envs
+    )
 
 
 def prepare_world_model(args: Args, env: str) -> tuple[int, str]:
@@ -401,7 +409,8 @@ def main(argv: list[str] | None = None) -> None:
         for (env, seed), ratio in ratios.items()
     ]  # fmt: skip
     body = (
-        f"Model-based run: **{mb_label}**, imagination horizon {args.horizon}, "
+        f"Model-based run: **{mb_label}**, imagination horizon "
+        f"{args.horizon or 'of each env config (' + horizons(args) + ')'}, "
         f"{args.imagination_updates} imagination update(s) per real batch (the first on real + "
         f"imagined episodes, the others on fresh imagination under the updated planner"
         + {"true": ", each with the real batch too", "false": ""}.get(

@@ -43,3 +43,19 @@ def test_by_budget_gives_a_ratio_per_part_of_the_model_free_budget(bench):
     mb = (np.array([500, 1000, 1500, 2000]), np.array([2.0, 3.0, 3.5, 3.8]), 0.0, {})
     cells = bench.by_budget(mf, mb)
     assert cells == ["2.00x (1.0)", "4.00x (2.0)", "3.00x (3.0)", "never (4.0)"]
+
+
+def test_horizon_comes_from_each_env_config_unless_given(bench):
+    from moedream.config import load_yaml
+
+    configured = {
+        env: load_yaml(Path(__file__).resolve().parents[2] / path)["imagination"]["horizon"]
+        for env, path in bench.CONFIGS.items()
+    }
+    assert configured["mamujoco"] == 5 and configured["overcooked"] == 10
+    args = bench.Args()  # --horizon 0: each env's agents config
+    for env, horizon in configured.items():
+        assert bench.run_config(args, env, 0, True).imagination.horizon == horizon
+    assert bench.horizons(args) == "overcooked 10, mamujoco 5"
+    args.horizon = 7
+    assert {bench.run_config(args, env, 0, True).imagination.horizon for env in configured} == {7}
