@@ -82,6 +82,28 @@ class TeamPPOTorchLearner(PPOTorchLearner):
             lr_or_lr_schedule=self.config.lr,
         )
 
+    @override(TorchLearner)
+    def postprocess_gradients(self, gradients_dict: dict) -> dict:
+        """Clip the team optimizer's gradients as ``grad_clip`` / ``grad_clip_by`` say.
+
+        RLlib post-processes gradients module by module, looking each module's optimizers
+        up by its module id; the team optimizer is registered under ALL_MODULES, so RLlib's
+        default returned no gradients and clipped nothing (``grad_clip`` was silently
+        ignored). One optimizer over all modules: one global norm over all of them.
+        """
+        out = dict(gradients_dict)
+        for name, optimizer in self.get_optimizers_for_module(ALL_MODULES):
+            grads = self.filter_param_dict_for_optimizer(out, optimizer)
+            norm = self._get_clip_function()(
+                grads, grad_clip=self.config.grad_clip, grad_clip_by=self.config.grad_clip_by
+            )
+            out.update(grads)  # clipping by value replaces the tensors
+            if norm is not None:  # the norm before clipping: spikes show here
+                self.metrics.log_value(
+                    (ALL_MODULES, f"gradients_{name}_global_norm"), norm, reduce="max"
+                )
+        return out
+
 
 class TeamMetricsCallback(RLlibCallback):
     """Per real episode: team return and (Overcooked) soups delivered, on the env runners.

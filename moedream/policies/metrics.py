@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+from ray.rllib.utils.metrics import ALL_MODULES
 
 from moedream.envs import make_env
 from moedream.envs.spec import EnvSpec
@@ -49,6 +50,9 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
                     out[f"losses/{module_id}/{key}"] = stats[key]
             if "curr_kl_coeff" in stats:  # PPO's adaptive KL penalty weight after the update
                 out[f"losses/{module_id}/kl_coeff"] = stats["curr_kl_coeff"]
+    team = learners.get(ALL_MODULES, {})  # TeamPPOTorchLearner: the largest pre-clip norm
+    if isinstance(team, dict) and "gradients_team_global_norm" in team:
+        out["losses/grad_global_norm"] = team["gradients_team_global_norm"]
     return {k: float(v) for k, v in out.items()}
 
 

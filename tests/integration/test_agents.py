@@ -209,6 +209,28 @@ def test_two_iterations_with_imagination_on_mamujoco(ray_cluster, storage_path):
         algo.stop()
 
 
+def test_team_learner_clips_the_global_gradient_norm(ray_cluster, storage_path):
+    """grad_clip acts on the team optimizer (registered under ALL_MODULES, which RLlib's
+    per-module post-processing never looked up: the clip was silently skipped)."""
+    import torch
+
+    cfg = tiny_config("mamujoco", imagine=False, grad_clip=0.5)
+    algo = build_algo_config(cfg, logdir_root=str(storage_path)).build_algo()
+    try:
+        learner = algo.learner_group._learner
+        huge = {pid: torch.full_like(p, 100.0) for pid, p in learner._params.items()}
+        clipped = learner.postprocess_gradients(huge)
+        assert len(clipped) == len(learner._params) and all(k in clipped for k in learner._params)
+        norm = torch.sqrt(sum((g**2).sum() for g in clipped.values())).item()
+        assert norm == pytest.approx(0.5, rel=1e-4)
+        from moedream.policies.metrics import iteration_metrics
+
+        logged = iteration_metrics(algo.train())["losses/grad_global_norm"]
+        assert math.isfinite(logged) and logged > 0  # the largest norm before clipping
+    finally:
+        algo.stop()
+
+
 def test_imagination_rounds_update_on_fresh_imagination_only(ray_cluster, storage_path):
     """imagination.updates = 3: per real batch, one real + imagined update and two updates on
     freshly imagined episodes under the updated planner (real episodes learnt from once);
