@@ -159,6 +159,9 @@ class AgentsConfig(ConfigBase):
     kl_target: float = 0.01
     vf_loss_coeff: float = 0.5
     grad_clip: float = 0.5
+    """Global L2 norm the team's gradients are clipped to before each Adam step (one norm over
+    perceiver, planners and reflector: they share one optimizer). The largest norm before
+    clipping in each iteration is logged as losses/grad_global_norm."""
     torch_num_threads: int = 1
     """torch threads of the learner process (1: no OpenMP spin-waiting on shared cores)."""
     shared_team_reward: bool = True
