@@ -245,10 +245,11 @@ def _start_gate(cfg: QuickstartConfig) -> dict[str, Any]:
         verdicts = judge(real, normalizer, gate_cfg).verdict_names()
         approval = float(np.mean([v == "APPROVE" for v in verdicts]))
         print(f"gate: held-out real trajectories approved: {approval:.1%}")
-    else:  # one collected episode: all of it fits φ, none is left to judge
+    else:  # e.g. one collected episode: all of it fits φ, none is left to judge
         print(
-            "gate: no held-out real episode to judge (only one was collected; collect 2 or "
-            "more to measure the approval of real trajectories)"
+            f"gate: no held-out real window of {horizon} steps to judge (one episode, or "
+            "held-out episodes too short); collect more episodes to measure the approval "
+            "of real trajectories"
         )
     return {"holdout_real_approval": approval}
 
