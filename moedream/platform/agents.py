@@ -160,8 +160,8 @@ class AgentsConfig(ConfigBase):
     vf_loss_coeff: float = 0.5
     grad_clip: float = 0.5
     """Global L2 norm the team's gradients are clipped to before each Adam step (one norm over
-    perceiver, planners and reflector: they share one optimizer). The largest norm before
-    clipping in each iteration is logged as losses/grad_global_norm."""
+    perceiver, planners and reflector: they share one optimizer); 0 = no clipping. The largest
+    norm before clipping in each iteration is logged as losses/grad_global_norm."""
     torch_num_threads: int = 1
     """torch threads of the learner process (1: no OpenMP spin-waiting on shared cores)."""
     shared_team_reward: bool = True
@@ -208,8 +208,9 @@ class AgentsConfig(ConfigBase):
             self.minibatch_size,
             f"must be <= train_batch_size ({self.train_batch_size})",
         )
-        for name in ("lr", "clip_param", "vf_loss_coeff", "grad_clip"):
+        for name in ("lr", "clip_param", "vf_loss_coeff"):
             check_positive(f"{prefix}{name}", getattr(self, name))
+        check_positive(f"{prefix}grad_clip", self.grad_clip, allow_zero=True)
         check_positive(f"{prefix}entropy_coeff", self.entropy_coeff, allow_zero=True)
         check_positive(f"{prefix}kl_coeff", self.kl_coeff, allow_zero=True)
         check_positive(f"{prefix}kl_target", self.kl_target)
@@ -301,7 +302,7 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
             kl_coeff=cfg.kl_coeff,
             kl_target=cfg.kl_target,
             vf_loss_coeff=cfg.vf_loss_coeff,
-            grad_clip=cfg.grad_clip,
+            grad_clip=cfg.grad_clip or None,  # None: RLlib's 'no clipping'
             vf_clip_param=float("inf"),
         )
         .multi_agent(

@@ -48,6 +48,7 @@ from ray.rllib.utils.metrics import (
     TIMERS,
     WEIGHTS_SEQ_NO,
 )
+from ray.rllib.utils.torch_utils import compute_global_norm
 
 from moedream.config import ConfigError
 from moedream.envs.spec import EnvSpec
@@ -94,9 +95,12 @@ class TeamPPOTorchLearner(PPOTorchLearner):
         out = dict(gradients_dict)
         for name, optimizer in self.get_optimizers_for_module(ALL_MODULES):
             grads = self.filter_param_dict_for_optimizer(out, optimizer)
-            norm = self._get_clip_function()(
-                grads, grad_clip=self.config.grad_clip, grad_clip_by=self.config.grad_clip_by
-            )
+            if self.config.grad_clip is None:  # grad_clip 0 in AgentsConfig: off, norm logged
+                norm = compute_global_norm(list(grads.values()))
+            else:
+                norm = self._get_clip_function()(
+                    grads, grad_clip=self.config.grad_clip, grad_clip_by=self.config.grad_clip_by
+                )
             out.update(grads)  # clipping by value replaces the tensors
             if norm is not None:  # the norm before clipping: spikes show here
                 self.metrics.log_value(

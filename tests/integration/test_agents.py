@@ -83,6 +83,8 @@ def test_config_errors_name_fields():
         tiny_config("overcooked", kl_coeff=-0.1)
     with pytest.raises(ConfigError, match="kl_target"):
         tiny_config("overcooked", kl_target=0.0)
+    with pytest.raises(ConfigError, match="grad_clip.*>= 0"):
+        tiny_config("overcooked", grad_clip=-1.0)
     # kl_coeff 0 turns PPO's KL penalty off; the default keeps RLlib's adaptive one
     no_kl = build_algo_config(tiny_config("overcooked", kl_coeff=0.0), logdir_root="/tmp/unused")
     assert no_kl.use_kl_loss is False
@@ -209,20 +211,23 @@ def test_two_iterations_with_imagination_on_mamujoco(ray_cluster, storage_path):
         algo.stop()
 
 
-def test_team_learner_clips_the_global_gradient_norm(ray_cluster, storage_path):
+@pytest.mark.parametrize("grad_clip", [0.5, 0.0])
+def test_team_learner_clips_the_global_gradient_norm(ray_cluster, storage_path, grad_clip):
     """grad_clip acts on the team optimizer (registered under ALL_MODULES, which RLlib's
-    per-module post-processing never looked up: the clip was silently skipped)."""
+    per-module post-processing never looked up: the clip was silently skipped); grad_clip 0
+    turns clipping off and still logs the norm."""
     import torch
 
-    cfg = tiny_config("mamujoco", imagine=False, grad_clip=0.5)
+    cfg = tiny_config("mamujoco", imagine=False, grad_clip=grad_clip)
     algo = build_algo_config(cfg, logdir_root=str(storage_path)).build_algo()
     try:
         learner = algo.learner_group._learner
         huge = {pid: torch.full_like(p, 100.0) for pid, p in learner._params.items()}
+        raw_norm = torch.sqrt(sum((g**2).sum() for g in huge.values())).item()
         clipped = learner.postprocess_gradients(huge)
         assert len(clipped) == len(learner._params) and all(k in clipped for k in learner._params)
         norm = torch.sqrt(sum((g**2).sum() for g in clipped.values())).item()
-        assert norm == pytest.approx(0.5, rel=1e-4)
+        assert norm == pytest.approx(grad_clip or raw_norm, rel=1e-4)
         from moedream.policies.metrics import iteration_metrics
 
         logged = iteration_metrics(algo.train())["losses/grad_global_norm"]
