@@ -77,6 +77,12 @@ class Args:
     kl_coeff: float = -1.0
     """Both runs: initial weight of PPO's adaptive KL penalty (kl_coeff; -1 = each env's
     agents config, 0 = no KL penalty)."""
+    grad_clip: float = -1.0
+    """Both runs: the team's global gradient-norm clip (grad_clip; -1 = each env's agents
+    config, 0 = no clipping)."""
+    mf_grad_clip: float = -1.0
+    """Model-free run only: its grad_clip (-1 = as the model-based run). Set it to the best of
+    benchmarks/baseline_grad_clip.py, so the target is the tuned baseline's return."""
     start_iteration: int = 0
     """Model-based run: iterations before this one update on real episodes only."""
     retrain_steps: int = 150
@@ -126,6 +132,9 @@ def run_config(args: Args, env: str, seed: int, imagination: bool):
     )
     if args.kl_coeff >= 0:
         data["kl_coeff"] = args.kl_coeff
+    grad_clip = args.grad_clip if imagination or args.mf_grad_clip < 0 else args.mf_grad_clip
+    if grad_clip >= 0:
+        data["grad_clip"] = grad_clip
     if args.episode_horizon:
         key = "horizon" if env == "overcooked" else "max_episode_steps"
         data["env_options"] = {**data["env_options"], key: args.episode_horizon}
@@ -153,6 +162,18 @@ def run_config(args: Args, env: str, seed: int, imagination: bool):
             "gate_refit": args.gate_refit,
         }
     return AgentsConfig.from_dict(data)
+
+
+def clip_text(args: Args) -> str:
+    """The runs' grad_clip, as the RESULTS block states it."""
+    name = lambda clip: f"{clip:g}" if clip else "off (no clipping)"  # noqa: E731
+    both = f", grad_clip {name(args.grad_clip)}" if args.grad_clip >= 0 else ""
+    if args.mf_grad_clip < 0:
+        return f"{both} (model-free: the same config with imagination off)"
+    return (
+        f"{both} (model-free: the same config with imagination off and grad_clip "
+        f"{name(args.mf_grad_clip)}, its best in benchmarks/baseline_grad_clip.py)"
+    )
 
 
 def horizons(args: Args) -> str:
@@ -423,8 +444,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.collect_steps} real steps (rounded up to whole episodes), "
         f"fine-tuned {args.retrain_steps} steps every {args.retrain_every} iteration(s) on the "
         f"real episodes so far; budget {args.env_steps} real env steps per run, batch "
-        f"{args.train_batch_size}, minibatch {args.minibatch_size}, {args.num_epochs} epochs "
-        "(model-free: the same config with imagination off). MB real steps include the "
+        f"{args.train_batch_size}, minibatch {args.minibatch_size}, {args.num_epochs} epochs"
+        f"{clip_text(args)}. MB real steps include the "
         "random episodes the world model was first trained on. Returns are smoothed alike for "
         f"both runs: each point is the mean over the iterations of the last {args.smooth_steps} "
         "real steps of its run; the target is model-free's final smoothed return.\n\n"

@@ -59,3 +59,18 @@ def test_horizon_comes_from_each_env_config_unless_given(bench):
     assert bench.horizons(args) == "overcooked 10, mamujoco 5"
     args.horizon = 7
     assert {bench.run_config(args, env, 0, True).imagination.horizon for env in configured} == {7}
+
+
+def test_grad_clip_flags_set_both_runs_or_the_model_free_run_only():
+    """--grad-clip sets both runs' clip, --mf-grad-clip only the baseline's (0 = off)."""
+    from benchmarks.sample_efficiency import Args, run_config
+
+    def clips(args: Args) -> tuple[float, float]:
+        return tuple(
+            run_config(args, "mamujoco", 0, imagine).grad_clip for imagine in (False, True)
+        )
+
+    assert clips(Args()) == (0.5, 0.5)  # the agents config's
+    assert clips(Args(grad_clip=5.0)) == (5.0, 5.0)
+    assert clips(Args(mf_grad_clip=0.0)) == (0.0, 0.5)
+    assert clips(Args(grad_clip=5.0, mf_grad_clip=0.0)) == (0.0, 5.0)
