@@ -35,12 +35,14 @@ def ray_cluster(tmp_path_factory):
     """One local Ray cluster for every integration test of the session."""
     import ray
 
+    from moedream.platform.ray_setup import worker_env_vars
+
     ray.init(
         num_cpus=LOGICAL_CPUS,
         include_dashboard=False,
         ignore_reinit_error=True,
         log_to_driver=False,
-        runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}},
+        runtime_env={"env_vars": worker_env_vars()},  # as init_ray: same seed, same run
     )
     yield ray
     try:

@@ -24,7 +24,7 @@ def init_ray(num_cpus: int | None = None, *, address: str | None = None) -> None
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env_vars = {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
+    env_vars = worker_env_vars()
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
     else:
@@ -34,3 +34,18 @@ def init_ray(num_cpus: int | None = None, *, address: str | None = None) -> None
             log_to_driver=False,
             runtime_env={"env_vars": env_vars},
         )
+
+
+def worker_env_vars() -> dict[str, str]:
+    """Environment of every Ray worker moedream starts (runtime_env ``env_vars``).
+
+    PYTHONHASHSEED: RLlib iterates sets of string ids (agents, modules) on the env runners and
+    learners, and Python randomises string hashes per process, so two runs with the same
+    ``seed`` trained differently (checked: identical weights after one iteration with
+    PYTHONHASHSEED 1 twice, different ones with 1 and 2). Workers get the driver's value, or
+    0; the driver's own is fixed by the Makefile (export PYTHONHASHSEED=0 elsewhere).
+    """
+    return {
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0"),
+    }

@@ -75,3 +75,13 @@ def test_collect_config_checks_env_options():
         CollectConfig.from_dict({"env": "overcooked", "env_options": {"layout": "x"}})
     with pytest.raises(ConfigError, match=r"`episodes` = 0"):
         CollectConfig.from_dict({"episodes": 0})
+
+
+def test_ray_workers_get_a_fixed_hash_seed(monkeypatch):
+    """Ray workers get the driver's PYTHONHASHSEED, or 0: never a random one per process."""
+    from moedream.platform.ray_setup import worker_env_vars
+
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    assert worker_env_vars()["PYTHONHASHSEED"] == "0"
+    monkeypatch.setenv("PYTHONHASHSEED", "7")
+    assert worker_env_vars()["PYTHONHASHSEED"] == "7"
