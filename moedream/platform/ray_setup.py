@@ -10,6 +10,7 @@ gate actor then fit at once. That is the one way moedream fits them on 2 cores; 
 from __future__ import annotations
 
 import os
+import sys
 
 DEFAULT_LOGICAL_CPUS = 8
 
@@ -24,6 +25,13 @@ def init_ray(num_cpus: int | None = None, *, address: str | None = None) -> None
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if "PYTHONHASHSEED" not in os.environ:
+        print(
+            "moedream: PYTHONHASHSEED is not set, so runs with one seed can differ (RLlib "
+            "iterates sets of strings); `export PYTHONHASHSEED=0` to repeat a run exactly "
+            "(the Makefile does)",
+            file=sys.stderr,
+        )
     env_vars = worker_env_vars()
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
