@@ -27,9 +27,9 @@ def init_ray(num_cpus: int | None = None, *, address: str | None = None) -> None
     address = address or os.environ.get("RAY_ADDRESS")
     if "PYTHONHASHSEED" not in os.environ:
         print(
-            "moedream: PYTHONHASHSEED is not set, so runs with one seed can differ (RLlib "
-            "iterates sets of strings); `export PYTHONHASHSEED=0` to repeat a run exactly "
-            "(the Makefile does)",
+            "moedream: PYTHONHASHSEED is not set, so runs with one seed can differ (RLlib's "
+            "results depend on the string-hash order); `export PYTHONHASHSEED=0` to repeat a "
+            "run exactly (the Makefile does)",
             file=sys.stderr,
         )
     env_vars = worker_env_vars()
@@ -47,9 +47,9 @@ def init_ray(num_cpus: int | None = None, *, address: str | None = None) -> None
 def worker_env_vars() -> dict[str, str]:
     """Environment of every Ray worker moedream starts (runtime_env ``env_vars``).
 
-    PYTHONHASHSEED: RLlib iterates sets of string ids (agents, modules) on the env runners and
-    learners, and Python randomises string hashes per process, so two runs with the same
-    ``seed`` trained differently (checked: identical weights after one iteration with
+    PYTHONHASHSEED: RLlib's results depend on the iteration order of sets of strings (which set,
+    not pinned down yet), and Python randomises string hashes per process, so two runs with the
+    same ``seed`` trained differently (checked: identical weights after one iteration with
     PYTHONHASHSEED 1 twice, different ones with 1 and 2). Workers get the driver's value, or
     0; the driver's own is fixed by the Makefile (export PYTHONHASHSEED=0 elsewhere).
     """

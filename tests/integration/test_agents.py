@@ -214,7 +214,7 @@ def test_two_iterations_with_imagination_on_mamujoco(ray_cluster, storage_path):
 def test_same_seed_trains_the_same_weights(ray_cluster, storage_path):
     """Two runs of one config (a remote env runner, imagination from the stand-in) end their
     first iteration with identical weights: every source of randomness is seeded, and the
-    workers share the driver's PYTHONHASHSEED (RLlib iterates sets of string ids)."""
+    workers share the driver's PYTHONHASHSEED (RLlib's results depend on the hash order)."""
     cfg = tiny_config("overcooked", num_env_runners=1, seed=3)
     weights = []
     for run in range(2):
@@ -363,7 +363,7 @@ LEARNING_BUDGET = {
     "num_epochs": 10,
     "lr": 2e-3,
     "grad_clip": 0.5,  # with this lr (4x the config's): at the config's 5.0 the test failed
-    # for half of the PYTHONHASHSEEDs (RLlib's agent order), at 0.5 it passed both
+    # for half of the PYTHONHASHSEEDs (RLlib's hash-order dependence), at 0.5 it passed both
     "iterations": 20,
     "team": {
         "embedding_dim": 64,
