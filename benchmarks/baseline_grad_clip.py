@@ -53,8 +53,9 @@ def baseline_config(args: Args, env: str, seed: int, grad_clip: float):
         train_batch_size=args.train_batch_size,
         minibatch_size=args.minibatch_size,
         num_epochs=args.num_epochs,
+        grad_clip=grad_clip,
     )
-    return dataclasses.replace(se.run_config(se_args, env, seed, False), grad_clip=grad_clip)
+    return se.run_config(se_args, env, seed, False)
 
 
 def final_return(history: list[dict[str, float]], window: int) -> float:
