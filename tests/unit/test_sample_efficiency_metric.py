@@ -45,18 +45,25 @@ def test_by_budget_gives_a_ratio_per_part_of_the_model_free_budget(bench):
     assert cells == ["2.00x (1.0)", "4.00x (2.0)", "3.00x (3.0)", "never (4.0)"]
 
 
-def test_horizon_comes_from_each_env_config_unless_given(bench):
+def test_horizon_comes_from_each_env_config_unless_given(bench, tmp_path, monkeypatch):
+    import yaml
+
     from moedream.config import load_yaml
 
-    configured = {
-        env: load_yaml(Path(__file__).resolve().parents[2] / path)["imagination"]["horizon"]
-        for env, path in bench.CONFIGS.items()
-    }
-    assert configured["mamujoco"] == 5 and configured["overcooked"] == 10
+    root = Path(__file__).resolve().parents[2]
+    # both shipped configs say 5; distinct copies show each env reads its own
+    configs, configured = {}, {"overcooked": 3, "mamujoco": 4}
+    for env, path in bench.CONFIGS.items():
+        data = load_yaml(root / path)
+        assert data["imagination"]["horizon"] == 5, f"{path}: the headline runs use horizon 5"
+        data["imagination"]["horizon"] = configured[env]
+        configs[env] = tmp_path / f"{env}.yaml"
+        configs[env].write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(bench, "CONFIGS", configs)
     args = bench.Args()  # --horizon 0: each env's agents config
     for env, horizon in configured.items():
         assert bench.run_config(args, env, 0, True).imagination.horizon == horizon
-    assert bench.horizons(args) == "overcooked 10, mamujoco 5"
+    assert bench.horizons(args) == "overcooked 3, mamujoco 4"
     args.horizon = 7
     assert {bench.run_config(args, env, 0, True).imagination.horizon for env in configured} == {7}
 
