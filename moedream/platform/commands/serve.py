@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from moedream.platform.ray_setup import init_ray
-    from moedream.platform.serve.app import APP_NAME, WorldModelDeployment
+    from moedream.platform.serve.app import WorldModelDeployment
+    from moedream.platform.serve.names import APP_NAME
     from moedream.platform.serve.runner import weights_file
 
     if not weights_file(args.checkpoint).is_file():

@@ -14,8 +14,8 @@ from typing import Any
 _EXPORTS = {
     "build_app": "app",
     "WorldModelDeployment": "app",
-    "APP_NAME": "app",
-    "DEPLOYMENT_NAME": "app",
+    "APP_NAME": "names",
+    "DEPLOYMENT_NAME": "names",
     "ServeConfig": "schemas",
     "RequestError": "schemas",
     "random_plan": "schemas",

@@ -27,6 +27,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from moedream.platform.serve.names import DEPLOYMENT_NAME
 from moedream.platform.serve.runner import (
     BatchStats,
     Failure,
@@ -50,8 +51,6 @@ from moedream.platform.serve.schemas import (
     spec_info,
 )
 
-APP_NAME = "world_model"
-DEPLOYMENT_NAME = "WorldModelDeployment"
 DEFAULT_MAX_ONGOING_REQUESTS = 32  # >= max_batch_size, else batches cap at that number
 ERRORS = {
     413: {"model": ErrorResponse, "description": "Body over user_config.max_body_bytes"},
