@@ -13,15 +13,14 @@ order of ``EnvSpec.agent_ids`` (N agents, observations zero-padded to D = ``EnvS
     truncated   list<bool>          [N]
 
 File metadata: ``moedream.schema_version`` ("1"), ``moedream.env_spec`` (EnvSpec JSON: env name
-and full config, agents, sizes), ``moedream.episodes`` (episode count). A shard is written to
-``<name>.parquet.tmp`` and renamed when complete, so readers (which only read ``*.parquet``)
+and full config, agents, sizes), ``moedream.episodes`` (episode count). A shard is written to a
+hidden temp file beside it and renamed when complete, so readers (which only read ``*.parquet``)
 never see a half-written shard, even if the writer crashes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moedream.envs.spec import EnvSpec
+from moedream.files import atomic_path
 
 SCHEMA_VERSION = "1"
 _META_VERSION = b"moedream.schema_version"
@@ -109,9 +109,8 @@ def write_shard(path: str | Path, episodes: list[Episode], spec: EnvSpec) -> Pat
             _META_EPISODES: str(len(episodes)).encode(),
         }
     )
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     return path
 
 
