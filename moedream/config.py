@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A config value is wrong. The message names the field, the value and the fix."""
 
 
+def is_int(value: Any) -> bool:
+    """True for an int that is not a bool (YAML's true would pass ``isinstance(x, int)``)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def fail(field: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ConfigError(f"config field `{field}` = {value!r} is invalid: {allowed}")
 
@@ -46,8 +51,7 @@ def check_positive_ints(config: Any, prefix: str, names: typing.Iterable[str]) -
     """ConfigError unless each field in ``names`` of ``config`` is an integer > 0 (not a bool)."""
     for name in names:
         value = getattr(config, name)
-        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-        check(ok, f"{prefix}{name}", value, "must be an integer > 0")
+        check(is_int(value) and value > 0, f"{prefix}{name}", value, "must be an integer > 0")
 
 
 def check_fraction(field: str, value: Any) -> None:
@@ -144,12 +148,7 @@ def _coerce(hint: Any, value: Any, field: str) -> Any:
         )
         return float(value)
     if hint is int:
-        check(
-            isinstance(value, int) and not isinstance(value, bool),
-            field,
-            value,
-            "must be an integer",
-        )
+        check(is_int(value), field, value, "must be an integer")
         return value
     if hint is bool:
         check(isinstance(value, bool), field, value, "must be true or false")
