@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedream.config import ConfigBase, check, check_positive_ints
+from moedream.world_model.layers import mlp
 
 
 @dataclasses.dataclass
@@ -43,13 +44,6 @@ class HeadsConfig(ConfigBase):
             self.ensemble_size,
             "must be an integer >= 2 (the spread across members needs at least two)",
         )
-
-
-def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(d_in, hidden), nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-        nn.Linear(hidden, d_out),
-    )  # fmt: skip
 
 
 class AgentScalarHead(nn.Module):

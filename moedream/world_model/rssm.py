@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedream.config import ConfigBase, check, check_choice, check_positive, check_positive_ints
+from moedream.world_model.layers import mlp
 
 
 @dataclasses.dataclass
@@ -147,8 +148,8 @@ class RSSM(nn.Module):
         self.action_dim = action_dim
         self.input_proj = nn.Sequential(nn.Linear(z + action_dim, cfg.hidden), nn.SiLU())
         self.gru = nn.GRUCell(cfg.hidden, cfg.deter)
-        self.prior_net = _mlp(cfg.deter, cfg.hidden, param_dim)
-        self.post_net = _mlp(cfg.deter + embed_dim, cfg.hidden, param_dim)
+        self.prior_net = mlp(cfg.deter, cfg.hidden, param_dim, hidden_layers=1)
+        self.post_net = mlp(cfg.deter + embed_dim, cfg.hidden, param_dim, hidden_layers=1)
 
     @property
     def feature_dim(self) -> int:
@@ -215,9 +216,3 @@ class RSSM(nn.Module):
             "post": torch.stack(posts, 1),
             "last": prev,
         }
-
-
-def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(d_in, hidden), nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, d_out)
-    )
