@@ -261,7 +261,8 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
     """AgentsConfig -> MBMAPPOConfig (new API stack, team MultiRLModule, MAPPO connectors)."""
     from moedream.envs import register_rllib_envs
     from moedream.policies.algorithm import MBMAPPOConfig, TeamMetricsCallback, TeamPPOTorchLearner
-    from moedream.policies.connectors import env_to_module_pieces, map_agent_to_planner
+    from moedream.policies.connectors import env_to_module_pieces, learner_pieces
+    from moedream.policies.names import map_agent_to_planner
     from moedream.policies.rl_modules import team_module_spec
 
     register_rllib_envs()
@@ -286,7 +287,7 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
             num_learners=0,
             learner_class=TeamPPOTorchLearner,
             learner_connector=functools.partial(
-                _learner_connector, agent_ids=agent_ids, obs_dim=spec.obs_dim, obs_norm=cfg.obs_norm
+                learner_pieces, agent_ids=agent_ids, obs_dim=spec.obs_dim, obs_norm=cfg.obs_norm
             ),
         )
         .training(
@@ -346,24 +347,6 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
     )
     config.validate_model_based()
     return config
-
-
-def _learner_connector(
-    input_observation_space=None,
-    input_action_space=None,
-    *,
-    agent_ids: list[str],
-    obs_dim: int,
-    obs_norm: bool = False,
-) -> list:
-    """The MAPPO learner pieces, preceded by the observation-statistics update if obs_norm."""
-    from moedream.policies.connectors import learner_pieces
-    from moedream.policies.rl_modules import UpdateObsNormStats
-
-    pieces = learner_pieces(
-        input_observation_space, input_action_space, agent_ids=agent_ids, obs_dim=obs_dim
-    )
-    return [UpdateObsNormStats(), *pieces] if obs_norm else pieces
 
 
 @dataclasses.dataclass

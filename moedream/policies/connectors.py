@@ -7,6 +7,8 @@
   centralised reflector.
 - :class:`CountImaginedSteps` (learner): counts the agent steps of imagined episodes (ids
   starting with ``imagined-``) that really reached the learner, as learner metrics.
+- :class:`UpdateObsNormStats` (learner, with ``obs_norm``): merges the real observations of
+  each update into the perceiver's running mean/std.
 
 They run before RLlib's default pieces (custom learner pieces are placed after PPO's
 AddOneTsToEpisodesAndTruncate and before AddObservationsFromEpisodesToBatch), and iterate the
@@ -18,13 +20,18 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 
-from moedream.policies.rl_modules import AGENT_INDEX, JOINT_OBS
-
-IMAGINED_PREFIX = "imagined-"
-IMAGINED_STEPS_KEY = "moedream_imagined_agent_steps"
-REAL_STEPS_KEY = "moedream_real_agent_steps"
+from moedream.policies.names import (
+    AGENT_INDEX,
+    IMAGINED_PREFIX,
+    IMAGINED_STEPS_KEY,
+    JOINT_OBS,
+    OBS_NORM_COUNT_KEY,
+    PERCEIVER,
+    REAL_STEPS_KEY,
+)
 
 
 class AddAgentIndex(ConnectorV2):
@@ -153,6 +160,49 @@ class CountImaginedSteps(ConnectorV2):
         return batch
 
 
+class UpdateObsNormStats(ConnectorV2):
+    """Learner connector piece: merges the REAL observations of the update into the
+    perceiver's running mean/std (imagined episodes, ids ``imagined-...``, are skipped).
+
+    It runs once per learner update, before PPO's GAE piece computes values, so one update
+    (all epochs and minibatches) and its value targets use one set of statistics; the env
+    runners get the new statistics with the weights sync after the update. It adds the rows
+    the batch gets (the episode's observations up to its length) and logs the lifetime count as
+    learner metric ``moedream_obs_norm_count``. A no-op when the perceiver has no normaliser.
+    """
+
+    def __call__(
+        self,
+        *,
+        rl_module,
+        batch: dict[str, Any],
+        episodes,
+        explore=None,
+        shared_data=None,
+        metrics=None,
+        **kwargs,
+    ) -> Any:
+        norm = getattr(rl_module[PERCEIVER], "obs_norm", None) if PERCEIVER in rl_module else None
+        if norm is None:
+            return batch
+        by_size: dict[int, list[np.ndarray]] = {}
+        for episode in episodes:
+            if str(episode.id_).startswith(IMAGINED_PREFIX):
+                continue
+            for sa_episode in episode.agent_episodes.values():
+                n = len(sa_episode)
+                if n == 0:
+                    continue
+                obs = np.asarray(sa_episode.get_observations(slice(0, n)), dtype=np.float32)
+                obs = obs.reshape(n, -1)  # [T, D_i]
+                by_size.setdefault(obs.shape[1], []).append(obs)
+        for rows in by_size.values():
+            norm.update(torch.as_tensor(np.concatenate(rows)))  # [sum T, D_i]
+        if metrics is not None:
+            metrics.log_value(OBS_NORM_COUNT_KEY, float(norm.count.max()), window=1)
+        return batch
+
+
 def env_to_module_pieces(
     env=None, spaces=None, device=None, *, agent_ids: list[str]
 ) -> list[ConnectorV2]:
@@ -161,18 +211,21 @@ def env_to_module_pieces(
 
 
 def learner_pieces(
-    input_observation_space=None, input_action_space=None, *, agent_ids: list[str], obs_dim: int
+    input_observation_space=None,
+    input_action_space=None,
+    *,
+    agent_ids: list[str],
+    obs_dim: int,
+    obs_norm: bool = False,
 ) -> list[ConnectorV2]:
-    """``config.learners(learner_connector=partial(learner_pieces, agent_ids=..., obs_dim=...))``."""
-    return [
+    """``config.learners(learner_connector=partial(learner_pieces, agent_ids=..., obs_dim=...))``.
+
+    ``obs_norm``: the perceiver normalises observations; :class:`UpdateObsNormStats` goes first,
+    so the whole update (and PPO's value targets) uses the statistics it leaves.
+    """
+    pieces = [
         CountImaginedSteps(),
         AddAgentIndex(agent_ids=agent_ids, as_learner_connector=True),
         AddJointObservation(agent_ids=agent_ids, obs_dim=obs_dim),
     ]
-
-
-def map_agent_to_planner(agent_id: str, episode=None, *, shared: bool = True, **kwargs) -> str:
-    """Policy mapping: the planner that acts for ``agent_id``."""
-    from moedream.policies.rl_modules import planner_id
-
-    return planner_id(agent_id, shared)
+    return [UpdateObsNormStats(), *pieces] if obs_norm else pieces

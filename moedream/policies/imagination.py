@@ -30,8 +30,7 @@ from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
 from moedream.envs import episode_limit, make_env
 from moedream.envs.spec import EnvSpec
-from moedream.policies.connectors import IMAGINED_PREFIX
-from moedream.policies.rl_modules import AGENT_INDEX, planner_id
+from moedream.policies.names import AGENT_INDEX, IMAGINED_PREFIX, planner_id
 from moedream.world_model.trajectory import Trajectories
 
 

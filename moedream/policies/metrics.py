@@ -10,8 +10,8 @@ from ray.rllib.utils.metrics import ALL_MODULES
 
 from moedream.envs import make_env
 from moedream.envs.spec import EnvSpec
-from moedream.policies.connectors import IMAGINED_STEPS_KEY, REAL_STEPS_KEY
 from moedream.policies.imagination import TeamPolicy
+from moedream.policies.names import IMAGINED_STEPS_KEY, REAL_STEPS_KEY
 
 SOUP_REWARD = 20.0
 

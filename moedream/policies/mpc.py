@@ -22,7 +22,7 @@ import torch
 
 from moedream.envs.spec import EnvSpec
 from moedream.policies.imagination import TeamPolicy
-from moedream.policies.rl_modules import REFLECTOR
+from moedream.policies.names import REFLECTOR
 
 
 @dataclasses.dataclass

@@ -6,8 +6,9 @@ vpg_using_shared_encoder_rlm.py``), made to work with PPO's learner:
 - ``perceiver`` (:class:`Perceiver`): the observation encoder, shared by all agents and roles.
   obs [B, D_i] -> (optional running mean/std normalisation) -> zero-padded [B, D] ->
   embedding [B, E]. The normaliser lives in the module, so raw real and raw imagined
-  observations are normalised alike everywhere; :class:`UpdateObsNormStats` (a learner
-  connector piece) updates its statistics from real observations only.
+  observations are normalised alike everywhere;
+  :class:`moedream.policies.connectors.UpdateObsNormStats` (a learner connector piece) updates
+  its statistics from real observations only.
 - ``planner`` (:class:`Planner`): the acting policy. By default ONE planner is shared by all
   agents and told who is acting through a learned agent-id embedding (column ``agent_index``,
   added by :class:`moedream.policies.connectors.AddAgentIndex`); with per-agent planners each
@@ -30,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.models.base import ENCODER_OUT
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
@@ -38,19 +38,8 @@ from ray.rllib.core.rl_module.multi_rl_module import MultiRLModule
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from torch import nn
 
+from moedream.policies.names import AGENT_INDEX, JOINT_OBS, PERCEIVER, REFLECTOR, planner_id
 from moedream.policies.obs_norm import RunningObsNorm
-
-PERCEIVER = "perceiver"
-REFLECTOR = "reflector"
-SHARED_PLANNER = "planner"
-AGENT_INDEX = "agent_index"
-JOINT_OBS = "joint_obs"
-OBS_NORM_COUNT_KEY = "moedream_obs_norm_count"
-
-
-def planner_id(agent_id: str, shared: bool) -> str:
-    """The ModuleID of the planner that acts for ``agent_id``."""
-    return SHARED_PLANNER if shared else f"planner_{agent_id}"
 
 
 def mlp(
@@ -82,7 +71,8 @@ class Perceiver(TorchRLModule):
     module) before encoding. The normaliser is applied in every forward pass (env runners,
     imagination, learner), so raw real and raw imagined observations are treated alike; its
     statistics are updated on the learner from real observations only
-    (:class:`UpdateObsNormStats`) and reach the env runners with the weights.
+    (:class:`moedream.policies.connectors.UpdateObsNormStats`) and reach the env runners with
+    the weights.
     """
 
     def setup(self) -> None:
@@ -231,51 +221,6 @@ class TeamModule(MultiRLModule):
         return [m for m in self._rl_modules if m not in (PERCEIVER, REFLECTOR)]
 
 
-class UpdateObsNormStats(ConnectorV2):
-    """Learner connector piece: merges the REAL observations of the update into the
-    perceiver's running mean/std (imagined episodes, ids ``imagined-...``, are skipped).
-
-    It runs once per learner update, before PPO's GAE piece computes values, so one update
-    (all epochs and minibatches) and its value targets use one set of statistics; the env
-    runners get the new statistics with the weights sync after the update. It adds the rows
-    the batch gets (the episode's observations up to its length) and logs the lifetime count as
-    learner metric ``moedream_obs_norm_count``. A no-op when the perceiver has no normaliser.
-    """
-
-    def __call__(
-        self,
-        *,
-        rl_module,
-        batch: dict[str, Any],
-        episodes,
-        explore=None,
-        shared_data=None,
-        metrics=None,
-        **kwargs,
-    ) -> Any:
-        from moedream.policies.connectors import IMAGINED_PREFIX
-
-        norm = getattr(rl_module[PERCEIVER], "obs_norm", None) if PERCEIVER in rl_module else None
-        if norm is None:
-            return batch
-        by_size: dict[int, list[np.ndarray]] = {}
-        for episode in episodes:
-            if str(episode.id_).startswith(IMAGINED_PREFIX):
-                continue
-            for sa_episode in episode.agent_episodes.values():
-                n = len(sa_episode)
-                if n == 0:
-                    continue
-                obs = np.asarray(sa_episode.get_observations(slice(0, n)), dtype=np.float32)
-                obs = obs.reshape(n, -1)  # [T, D_i]
-                by_size.setdefault(obs.shape[1], []).append(obs)
-        for rows in by_size.values():
-            norm.update(torch.as_tensor(np.concatenate(rows)))  # [sum T, D_i]
-        if metrics is not None:
-            metrics.log_value(OBS_NORM_COUNT_KEY, float(norm.count.max()), window=1)
-        return batch
-
-
 def team_module_spec(
     spec: Any,
     *,
@@ -291,7 +236,8 @@ def team_module_spec(
     """The MultiRLModuleSpec of a team for env ``spec`` (a moedream EnvSpec).
 
     ``obs_norm``: the perceiver standardises observations with running statistics, clipped to
-    [-obs_norm_clip, obs_norm_clip] (add :class:`UpdateObsNormStats` to the learner connector).
+    [-obs_norm_clip, obs_norm_clip] (``learner_pieces(obs_norm=True)`` in
+    :mod:`moedream.policies.connectors` adds the piece that updates its statistics).
     """
     import gymnasium as gym
     from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec

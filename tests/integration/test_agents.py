@@ -145,7 +145,8 @@ def test_imagined_episodes_carry_the_real_model_outputs():
     from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
     from moedream.policies.imagination import EnvReplayImaginer, TeamPolicy, build_imagined_episodes
-    from moedream.policies.rl_modules import planner_id, team_module_spec
+    from moedream.policies.names import planner_id
+    from moedream.policies.rl_modules import team_module_spec
 
     options = TINY_OPTIONS["overcooked"]
     spec = env_spec("overcooked", **options)
@@ -503,7 +504,8 @@ def test_perceiver_normalises_single_and_joint_observations_alike():
     observation [B, N, D] get the same embedding (the padding stays zero after normalising)."""
     import torch
 
-    from moedream.policies.rl_modules import PERCEIVER, team_module_spec
+    from moedream.policies.names import PERCEIVER
+    from moedream.policies.rl_modules import team_module_spec
 
     spec = env_spec("overcooked", **TINY_OPTIONS["overcooked"])
     module = team_module_spec(spec, embedding_dim=8, perceiver_hidden=[8], obs_norm=True).build()
