@@ -1,0 +1,176 @@
+"""Run every (variant, seed) of a spec that has not finished, recording each evaluation durably.
+
+On disk, under ``out_dir``::
+
+    <variant>/variant.json        the overrides and protocol it was run with
+    <variant>/seed_<k>.jsonl      one line per evaluation: {"real_steps", "wallclock_s", "metrics"}
+    <variant>/seed_<k>.done       written atomically once the run has evaluated at its budget
+
+Each evaluation is flushed and fsynced as it is reported, so a crash loses at most the point
+being written. Re-running skips finished runs and restarts unfinished ones from scratch (their
+partial file is truncated and the log says so): a resumed training run would not be the same
+experiment as an uninterrupted one.
+
+``train_fn(variant, seed, callback)`` trains ``variant`` with ``seed`` and calls
+``callback(real_steps, wallclock_s, metrics)`` at every evaluation: first at real step 0 (before
+training), then every ``protocol.eval_every_real_steps`` up to and including the budget.
+``real_steps`` counts every real environment step, including data collected to train a world
+model; imagined steps never count. ``metrics`` comes from separate evaluation episodes, not
+from training episodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from moedream.config import ConfigError
+from moedream.results.spec import Protocol, ResultsSpec, Variant
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[int, float, dict[str, Any]], None]
+TrainFn = Callable[[Variant, int, Callback], None]
+
+
+def points_path(out_dir: Path, variant: str, seed: int) -> Path:
+    return Path(out_dir) / variant / f"seed_{seed}.jsonl"
+
+
+def done_path(out_dir: Path, variant: str, seed: int) -> Path:
+    return Path(out_dir) / variant / f"seed_{seed}.done"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` so that ``path`` is either absent/old or complete, even across a crash."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # makes the rename itself durable
+    finally:
+        os.close(directory)
+
+
+class EvaluationLog:
+    """The callback given to train_fn: checks each evaluation point and appends it durably."""
+
+    def __init__(self, file: TextIO, protocol: Protocol, run: str):
+        self.file, self.protocol, self.run = file, protocol, run
+        self.count, self.last_steps = 0, -1
+
+    def __call__(self, real_steps: int, wallclock_s: float, metrics: dict[str, Any]) -> None:
+        self._check(real_steps, metrics)
+        point = {
+            "real_steps": int(real_steps),
+            "wallclock_s": float(wallclock_s),
+            "metrics": metrics,
+        }
+        self.file.write(json.dumps(point, default=_plain) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.count, self.last_steps = self.count + 1, int(real_steps)
+
+    def _check(self, real_steps: int, metrics: dict[str, Any]) -> None:
+        if self.count == 0 and real_steps != 0:
+            raise ValueError(
+                f"{self.run}: the first evaluation is at real step {real_steps}; evaluate at "
+                f"real step 0 (before training) so every curve covers the same span"
+            )
+        if real_steps <= self.last_steps:
+            raise ValueError(
+                f"{self.run}: evaluation at real step {real_steps} after one at "
+                f"{self.last_steps}; real steps must increase between evaluations"
+            )
+        value = metrics.get(self.protocol.metric) if isinstance(metrics, dict) else None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+            raise ValueError(
+                f"{self.run}: metrics {metrics!r} lack a number under protocol.metric = "
+                f"{self.protocol.metric!r}; report it at every evaluation"
+            )
+
+    def check_finished(self) -> None:
+        """ValueError unless the run evaluated at its budget and at the protocol's interval."""
+        budget, every = self.protocol.budget_real_steps, self.protocol.eval_every_real_steps
+        if self.last_steps < budget or self.count < budget // every + 1:
+            raise ValueError(
+                f"{self.run}: train_fn returned after {self.count} evaluations, the last at real "
+                f"step {self.last_steps}; it must evaluate every {every} real steps up to the "
+                f"budget {budget} (protocol.eval_every_real_steps, protocol.budget_real_steps)"
+            )
+
+
+def _plain(value: Any) -> Any:
+    """JSON for numpy scalars in metrics."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"metric value {value!r} is not JSON-serialisable; report numbers")
+
+
+def _run_settings(variant: Variant) -> dict[str, Any]:
+    """What a recorded run depends on: results made with other settings must not be mixed in."""
+    p = variant.protocol
+    settings = {
+        "overrides": variant.overrides,
+        "budget_real_steps": p.budget_real_steps,
+        "eval_every_real_steps": p.eval_every_real_steps,
+        "eval_episodes": p.eval_episodes,
+    }
+    return json.loads(json.dumps(settings, default=_plain))  # tuples -> lists, as read back
+
+
+def _claim_variant_dir(out_dir: Path, variant: Variant) -> None:
+    """Create ``out_dir/<variant>``, or check it was recorded with the same settings."""
+    directory = Path(out_dir) / variant.name
+    directory.mkdir(parents=True, exist_ok=True)
+    record, settings = directory / "variant.json", _run_settings(variant)
+    if not record.exists():
+        write_atomically(record, json.dumps(settings, indent=2, sort_keys=True))
+    elif json.loads(record.read_text()) != settings:
+        raise ConfigError(
+            f"variant {variant.name!r}: {record} was recorded with settings "
+            f"{record.read_text().strip()}, the spec now says {json.dumps(settings)}; "
+            f"use a new out_dir or a new variant name rather than mixing the two"
+        )
+
+
+def run_one(variant: Variant, seed: int, train_fn: TrainFn, out_dir: Path) -> bool:
+    """Train one (variant, seed) unless already done; True if it trained."""
+    points, done = points_path(out_dir, variant.name, seed), done_path(out_dir, variant.name, seed)
+    run = f"{variant.name} seed {seed}"
+    if done.exists():
+        log.info("%s: finished before, skipped", run)
+        return False
+    if points.exists():
+        partial = len(points.read_text().splitlines())
+        log.warning(
+            "%s: unfinished, restarting from scratch (dropping %d evaluations)", run, partial
+        )
+    with open(points, "w") as file:  # truncates a partial run
+        evaluations = EvaluationLog(file, variant.protocol, run)
+        train_fn(variant, seed, evaluations)
+        evaluations.check_finished()
+    write_atomically(done, json.dumps({"evaluations": evaluations.count}))
+    log.info("%s: finished after %d evaluations", run, evaluations.count)
+    return True
+
+
+def run_all(spec: ResultsSpec, train_fn: TrainFn, out_dir: str | Path) -> list[tuple[str, int]]:
+    """Run every unfinished (variant, seed) in spec order; the (variant, seed) pairs trained."""
+    trained = []
+    for variant in spec.variants:
+        _claim_variant_dir(Path(out_dir), variant)
+        for seed in spec.protocol.seeds:
+            if run_one(variant, seed, train_fn, Path(out_dir)):
+                trained.append((variant.name, seed))
+    return trained

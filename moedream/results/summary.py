@@ -1,0 +1,206 @@
+"""Turn the finished runs of a spec into the sample-efficiency table (Markdown) and the IQM
+evaluation curves with confidence bands (PNG).
+
+Only finished runs (with a ``done`` marker) are scored; the table gives finished/declared runs
+per variant and lists the unfinished ones. Runs that never sustain the threshold stay in, counted
+at the budget, and the table says how many reached it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from moedream.results import stats
+from moedream.results.runner import done_path, points_path
+from moedream.results.spec import Protocol, ResultsSpec
+
+SUMMARY_FILE, CURVES_FILE = "summary.md", "curves.png"
+
+
+class Run(NamedTuple):
+    """One finished run's evaluation curve, cut at the evaluation closing its budget."""
+
+    seed: int
+    steps: np.ndarray  # (n,) real steps at each evaluation
+    values: np.ndarray  # (n,) protocol.metric at each evaluation
+    wallclock_s: float  # at the closing evaluation
+
+
+class Scores(NamedTuple):
+    """Per-run scores of one variant, each (runs,)."""
+
+    final: np.ndarray
+    auc: np.ndarray
+    steps_to_threshold: np.ndarray  # the run's real steps spent where not reached
+    reached: np.ndarray  # bool
+    wallclock_s: np.ndarray
+
+
+def load_run(out_dir: Path, variant: str, seed: int, protocol: Protocol) -> Run | None:
+    """The finished run's curve, or None if it has no done marker."""
+    if not done_path(out_dir, variant, seed).exists():
+        return None
+    with points_path(out_dir, variant, seed).open() as file:
+        points = [json.loads(line) for line in file]
+    steps = np.array([p["real_steps"] for p in points], dtype=float)
+    values = np.array([p["metrics"][protocol.metric] for p in points], dtype=float)
+    steps, values = stats.clip_to_budget(steps, values, protocol.budget_real_steps)
+    return Run(seed, steps, values, float(points[steps.size - 1]["wallclock_s"]))
+
+
+def score(runs: list[Run], protocol: Protocol) -> Scores:
+    """Each run scored the same way: final value, AUC, own first sustained hit, wall-clock."""
+    p, budget = protocol, protocol.budget_real_steps
+    hits = [stats.steps_to_threshold(r.steps, r.values, p.threshold, p.hold, budget) for r in runs]
+    return Scores(
+        final=np.array([stats.final_value(r.values, p.final_last_k) for r in runs]),
+        auc=np.array([stats.area_under_curve(r.steps, r.values, budget) for r in runs]),
+        steps_to_threshold=np.array([h[0] for h in hits]),
+        reached=np.array([h[1] for h in hits]),
+        wallclock_s=np.array([r.wallclock_s for r in runs]),
+    )
+
+
+def _interval(iv: stats.Interval, fmt: str) -> str:
+    return f"{iv.point:{fmt}} [{iv.lo:{fmt}}, {iv.hi:{fmt}}]"
+
+
+def _speedup_cells(base: Scores | None, mine: Scores, protocol: Protocol) -> list[str]:
+    """[speed-up vs baseline, verdict] for a non-baseline row."""
+    if base is None:
+        return ["-", "baseline has no finished runs"]
+    ratio = stats.threshold_ratio(
+        base.steps_to_threshold,
+        mine.steps_to_threshold,
+        protocol.bootstrap_reps,
+        protocol.bootstrap_seed,
+    )
+    shown = stats.verdict(ratio, not base.reached.all(), not mine.reached.all())
+    return [f"{ratio.point:.2f}x [{ratio.lo:.2f}, {ratio.hi:.2f}]", shown]
+
+
+def _row(name: str, scores: Scores, base: Scores | None, spec: ResultsSpec) -> list[str]:
+    p = spec.protocol
+
+    def agg(values: np.ndarray, fmt: str) -> str:
+        iv = stats.aggregate({name: values}, p.bootstrap_reps, p.bootstrap_seed)[name]
+        return _interval(iv, fmt)
+
+    cells = [
+        agg(scores.final, ".4g"),
+        agg(scores.auc, ".4g"),
+        agg(scores.steps_to_threshold, ",.0f"),
+        f"{int(scores.reached.sum())}/{scores.reached.size}",
+        agg(scores.wallclock_s, ".0f"),
+    ]
+    tail = (
+        ["1 (baseline)", "baseline"] if name == spec.baseline else _speedup_cells(base, scores, p)
+    )
+    return [name, f"{scores.final.size}/{len(p.seeds)}", *cells, *tail]
+
+
+def _header(spec: ResultsSpec) -> list[str]:
+    p = spec.protocol
+    return [
+        f"# Sample efficiency: `{p.metric}`",
+        "",
+        f"Budget {p.budget_real_steps:,} real environment steps per run (every real step counts, "
+        "data collected to train a world model included; imagined steps do not). Evaluation "
+        f"episodes ({p.eval_episodes} per evaluation) at real step 0 and every "
+        f"{p.eval_every_real_steps:,} real steps; seeds {list(p.seeds)}.",
+        "",
+        f"Cells: IQM across runs [95% stratified-bootstrap CI, {p.bootstrap_reps:,} resamples, "
+        f"seed {p.bootstrap_seed}]. Final: mean of the last {p.final_last_k} evaluations up to "
+        "the one closing the budget. AUC: mean of the metric over [0, budget] (trapezoid on "
+        f"real steps). Steps to {p.threshold:g}: each run's own first evaluation from which the "
+        f"metric stayed >= {p.threshold:g} for {p.hold} consecutive evaluations; a run that "
+        "never did counts at the real steps it spent (not reached). Wall-clock: at the closing "
+        "evaluation. Speed-up: IQM(baseline steps) / IQM(variant steps), > 1 is fewer real "
+        "steps; not-reached runs make it a bound, which the verdict accounts for.",
+        "",
+    ]
+
+
+def render_table(runs: dict[str, list[Run]], spec: ResultsSpec) -> str:
+    """The Markdown summary: header, one row per variant in spec order, unfinished runs."""
+    p = spec.protocol
+    scores = {name: score(r, p) for name, r in runs.items() if r}
+    columns = [
+        "variant",
+        "finished runs",
+        f"final {p.metric}",
+        f"AUC {p.metric}",
+        f"real steps to {p.metric} >= {p.threshold:g} (held {p.hold} evals)",
+        "reached",
+        "wall-clock s",
+        f"speed-up vs {spec.baseline}",
+        "verdict",
+    ]
+    lines = [*_header(spec), "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for variant in spec.variants:
+        if variant.name in scores:
+            row = _row(variant.name, scores[variant.name], scores.get(spec.baseline), spec)
+        else:
+            row = [variant.name, f"0/{len(p.seeds)}", *["-"] * 6, "no finished runs"]
+        lines.append("| " + " | ".join(row) + " |")
+    unfinished = [
+        f"{v.name} seed {s}"
+        for v in spec.variants
+        for s in p.seeds
+        if s not in {r.seed for r in runs[v.name]}
+    ]
+    if unfinished:
+        lines += ["", "Not finished, so not in the table: " + ", ".join(unfinished) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _on_grid(runs: list[Run], protocol: Protocol) -> tuple[np.ndarray, np.ndarray]:
+    """(T,) real-step grid of the protocol's evaluations and (runs, T) curves interpolated on it."""
+    budget, every = protocol.budget_real_steps, protocol.eval_every_real_steps
+    grid = np.unique(np.append(np.arange(0, budget + 1, every), budget)).astype(float)
+    return grid, np.stack([np.interp(grid, r.steps, r.values) for r in runs])
+
+
+def plot_curves(runs: dict[str, list[Run]], spec: ResultsSpec, path: Path) -> None:
+    """IQM evaluation curve per variant with its 95% bootstrap band, threshold dashed."""
+    p = spec.protocol
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    for name, variant_runs in runs.items():
+        if not variant_runs:
+            continue
+        grid, curves = _on_grid(variant_runs, p)  # (T,), (runs, T)
+        boot = stats.bootstrap_iqm(
+            curves, p.bootstrap_reps, stats.variant_rng(p.bootstrap_seed, name)
+        )
+        lo, hi = stats.percentile_interval(boot)
+        (line,) = axes.plot(grid, stats.iqm(curves), label=f"{name} ({len(variant_runs)} runs)")
+        axes.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2)
+    axes.axhline(p.threshold, color="grey", linestyle="--", linewidth=1, label="threshold")
+    axes.set(xlabel="real environment steps", ylabel=f"{p.metric} (IQM, 95% CI)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def summarise(out_dir: str | Path, spec: ResultsSpec) -> str:
+    """Write ``summary.md`` and ``curves.png`` into ``out_dir`` from its finished runs; the
+    Markdown text."""
+    out_dir = Path(out_dir)
+    runs = {
+        v.name: [
+            run
+            for seed in spec.protocol.seeds
+            if (run := load_run(out_dir, v.name, seed, spec.protocol)) is not None
+        ]
+        for v in spec.variants
+    }
+    markdown = render_table(runs, spec)
+    (out_dir / SUMMARY_FILE).write_text(markdown)
+    plot_curves(runs, spec, out_dir / CURVES_FILE)
+    return markdown
