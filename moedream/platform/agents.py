@@ -12,16 +12,24 @@ add contention.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from moedream.config import ConfigBase, ConfigError, check, check_choice, check_positive
+from moedream.config import (
+    ConfigBase,
+    ConfigError,
+    check,
+    check_choice,
+    check_positive,
+    check_positive_ints,
+    is_int,
+)
 from moedream.envs import env_names, env_spec
-
-PROVIDERS = ("world_model", "env_replay")
+from moedream.policies.imagination_config import PROVIDERS, ImaginationConfig
 
 
 @dataclasses.dataclass
@@ -44,7 +52,7 @@ class TeamConfig(ConfigBase):
         super().validate(prefix)
         for name in ("embedding_dim", "agent_embedding_dim"):
             check(
-                isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                is_int(getattr(self, name)) and getattr(self, name) >= 0,
                 f"{prefix}{name}",
                 getattr(self, name),
                 "must be an integer >= 0",
@@ -53,80 +61,12 @@ class TeamConfig(ConfigBase):
         for name in ("perceiver_hidden", "planner_hidden", "reflector_hidden"):
             sizes = getattr(self, name)
             check(
-                all(isinstance(s, int) and s > 0 for s in sizes),
+                all(is_int(s) and s > 0 for s in sizes),
                 f"{prefix}{name}",
                 sizes,
                 "must be a list of positive layer sizes, e.g. [128, 128]",
             )
         check_choice(f"{prefix}mode", self.mode, ("policy", "mpc"))
-
-
-@dataclasses.dataclass
-class ImaginationConfig(ConfigBase):
-    enabled: bool = False
-    """Learn from imagined rollouts too (false = the model-free MAPPO baseline)."""
-    provider: str = "env_replay"
-    """Who imagines: 'world_model' (the Serve deployment `serve_app_name`, gated by the
-    coherence gate actor) or 'env_replay' (steps real env copies: a test stand-in, NOT a world
-    model)."""
-    horizon: int = 10
-    """Steps per imagined rollout."""
-    imagined_ratio: float = 1.0
-    """Imagined env steps requested per real env step, per imagination round (the total per
-    real step is imagined_ratio * updates)."""
-    updates: int = 1
-    """PPO updates per real batch that learn from imagination: the first on real + imagined
-    episodes, each further one on freshly imagined episodes under the just-updated planner
-    (many policy updates per real step: the model-based lever). 1 = one mixed update."""
-    start_iteration: int = 0
-    """Iterations before this one (0-based) update on real episodes only, while the world
-    model already observes (and retrains on) them."""
-    real_every_update: bool = False
-    """Every one of the `updates` PPO updates also learns from the real batch (an anchor: PPO's
-    clipped ratio pulls the planner back where imagination moved it against real advantages);
-    false = the real batch is learnt from in the first update only."""
-    uncertainty_penalty: float = 0.0
-    """MOPO's pessimism: each kept imagined step's reward, for every agent, minus this times
-    the world model's ensemble spread at that step, so the planner earns less where the model
-    is unsure and cannot climb its errors (0 = off)."""
-    world_model_retrain_every: int = 0
-    """Retrain the world model every this many iterations (0 = never)."""
-    gate: bool = True
-    """Learn only from trajectories the coherence gate keeps."""
-    serve_app_name: str = "world_model"
-    """Ray Serve application serving the world model."""
-    world_model: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Options of the served world-model provider (ServedWorldModelImaginerFactory in
-    moedream/platform/model_based.py): checkpoint_dir (required to retrain), base_data_path,
-    episode_dir, store_max_steps, retrain_steps, retrain_batch_size, retrain_lr, ..."""
-
-    def validate(self, prefix: str = "") -> None:
-        super().validate(prefix)
-        check_choice(f"{prefix}provider", self.provider, PROVIDERS)
-        check(self.horizon > 0, f"{prefix}horizon", self.horizon, "must be an integer > 0")
-        check_positive(f"{prefix}imagined_ratio", self.imagined_ratio, allow_zero=not self.enabled)
-        check(
-            isinstance(self.updates, int) and not isinstance(self.updates, bool)
-            and self.updates >= 1,
-            f"{prefix}updates",
-            self.updates,
-            "must be an integer >= 1 (PPO updates per real batch using imagination; 1 = one "
-            "update on real + imagined episodes)",
-        )  # fmt: skip
-        check(
-            isinstance(self.start_iteration, int) and not isinstance(self.start_iteration, bool)
-            and self.start_iteration >= 0,
-            f"{prefix}start_iteration",
-            self.start_iteration,
-            "must be an integer >= 0 (0 = imagine from the first iteration)",
-        )  # fmt: skip
-        check_positive(f"{prefix}uncertainty_penalty", self.uncertainty_penalty, allow_zero=True)
-        check(
-            self.world_model_retrain_every >= 0,
-            f"{prefix}world_model_retrain_every",
-            self.world_model_retrain_every,
-            "must be >= 0 (0 = never)",
-        )
 
 
 @dataclasses.dataclass
@@ -178,6 +118,8 @@ class AgentsConfig(ConfigBase):
     """Real env step budget (0 = use iterations)."""
     team: TeamConfig = dataclasses.field(default_factory=TeamConfig)
     imagination: ImaginationConfig = dataclasses.field(default_factory=ImaginationConfig)
+    """The imagination settings (moedream.policies.imagination_config), handed whole to
+    MBMAPPOConfig."""
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
@@ -189,19 +131,17 @@ class AgentsConfig(ConfigBase):
             "must be >= 0",
         )
         check_positive(f"{prefix}num_cpus_per_env_runner", self.num_cpus_per_env_runner)
-        for name in (
-            "num_envs_per_env_runner",
-            "train_batch_size",
-            "minibatch_size",
-            "num_epochs",
-            "iterations",
-        ):
-            check(
-                isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                f"{prefix}{name}",
-                getattr(self, name),
-                "must be an integer > 0",
-            )
+        check_positive_ints(
+            self,
+            prefix,
+            (
+                "num_envs_per_env_runner",
+                "train_batch_size",
+                "minibatch_size",
+                "num_epochs",
+                "iterations",
+            ),
+        )
         check(
             self.minibatch_size <= self.train_batch_size,
             f"{prefix}minibatch_size",
@@ -273,7 +213,7 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
             f"different observation sizes {spec.obs_dims}; set team.shared_planner: false"
         )
     agent_ids = list(spec.agent_ids)
-    t, im = cfg.team, cfg.imagination
+    t = cfg.team
     config = (
         MBMAPPOConfig()
         .environment(f"moedream/{cfg.env}", env_config=dict(cfg.env_options))
@@ -327,17 +267,8 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
         .callbacks(TeamMetricsCallback)
         .debugging(seed=cfg.seed, log_level="ERROR")
         .model_based(
-            imagination=im.enabled,
-            imagination_horizon=im.horizon,
-            imagined_ratio=im.imagined_ratio,
-            imagination_updates=im.updates,
-            imagination_start_iteration=im.start_iteration,
-            imagination_real_every_update=im.real_every_update,
-            imagination_uncertainty_penalty=im.uncertainty_penalty,
-            world_model_retrain_every=im.world_model_retrain_every,
-            gate=im.gate,
-            serve_app_name=im.serve_app_name,
-            imagination_provider=provider_factory(cfg) if im.enabled else None,
+            imagination=copy.deepcopy(cfg.imagination),  # the algorithm config owns its copy
+            imagination_provider=provider_factory(cfg) if cfg.imagination.enabled else None,
             env_spec_json=spec.to_json(),
             shared_planner=t.shared_planner,
             shared_team_reward=cfg.shared_team_reward,

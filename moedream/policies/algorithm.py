@@ -2,19 +2,20 @@
 
 ``MBMAPPO.training_step`` (RLlib new API stack, after ``algorithms/ppo/ppo.py``):
 1. sample real episodes from the env runners;
-2. if ``imagination``: hand the real episodes to the provider (``observe``), retrain the
+2. if ``imagination.enabled``: hand the real episodes to the provider (``observe``), retrain the
    world model on schedule (``retrain``), branch imagined rollouts from real states with the
    current planner (``imagine``), keep what the gate approves (``gate``), and turn the kept
    trajectories into episodes (:func:`build_imagined_episodes`);
 3. one PPO update on real + kept imagined episodes (``learner_group.update(episodes=...)``);
-3b. with ``imagination_updates`` = K > 1: K - 1 more rounds of (imagine under the UPDATED
+3b. with ``imagination.updates`` = K > 1: K - 1 more rounds of (imagine under the UPDATED
    planner from real start states -> gate -> PPO update on the kept imagined episodes only),
    the Dyna/ME-TRPO lever: many policy updates per real step, each on fresh on-policy
    imagined data (real episodes are never reused: after an update they are off-policy);
 4. sync ALL modules (perceiver and reflector have no loss of their own, so PPO's
    "modules in the learner results" would miss them) to the env runners.
 
-With ``imagination=False`` it is the model-free MAPPO baseline.
+With ``imagination.enabled`` false it is the model-free MAPPO baseline. The settings are one
+:class:`moedream.policies.imagination_config.ImaginationConfig` (``MBMAPPOConfig.imagination``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from ray.rllib.utils.metrics import (
 )
 from ray.rllib.utils.torch_utils import compute_global_norm
 
-from moedream.config import ConfigError
+from moedream.config import ConfigError, fail
 from moedream.envs.spec import EnvSpec
 from moedream.policies.imagination import (
     GateDecision,
@@ -59,6 +60,7 @@ from moedream.policies.imagination import (
     penalise_uncertainty,
     sample_start_obs,
 )
+from moedream.policies.imagination_config import ImaginationConfig
 from moedream.world_model.trajectory import Trajectories
 
 METRICS = "moedream"  # results[METRICS][...] holds the per-iteration moedream metrics
@@ -146,16 +148,7 @@ class MBMAPPOConfig(PPOConfig):
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or MBMAPPO)
-        self.imagination = False
-        self.imagination_horizon = 10
-        self.imagined_ratio = 1.0
-        self.imagination_updates = 1
-        self.imagination_start_iteration = 0
-        self.imagination_real_every_update = False
-        self.imagination_uncertainty_penalty = 0.0
-        self.world_model_retrain_every = 0
-        self.gate = True
-        self.serve_app_name = "world_model"
+        self.imagination = ImaginationConfig()
         self.imagination_provider: Callable[[Any], Any] | None = None
         self.env_spec_json: str | None = None
         self.shared_planner = True
@@ -166,16 +159,7 @@ class MBMAPPOConfig(PPOConfig):
     def model_based(
         self,
         *,
-        imagination: bool | None = NotProvided,
-        imagination_horizon: int | None = NotProvided,
-        imagined_ratio: float | None = NotProvided,
-        imagination_updates: int | None = NotProvided,
-        imagination_start_iteration: int | None = NotProvided,
-        imagination_real_every_update: bool | None = NotProvided,
-        imagination_uncertainty_penalty: float | None = NotProvided,
-        world_model_retrain_every: int | None = NotProvided,
-        gate: bool | None = NotProvided,
-        serve_app_name: str | None = NotProvided,
+        imagination: ImaginationConfig | None = NotProvided,
         imagination_provider: Callable[[Any], Any] | None = NotProvided,
         env_spec_json: str | None = NotProvided,
         shared_planner: bool | None = NotProvided,
@@ -186,27 +170,10 @@ class MBMAPPOConfig(PPOConfig):
         """Model-based settings.
 
         Args:
-            imagination: learn from imagined rollouts too (False = model-free MAPPO).
-            imagination_horizon: steps per imagined rollout (H).
-            imagined_ratio: imagined env steps per real env step requested per imagination
-                round (total imagined per real step = imagined_ratio * imagination_updates).
-            imagination_updates: PPO updates per real batch that learn from imagination (K):
-                the first on real + imagined episodes, the K - 1 others each on freshly
-                imagined episodes under the just-updated planner (1 = one mixed update).
-            imagination_start_iteration: iterations (0-based) before this one are model-free
-                updates (the provider still observes the real episodes and retrains on
-                schedule), e.g. to let the world model first fit the agents' own data.
-            imagination_real_every_update: every one of the K updates also learns from the
-                real batch (PPO's clipped ratio against the sampling policy then pulls the
-                planner back wherever imagination moved it against the real advantages);
-                False = the real batch is learnt from in the first update only.
-            imagination_uncertainty_penalty: lambda of MOPO's pessimism: a kept imagined
-                step's reward (every agent's) minus lambda x the model's ensemble spread at
-                that step (0 = off; providers without an uncertainty are not penalised).
-            world_model_retrain_every: call the provider's ``retrain`` every this many
-                iterations (0 = never).
-            gate: drop the trajectories the provider's gate does not keep.
-            serve_app_name: the Ray Serve application of the world model (for providers).
+            imagination: the imagination settings, whole
+                (:class:`moedream.policies.imagination_config.ImaginationConfig`: enabled,
+                horizon, imagined_ratio, updates, gate, ...; ``enabled=False`` = model-free
+                MAPPO). Change one field with ``config.imagination.replace(horizon=5)``.
             imagination_provider: ``factory(config) -> provider`` with ``imagine`` and ``gate``
                 (see moedream.policies.imagination.ImaginationProvider), built in setup().
             env_spec_json: the EnvSpec (``EnvSpec.to_json()``) of the env.
@@ -216,13 +183,29 @@ class MBMAPPOConfig(PPOConfig):
             logdir_root: where the algorithm's own logs go when it runs outside Tune (RLlib
                 would use ~/ray_results); Tune trials use the trial directory.
             torch_num_threads: torch intra-op threads of the algorithm process (learner and
-                local sampling); 1 avoids OpenMP spin-waiting, which made the tiny matmuls of
-                these modules ~10x slower on a shared 2-core machine. None = torch's default.
+                local sampling); 1 avoids OpenMP spin-waiting, which slows the tiny matmuls of
+                these modules down several times over on a shared 2-core machine. None =
+                torch's default.
         """
+        if imagination is not NotProvided:
+            _check_imagination_type(imagination)
         for name, value in list(locals().items()):
             if name != "self" and value is not NotProvided:
                 setattr(self, name, value)
         return self
+
+    @override(PPOConfig)
+    def update_from_dict(self, config_dict: dict) -> MBMAPPOConfig:
+        """Also accept the imagination settings as a mapping of ImaginationConfig fields: a
+        Tune sweep over ``imagination.<field>`` puts them in the param space as a dict (Tune
+        resolves search spaces inside dicts only)."""
+        imagination = config_dict.get("imagination")
+        if isinstance(imagination, dict):
+            config_dict = {
+                **config_dict,
+                "imagination": ImaginationConfig.from_dict(imagination, prefix="imagination."),
+            }
+        return super().update_from_dict(config_dict)
 
     @override(PPOConfig)
     def validate(self) -> None:
@@ -231,81 +214,19 @@ class MBMAPPOConfig(PPOConfig):
 
     def validate_model_based(self) -> None:
         """Model-based fields; errors name the field and the fix (ConfigError)."""
-        _check(
-            isinstance(self.imagination, bool),
-            "imagination",
-            self.imagination,
-            "must be true or false",
-        )
-        _check(
-            isinstance(self.imagination_horizon, int) and self.imagination_horizon > 0,
-            "imagination_horizon",
-            self.imagination_horizon,
-            "must be an integer > 0",
-        )
-        _check(
-            isinstance(self.imagined_ratio, (int, float)) and self.imagined_ratio >= 0,
-            "imagined_ratio",
-            self.imagined_ratio,
-            "must be a number >= 0 (imagined:real steps)",
-        )
-        _check(
-            _is_int(self.imagination_updates) and self.imagination_updates >= 1,
-            "imagination_updates",
-            self.imagination_updates,
-            "must be an integer >= 1 (PPO updates per real batch that use imagination; 1 = "
-            "one update on real + imagined episodes)",
-        )
-        _check(
-            _is_int(self.imagination_start_iteration) and self.imagination_start_iteration >= 0,
-            "imagination_start_iteration",
-            self.imagination_start_iteration,
-            "must be an integer >= 0 (0 = imagine from the first iteration)",
-        )
-        _check(
-            isinstance(self.imagination_real_every_update, bool),
-            "imagination_real_every_update",
-            self.imagination_real_every_update,
-            "must be true or false",
-        )
-        _check(
-            isinstance(self.imagination_uncertainty_penalty, (int, float))
-            and not isinstance(self.imagination_uncertainty_penalty, bool)
-            and self.imagination_uncertainty_penalty >= 0,
-            "imagination_uncertainty_penalty",
-            self.imagination_uncertainty_penalty,
-            "must be a number >= 0 (0 = no pessimism)",
-        )
-        _check(
-            isinstance(self.world_model_retrain_every, int) and self.world_model_retrain_every >= 0,
-            "world_model_retrain_every",
-            self.world_model_retrain_every,
-            "must be an integer >= 0 (0 = never retrain)",
-        )
-        _check(
-            isinstance(self.serve_app_name, str) and bool(self.serve_app_name),
-            "serve_app_name",
-            self.serve_app_name,
-            "must be a non-empty string naming the Serve application",
-        )
-        _check(
-            self.env_spec_json is not None,
-            "env_spec_json",
-            self.env_spec_json,
-            "must be set: .model_based(env_spec_json=env_spec(name, **options).to_json())",
-        )
-        if self.imagination:
-            _check(
-                callable(self.imagination_provider),
+        _check_imagination_type(self.imagination)
+        self.imagination.validate(prefix="imagination.")
+        if self.env_spec_json is None:
+            fail(
+                "env_spec_json",
+                None,
+                "must be set: .model_based(env_spec_json=env_spec(name, **options).to_json())",
+            )
+        if self.imagination.enabled and not callable(self.imagination_provider):
+            fail(
                 "imagination_provider",
                 self.imagination_provider,
-                "must be a factory(config) -> provider when imagination is on",
-            )
-            _check(
-                self.imagined_ratio > 0,
-                "imagined_ratio",
-                self.imagined_ratio,
-                "must be > 0 when imagination is on (or turn imagination off)",
+                "must be a factory(config) -> provider when imagination.enabled is true",
             )
 
     @property
@@ -313,13 +234,14 @@ class MBMAPPOConfig(PPOConfig):
         return EnvSpec.from_json(self.env_spec_json)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"MBMAPPOConfig field `{field}` = {value!r} is invalid: {allowed}")
+def _check_imagination_type(value: Any) -> None:
+    if not isinstance(value, ImaginationConfig):
+        fail(
+            "imagination",
+            value,
+            "must be an ImaginationConfig (moedream.policies.imagination_config), e.g. "
+            ".model_based(imagination=ImaginationConfig(enabled=True, horizon=5))",
+        )
 
 
 class MBMAPPO(PPO):
@@ -352,7 +274,7 @@ class MBMAPPO(PPO):
         self._imagination_module = None
         self._rng = np.random.default_rng(self.config.seed)
         self._gate_counts = {"approve": 0, "refine": 0, "reject": 0}
-        if self.config.imagination:
+        if self.config.imagination.enabled:
             self.provider = self.config.imagination_provider(self.config)
             spec = self.config.get_multi_rl_module_spec(
                 spaces=self.env_runner_group.get_spaces(), inference_only=True
@@ -364,13 +286,13 @@ class MBMAPPO(PPO):
         episodes = self._sample_real()
         if not episodes:
             return
-        cfg = self.config
+        im = self.config.imagination
         imagined, rounds = [], 0
         self._gate_counts = {"approve": 0, "refine": 0, "reject": 0}
-        if cfg.imagination:
+        if im.enabled:
             self._prepare_imagination(episodes)
-            if self.iteration >= cfg.imagination_start_iteration:
-                rounds = cfg.imagination_updates
+            if self.iteration >= im.start_iteration:
+                rounds = im.updates
                 imagined = self._imagine(episodes)
         # A local learner's connectors append a bootstrap step to the episodes IN PLACE, so the
         # later rounds branch from (and re-learn) an untouched copy of the real batch.
@@ -378,7 +300,7 @@ class MBMAPPO(PPO):
         self._update(episodes + imagined)
         for _ in range(1, rounds):  # more updates, each on fresh imagination under the new policy
             imagined = self._imagine(pristine)
-            anchor = copy.deepcopy(pristine) if cfg.imagination_real_every_update else []
+            anchor = copy.deepcopy(pristine) if im.real_every_update else []
             if imagined:
                 self._update(anchor + imagined)
         self.metrics.log_value((METRICS, "imagination_rounds"), rounds, window=1)
@@ -431,13 +353,12 @@ class MBMAPPO(PPO):
         """Once per iteration, before any imagination: the provider scores its model on the
         NEW real episodes (held out: it has not seen them), stores them, and retrains on
         schedule."""
-        cfg = self.config
         if hasattr(self.provider, "evaluate"):
             self.provider.evaluate(episodes)
         if hasattr(self.provider, "observe"):
             self.provider.observe(episodes)
-        every = cfg.world_model_retrain_every  # after every `every` iterations of new data
-        if every and (self.iteration + 1) % every == 0:
+        every = self.config.imagination.world_model_retrain_every
+        if every and (self.iteration + 1) % every == 0:  # after `every` iterations of new data
             if hasattr(self.provider, "retrain"):
                 self.provider.retrain(self.iteration)
 
@@ -447,13 +368,14 @@ class MBMAPPO(PPO):
         cfg, spec = self.config, self.config.env_spec
         self._refresh_imagination_module()
         real_steps = sum(e.env_steps() for e in episodes)
-        n = max(1, math.ceil(cfg.imagined_ratio * real_steps / cfg.imagination_horizon))
+        im = cfg.imagination
+        n = max(1, math.ceil(im.imagined_ratio * real_steps / im.horizon))
         start_obs = sample_start_obs(episodes, spec, n, self._rng)  # [n, N, D]
         policy = TeamPolicy(self._imagination_module, spec, cfg.shared_planner)
         trajs = self.provider.imagine(start_obs, policy)
         decision = (
             GateDecision.from_result(self.provider.gate(trajs))
-            if cfg.gate
+            if im.gate
             else GateDecision.from_result(np.ones(trajs.batch_size, dtype=bool))
         )
         if decision.trajectories is not None:  # the gate re-imagined its REFINE rows
@@ -502,7 +424,7 @@ class MBMAPPO(PPO):
         return imagined
 
     def _penalise_uncertainty(self, kept: Trajectories) -> Trajectories:
-        kept, penalty = penalise_uncertainty(kept, self.config.imagination_uncertainty_penalty)
+        kept, penalty = penalise_uncertainty(kept, self.config.imagination.uncertainty_penalty)
         if penalty:
             self.metrics.log_value((METRICS, "imagined_penalty_per_step"), penalty, window=1)
         return kept

@@ -380,10 +380,10 @@ class EnvReplayImaginerFactory:
     env_options: dict[str, Any]
 
     def __call__(self, config: Any) -> EnvReplayImaginer:
-        """Build from the algorithm config (its ``imagination_horizon`` and ``seed``)."""
+        """Build from the algorithm config (its ``imagination.horizon`` and ``seed``)."""
         return EnvReplayImaginer(
             self.env_name,
             self.env_options,
-            horizon=config.imagination_horizon,
+            horizon=config.imagination.horizon,
             seed=config.seed or 0,
         )

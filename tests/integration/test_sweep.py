@@ -86,10 +86,43 @@ def test_sweep_config_errors_name_fields(tmp_path, storage_path):
     )
     with pytest.raises(ConfigError, match=r"search_space\.learning_rate"):
         sweep.param_space(unknown, storage_path)
+    typo = sweep.load_config(
+        argparse.Namespace(
+            config=write_sweep_yaml(
+                tmp_path,
+                storage_path,
+                search_space={"imagination.horizn": {"type": "choice", "values": [3]}},
+            )
+        )
+    )
+    with pytest.raises(ConfigError, match=r"search_space\.imagination\.horizn.*horizon"):
+        sweep.param_space(typo, storage_path)
+
+
+def test_param_space_searches_imagination_fields(tmp_path, storage_path):
+    """imagination.<field> keys: the settings go to Tune as a dict with the sampler inside;
+    every other field keeps the agents config's value."""
+    config = write_sweep_yaml(
+        tmp_path,
+        storage_path,
+        search_space={
+            "lr": {"type": "grid", "values": [0.001]},
+            "imagination.horizon": {"type": "grid", "values": [3, 5]},
+        },
+    )
+    space = sweep.param_space(sweep.load_config(argparse.Namespace(config=config)), storage_path)
+    assert space["lr"] == {"grid_search": [0.001]}
+    assert space["imagination"]["horizon"] == {"grid_search": [3, 5]}
+    assert space["imagination"]["imagined_ratio"] == 1.0 and space["imagination"]["gate"] is True
 
 
 def test_two_tiny_trials_and_summary_table(ray_cluster, tmp_path, storage_path, capsys):
-    config = write_sweep_yaml(tmp_path, storage_path)
+    # an imagination field too: each trial turns the searched dict back into its settings
+    search = {
+        "lr": {"type": "grid", "values": [0.0003, 0.001]},
+        "imagination.horizon": {"type": "choice", "values": [3]},
+    }
+    config = write_sweep_yaml(tmp_path, storage_path, search_space=search)
     args = argparse.Namespace(
         config=config, resume=False, storage_path=None, num_samples=None, max_iterations=None
     )
@@ -104,16 +137,15 @@ def test_two_tiny_trials_and_summary_table(ray_cluster, tmp_path, storage_path, 
     results = sweep.build_tuner(cfg, resume=True).get_results()  # resumable from storage_path
     assert len(results) == 2 and not results.errors
     headers, rows = sweep.summary_rows(results, cfg)
-    assert headers[:3] == ["trial", "status", "lr"]
+    assert headers[:4] == ["trial", "status", "lr", "imagination.horizon"]
     assert sorted(r[2] for r in rows) == [0.0003, 0.001]
     for row in rows:
-        assert row[1] == "OK" and row[4] in (
-            1,
-            2,
-        )  # no statuses given: OK / ERROR  # ASHA (grace period 1) may stop one early
-        assert math.isfinite(row[3])  # team return of finished 100-step episodes
-        assert row[5] == 200 * row[4]  # real env steps
-    assert max(row[4] for row in rows) == 2
+        assert row[3] == 3
+        # no statuses given: OK / ERROR; ASHA (grace period 1) may stop one early
+        assert row[1] == "OK" and row[5] in (1, 2)
+        assert math.isfinite(row[4])  # team return of finished 100-step episodes
+        assert row[6] == 200 * row[5]  # real env steps
+    assert max(row[5] for row in rows) == 2
 
 
 def test_resume_without_a_sweep_and_new_sweep_over_one_fail_clearly(tmp_path, storage_path):

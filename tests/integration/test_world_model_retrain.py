@@ -92,8 +92,10 @@ def algo_config(root, data, retrain_every: int, gate: str | None = None):
         swap_timeout_s=240.0,
         **({"gate_actor_name": gate, "gate_namespace": "moedream_test"} if gate else {}),
     )
-    return build_algo_config(cfg, logdir_root=str(root / "rllib")).model_based(
-        world_model_retrain_every=retrain_every, imagination_provider=factory
+    config = build_algo_config(cfg, logdir_root=str(root / "rllib"))
+    return config.model_based(
+        imagination=config.imagination.replace(world_model_retrain_every=retrain_every),
+        imagination_provider=factory,
     )
 
 

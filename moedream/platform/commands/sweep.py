@@ -1,7 +1,7 @@
 """`moedream sweep`: a Ray Tune sweep over the agent-training (MBMAPPO) config.
 
-The YAML names a base agents config, a search space over MBMAPPOConfig fields and the
-scheduler (ASHA by default). Results go to ``storage_path/name``; every trial checkpoints
+The YAML names a base agents config, a search space over MBMAPPOConfig fields (and
+``imagination.<field>`` for the imagination settings) and the scheduler (ASHA by default). Results go to ``storage_path/name``; every trial checkpoints
 every ``checkpoint_every`` iterations. An interrupted sweep (Ctrl+C, a killed driver) is
 continued with ``--resume``: finished trials are kept as they are, unfinished and errored ones
 continue from their latest checkpoint (``Tuner.restore``). The end prints a table of the best
@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moedream.config import ConfigBase, ConfigError, check, check_choice, load_yaml
+from moedream.policies.imagination_config import ImaginationConfig
 
 HELP = "run a Ray Tune sweep over the agent-training config"
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
+IMAGINATION_PREFIX = "imagination."
 
 
 @dataclasses.dataclass
@@ -35,7 +37,8 @@ class SweepConfig(ConfigBase):
     agents_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Fields of the agents config replaced for every trial (e.g. a smaller batch)."""
     search_space: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """MBMAPPOConfig field -> {type: choice|grid|uniform|loguniform|randint, ...}."""
+    """MBMAPPOConfig field (or imagination.<field>) -> {type: choice|grid|uniform|loguniform|
+    randint, ...}."""
     num_samples: int = 4
     metric: str = "env_runners/moedream_team_return"
     mode: Literal["max", "min"] = "max"
@@ -112,7 +115,12 @@ def sampler(key: str, spec: dict[str, Any]) -> Any:
 
 
 def param_space(cfg: SweepConfig, storage_path: str) -> dict[str, Any]:
-    """The base algorithm config as a dict, with the YAML's search space substituted."""
+    """The base algorithm config as a dict, with the YAML's search space substituted.
+
+    A key ``imagination.<field>`` searches a field of the imagination settings: they go into
+    the param space as a dict (Tune resolves samplers inside dicts only), which
+    MBMAPPOConfig.update_from_dict turns back into an ImaginationConfig in each trial.
+    """
     from moedream.platform.agents import AgentsConfig, build_algo_config
 
     data = load_yaml(cfg.agents)
@@ -120,15 +128,44 @@ def param_space(cfg: SweepConfig, storage_path: str) -> dict[str, Any]:
     algo_config = build_algo_config(AgentsConfig.from_dict(data), logdir_root=storage_path)
     space = algo_config.to_dict()
     for key, spec in cfg.search_space.items():
-        name = "lambda" if key == "lambda_" else key
-        if name not in space:
-            raise ConfigError(
-                f"config field `search_space.{key}` is invalid: not a field of MBMAPPOConfig; "
-                f"e.g. lr, entropy_coeff, num_epochs, minibatch_size, clip_param, gamma, lambda_, "
-                f"imagined_ratio, imagination_horizon"
-            )
-        space[name] = sampler(key, spec)
+        section, name = _space_slot(space, key)
+        section[name] = sampler(key, spec)
     return space
+
+
+def _space_slot(space: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
+    """(the dict, its key) where the search-space entry ``key`` goes in the param space."""
+    if key.startswith(IMAGINATION_PREFIX):
+        if isinstance(space["imagination"], ImaginationConfig):
+            space["imagination"] = space["imagination"].to_dict()
+        section, name = space["imagination"], key[len(IMAGINATION_PREFIX) :]
+    else:
+        section, name = space, _dict_key(key)
+    if name not in section:
+        raise ConfigError(
+            f"config field `search_space.{key}` is invalid: not a field of MBMAPPOConfig; e.g. "
+            "lr, entropy_coeff, num_epochs, minibatch_size, clip_param, gamma, lambda_, or "
+            f"{IMAGINATION_PREFIX}<field> with a field of ImaginationConfig "
+            f"({', '.join(f.name for f in dataclasses.fields(ImaginationConfig))})"
+        )
+    return section, name
+
+
+def _dict_key(key: str) -> str:
+    """RLlib's config dicts spell the field ``lambda_`` as ``lambda``."""
+    return "lambda" if key == "lambda_" else key
+
+
+def searched_value(config: dict[str, Any] | None, key: str) -> Any:
+    """The value of search-space entry ``key`` in a trial's config (None if absent)."""
+    if not config:
+        return None
+    if key.startswith(IMAGINATION_PREFIX):
+        imagination, name = config.get("imagination"), key[len(IMAGINATION_PREFIX) :]
+        if isinstance(imagination, dict):
+            return imagination.get(name)
+        return getattr(imagination, name, None)
+    return config.get(_dict_key(key))
 
 
 def experiment_dir(cfg: SweepConfig) -> Path:
@@ -227,7 +264,7 @@ def summary_rows(
     status: the Tune status from ``statuses`` (trial id -> status) when given, else OK, ERROR
     or NO RESULT (a trial that never reported).
     """
-    keys = ["lambda" if k == "lambda_" else k for k in cfg.search_space]
+    keys = [_dict_key(k) for k in cfg.search_space]
     rows = []
     for result in results:
         metrics = result.metrics or {}
@@ -238,7 +275,7 @@ def summary_rows(
             [
                 trial_id,
                 (statuses or {}).get(trial_id, fallback),
-                *[result.config.get(k) if result.config else None for k in keys],
+                *[searched_value(result.config, k) for k in cfg.search_space],
                 value,
                 metrics.get("training_iteration", 0),
                 _nested(metrics, "moedream/real_env_steps_lifetime"),

@@ -1,0 +1,111 @@
+"""The one home of the imagination settings: what MBMAPPO imagines, how much, and from whom.
+
+:class:`ImaginationConfig` is the ``imagination:`` section of an agents config
+(``AgentsConfig.imagination``) and, whole, MBMAPPOConfig's ``imagination`` attribute
+(``MBMAPPOConfig().model_based(imagination=ImaginationConfig(...))``). It imports neither Ray
+nor the rest of moedream, so both sides can import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from moedream.config import ConfigBase, check, check_choice, check_positive, is_int
+from moedream.platform.serve.names import APP_NAME
+
+PROVIDERS = ("world_model", "env_replay")
+
+
+@dataclasses.dataclass
+class ImaginationConfig(ConfigBase):
+    """Imagination settings of MBMAPPO (``enabled: false`` = the model-free MAPPO baseline)."""
+
+    enabled: bool = False
+    """Learn from imagined rollouts too (false = the model-free MAPPO baseline)."""
+    provider: str = "env_replay"
+    """Who imagines: 'world_model' (the Serve application `serve_app_name`, gated by the
+    coherence gate actor) or 'env_replay' (steps real env copies: a test stand-in, NOT a world
+    model)."""
+    horizon: int = 10
+    """Steps per imagined rollout (H)."""
+    imagined_ratio: float = 1.0
+    """Imagined env steps requested per real env step, per imagination round (the total per
+    real step is imagined_ratio * updates)."""
+    updates: int = 1
+    """PPO updates per real batch that learn from imagination: the first on real + imagined
+    episodes, each further one on freshly imagined episodes under the just-updated planner
+    (many policy updates per real step: the model-based lever). 1 = one mixed update."""
+    start_iteration: int = 0
+    """Iterations before this one (0-based) update on real episodes only, while the world
+    model already observes (and retrains on) them."""
+    real_every_update: bool = False
+    """Every one of the `updates` PPO updates also learns from the real batch (an anchor: PPO's
+    clipped ratio pulls the planner back where imagination moved it against real advantages);
+    false = the real batch is learnt from in the first update only."""
+    uncertainty_penalty: float = 0.0
+    """MOPO's pessimism: each kept imagined step's reward, for every agent, minus this times
+    the world model's ensemble spread at that step, so the planner earns less where the model
+    is unsure and cannot climb its errors (0 = off)."""
+    world_model_retrain_every: int = 0
+    """Retrain the world model every this many iterations (0 = never)."""
+    gate: bool = True
+    """Learn only from trajectories the coherence gate keeps."""
+    serve_app_name: str = APP_NAME
+    """Ray Serve application serving the world model (provider 'world_model')."""
+    world_model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Options of the served world-model provider (ServedWorldModelImaginerFactory in
+    moedream/platform/model_based.py): checkpoint_dir (required to retrain), base_data_path,
+    episode_dir, store_max_steps, retrain_steps, retrain_batch_size, retrain_lr, ..."""
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        for name in ("enabled", "real_every_update", "gate"):
+            value = getattr(self, name)
+            check(isinstance(value, bool), f"{prefix}{name}", value, "must be true or false")
+        check_choice(f"{prefix}provider", self.provider, PROVIDERS)
+        check(
+            is_int(self.horizon) and self.horizon > 0,
+            f"{prefix}horizon",
+            self.horizon,
+            "must be an integer > 0 (steps per imagined rollout)",
+        )
+        check_positive(f"{prefix}imagined_ratio", self.imagined_ratio, allow_zero=True)
+        check(
+            not self.enabled or self.imagined_ratio > 0,
+            f"{prefix}imagined_ratio",
+            self.imagined_ratio,
+            "must be > 0 when imagination is enabled (or set enabled: false)",
+        )
+        check(
+            is_int(self.updates) and self.updates >= 1,
+            f"{prefix}updates",
+            self.updates,
+            "must be an integer >= 1 (PPO updates per real batch using imagination; 1 = one "
+            "update on real + imagined episodes)",
+        )
+        check(
+            is_int(self.start_iteration) and self.start_iteration >= 0,
+            f"{prefix}start_iteration",
+            self.start_iteration,
+            "must be an integer >= 0 (0 = imagine from the first iteration)",
+        )
+        check_positive(f"{prefix}uncertainty_penalty", self.uncertainty_penalty, allow_zero=True)
+        check(
+            is_int(self.world_model_retrain_every) and self.world_model_retrain_every >= 0,
+            f"{prefix}world_model_retrain_every",
+            self.world_model_retrain_every,
+            "must be an integer >= 0 (0 = never retrain)",
+        )
+        check(
+            isinstance(self.serve_app_name, str) and bool(self.serve_app_name),
+            f"{prefix}serve_app_name",
+            self.serve_app_name,
+            "must be a non-empty string naming the Serve application",
+        )
+        check(
+            isinstance(self.world_model, dict),
+            f"{prefix}world_model",
+            self.world_model,
+            "must be a mapping of world-model provider options",
+        )
