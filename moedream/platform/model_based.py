@@ -152,13 +152,13 @@ class ServedWorldModelImaginerFactory(ConfigBase):
             )
 
     def __call__(self, config: Any) -> ServedWorldModelImaginer:
-        self.check_retrain(int(getattr(config, "world_model_retrain_every", 0) or 0))
+        self.check_retrain(config.imagination.world_model_retrain_every)
         return ServedWorldModelImaginer(
             spec=EnvSpec.from_json(config.env_spec_json),
-            horizon=config.imagination_horizon,
+            horizon=config.imagination.horizon,
             seed=config.seed or 0,
             factory=self,
-            refit_gate=self.gate_refit and bool(getattr(config, "gate", True)),
+            refit_gate=self.gate_refit and config.imagination.gate,
         )
 
 
