@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import requests
 
+from moedream.platform.serve.request import imagine_request, jsonable
 from moedream.world_model.trajectory import Trajectories
 
 JSON = dict[str, Any]
@@ -71,14 +72,16 @@ class WorldModelClient:
         seed: int = 0,
         noise_scale: float | None = None,
         sampler: JSON | None = None,
-        context: JSON | None = None,
+        context_obs: Any = None,
+        context_actions: Any = None,
     ) -> Trajectories:
-        """Imagined rollouts as :class:`Trajectories` (float32 numpy arrays; null -> NaN)."""
-        body = {"start_obs": _jsonable(start_obs), "horizon": horizon, "num_samples": num_samples,
-                "seed": seed}  # fmt: skip
-        optional = {"actions": actions, "policy": policy, "noise_scale": noise_scale,
-                    "sampler": sampler, "context": context}  # fmt: skip
-        body.update({k: _jsonable(v) for k, v in optional.items() if v is not None})
+        """Imagined rollouts as :class:`Trajectories` (float32 numpy arrays; null -> NaN).
+        The arguments are :func:`~moedream.platform.serve.request.imagine_request`'s."""
+        body = imagine_request(
+            start_obs, actions, horizon=horizon, seed=seed, context_obs=context_obs,
+            context_actions=context_actions, noise_scale=noise_scale, num_samples=num_samples,
+            policy=policy, sampler=sampler, as_lists=True,
+        )  # fmt: skip
         return Trajectories.from_dict(self.imagine_json(body))
 
     def step(
@@ -91,21 +94,12 @@ class WorldModelClient:
         sampler: JSON | None = None,
     ) -> dict[str, Any]:
         """One joint transition: next_obs, reward, terminated, uncertainty, ... as numpy."""
-        body = {"obs": _jsonable(obs), "action": _jsonable(action), "seed": seed}
+        body = {"obs": jsonable(obs), "action": jsonable(action), "seed": seed}
         if noise_scale is not None:
             body["noise_scale"] = noise_scale
         if sampler is not None:
             body["sampler"] = sampler
         return {k: _as_array(v) for k, v in self.step_json(body).items()}
-
-
-def _jsonable(value: Any) -> Any:
-    """numpy arrays (also inside dicts, e.g. per-agent observations) -> nested lists."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
 
 
 def _as_array(value: Any) -> Any:
