@@ -120,7 +120,7 @@ def main(args: Args) -> None:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
-    from moedream.coherence.gate import get_or_create_gate
+    from moedream.coherence.gate import GateActorConfig, get_or_create_gate
 
     config, normalizer, pool = real_batches(args)
     steps = args.batch * args.horizon
@@ -135,7 +135,9 @@ def main(args: Args) -> None:
     try:
         with tempfile.TemporaryDirectory() as state_dir:
             gate = get_or_create_gate(
-                config.replace(actor_name="bench_gate", namespace="bench"), normalizer, state_dir
+                GateActorConfig(kernel=config, actor_name="bench_gate", namespace="bench"),
+                normalizer,
+                state_dir,
             )
             rows.append(summarize("actor, sequential", time_actor(ray, gate, args, pool), steps))
             print(rows[-1], flush=True)

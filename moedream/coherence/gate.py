@@ -2,7 +2,7 @@
 
 Every imagined batch passes through it before it is learned from::
 
-    gate = get_or_create_gate(config, normalizer, state_dir="runs/gate")
+    gate = get_or_create_gate(GateActorConfig(kernel=config), normalizer, state_dir="runs/gate")
     result = ray.get(gate.judge_and_refine.remote(ray.put(trajs), "overcooked", "planner"))
     keep = result.trajectories.select(result.approved_index())
 
@@ -15,9 +15,13 @@ Refine: REFINE trajectories are re-imagined from the same start observation and 
 the sampling noise shrunk by ``noise_shrink`` per try (1.0 -> 0.75 -> 0.5625), at most
 ``max_refine_tries`` times; whatever is still not approved is rejected. The re-imaginer is either
 a Python callable ``reimagine(trajs, noise_scale) -> Trajectories`` given at construction, or the
-world model's Ray Serve deployment (``config.reimaginer_app`` / ``reimaginer_deployment``) whose
-``imagine`` method receives :func:`reimagine_request`'s dict and returns Trajectories (or its
-``to_dict()`` form).
+world model's Ray Serve deployment (``GateActorConfig.reimaginer_app`` / ``reimaginer_deployment``)
+whose ``imagine`` method receives :func:`reimagine_request`'s dict and returns Trajectories (or
+its ``to_dict()`` form).
+
+Settings: the kernel's maths are a ``GateConfig`` (kernel.py); ``GateActorConfig``
+(actor_config.py, re-exported here) holds it together with what only the actor needs: its name,
+namespace and CPUs, the re-imaginer, the refine loop and the H7 histogram of its counters.
 
 Fault tolerance: ``max_restarts=-1`` restarts the actor after a crash or ``ray.kill(...,
 no_restart=False)``; its counters are written atomically to ``state_dir`` after every call and
@@ -38,14 +42,15 @@ from typing import Any
 import numpy as np
 import ray
 
+from moedream.coherence.actor_config import GateActorConfig
 from moedream.coherence.kernel import (
-    GateConfig,
     GateResult,
     Normalizer,
     Verdict,
     atomic_write_text,
     judge,
 )
+from moedream.platform.serve.request import imagine_request
 from moedream.world_model.trajectory import Trajectories
 
 Reimaginer = Callable[[Trajectories, float], Trajectories]
@@ -62,22 +67,19 @@ COUNTERS = (
 
 
 def reimagine_request(trajs: Trajectories, noise_scale: float, seed: int) -> dict[str, Any]:
-    """The request the gate sends to the Serve deployment's ``imagine`` method (JSON-ready):
-
-    start_obs    [B, N, D] list   the trajectories' first observations
-    actions      [B, H, N, A] list  the encoded joint actions to replay (open loop)
-    horizon      int              H
-    noise_scale  float            sampling-noise multiplier for the diffusion sampler
-    seed         int              sampling seed (a different one per try)
-
-    The reply must hold B trajectories of the same horizon H (Trajectories or its to_dict())."""
-    return {
-        "start_obs": np.asarray(trajs.obs[:, 0]).tolist(),
-        "actions": np.asarray(trajs.action).tolist(),
-        "horizon": int(trajs.horizon),
-        "noise_scale": float(noise_scale),
-        "seed": int(seed),
-    }
+    """The request the gate sends to the Serve deployment's ``imagine`` method: replay the
+    trajectories' encoded joint actions (open loop) from their first observations, over their
+    horizon, with the sampling noise scaled by ``noise_scale`` and a different ``seed`` per try.
+    JSON-ready (nested lists). The reply must hold B trajectories of the same horizon H
+    (Trajectories or its to_dict())."""
+    return imagine_request(
+        np.asarray(trajs.obs[:, 0]),
+        np.asarray(trajs.action),
+        horizon=int(trajs.horizon),
+        noise_scale=float(noise_scale),
+        seed=int(seed),
+        as_lists=True,
+    )
 
 
 class CoherenceGate:
@@ -85,7 +87,7 @@ class CoherenceGate:
 
     def __init__(
         self,
-        config: GateConfig,
+        config: GateActorConfig,
         normalizer: dict[str, Any] | Normalizer,
         state_dir: str,
         reimagine: Reimaginer | None = None,
@@ -117,7 +119,7 @@ class CoherenceGate:
         """Verdicts for a batch (Trajectories, its ObjectRef, or its to_dict()); no refine.
         ``record=False`` leaves the counters alone (e.g. to check the gate on REAL data)."""
         trajs = resolve_trajectories(trajs)
-        result = judge(trajs, self.normalizer, self.config)
+        result = judge(trajs, self.normalizer, self.config.kernel)
         if record:
             self._record(result, env_name, policy_id, entered_refine=0, attempts=0, recovered=0)
         return result
@@ -131,7 +133,7 @@ class CoherenceGate:
         states random play never does). The model-metric quantiles (kl, ensemble) are kept
         and the support [min, max] is the union of the old and the new one.
         Persisted in the state dir, so a restarted actor keeps it."""
-        new = Normalizer.fit(sequences, self.config)
+        new = Normalizer.fit(sequences, self.config.kernel)
         old = self.normalizer
         if (new.n_agents, new.obs_dim) != (old.n_agents, old.obs_dim):
             raise ValueError(
@@ -171,13 +173,13 @@ class CoherenceGate:
         """Judge, re-imagine REFINE trajectories up to max_refine_tries times, reject the rest.
         ``result.trajectories`` holds the final batch (re-imagined rows replaced)."""
         trajs = resolve_trajectories(trajs)
-        first = judge(trajs, self.normalizer, self.config)
+        first = judge(trajs, self.normalizer, self.config.kernel)
         base = self.config.initial_noise_scale if noise_scale is None else float(noise_scale)
         entered = np.flatnonzero(first.verdicts == Verdict.REFINE)
         if entered.size and self._reimagine_fn is None and not self.config.reimaginer_app:
             raise ValueError(
                 "judge_and_refine needs a re-imaginer: pass reimagine= to get_or_create_gate or "
-                "set config.reimaginer_app and config.reimaginer_deployment (or call judge)"
+                "set GateActorConfig.reimaginer_app and reimaginer_deployment (or call judge)"
             )
         result, attempts = self._refine(trajs, first, entered, base, seed)
         recovered = int(np.sum(result.verdicts[entered] == Verdict.APPROVE))
@@ -196,7 +198,7 @@ class CoherenceGate:
             new = self._reimagine(subset, base * self.config.noise_shrink**k, seed + k)
             _check_reimagined(subset, new)
             attempts += int(pending.size)
-            again = judge(new, self.normalizer, self.config)
+            again = judge(new, self.normalizer, self.config.kernel)
             again.tries[:] = k
             _assign_rows(final, pending, again)
             current = _replace_rows(current, pending, new)
@@ -277,7 +279,7 @@ RemoteCoherenceGate = ray.remote(CoherenceGate)
 
 
 def get_or_create_gate(
-    config: GateConfig,
+    config: GateActorConfig,
     normalizer: Normalizer,
     state_dir: str | Path,
     reimagine: Reimaginer | None = None,
@@ -297,7 +299,7 @@ def get_or_create_gate(
     )
 
 
-def get_gate(config: GateConfig) -> ray.actor.ActorHandle:
+def get_gate(config: GateActorConfig) -> ray.actor.ActorHandle:
     """The running gate actor (raises ValueError if it was never created)."""
     return ray.get_actor(config.actor_name, namespace=config.namespace)
 
@@ -459,6 +461,7 @@ def _check_reimagined(asked: Trajectories, got: Trajectories) -> None:
 
 __all__ = [
     "CoherenceGate",
+    "GateActorConfig",
     "RemoteCoherenceGate",
     "get_gate",
     "get_or_create_gate",

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from moedream.config import ConfigBase, check, check_fraction, check_positive
+from moedream.config import ConfigBase, ConfigError, check, check_fraction, check_positive
 from moedream.world_model.trajectory import Trajectories
 
 METRICS = ("l2", "l1", "kl", "ensemble", "dispersion")
@@ -62,6 +62,12 @@ METRICS = ("l2", "l1", "kl", "ensemble", "dispersion")
 REAL_METRICS = ("l2", "l1", "dispersion")
 ARRAY_FIELDS = ("state_mean", "state_std", "delta_mean", "delta_std", "state_min", "state_max")
 TRAJECTORY_FIELDS = ("obs", "action", "reward", "terminated", "uncertainty", "obs_std")
+
+# GateActorConfig's fields (moedream/coherence/actor_config.py). GateConfig refuses them with a pointer
+# there rather than as unknown keys: a YAML written when they were kernel settings then says
+# where they live.
+ACTOR_FIELDS = ("actor_name", "namespace", "num_cpus", "reimaginer_app", "reimaginer_deployment",
+                "max_refine_tries", "noise_shrink", "initial_noise_scale", "h7_bins")  # fmt: skip
 
 REASON_COHERENT = "coherent"
 REASON_LOW_COHERENCE = "low coherence"
@@ -77,7 +83,9 @@ class Verdict(enum.IntEnum):
 
 @dataclasses.dataclass
 class GateConfig(ConfigBase):
-    """The coherence gate: kernel bands and calibration, refine loop, and the actor's placement."""
+    """The kernel's maths: verdict bands, calibration against real data, the stall and support
+    checks and the metric weights. The gate actor's own settings (name, namespace, CPUs, its
+    re-imaginer and refine loop) are GateActorConfig's (moedream/coherence/actor_config.py)."""
 
     approve_h7: float = 0.70
     """APPROVE when H7 (fraction of coherent steps) >= this."""
@@ -114,24 +122,6 @@ class GateConfig(ConfigBase):
     ensemble_reference: float = 1.0
     """Ensemble spread, in units of a typical real step change, mapped to coherence_threshold
     until calibrate_model_metrics sets it from the model."""
-    max_refine_tries: int = 2
-    """Re-imagination attempts for a REFINE trajectory before it is rejected."""
-    noise_shrink: float = 0.75
-    """Each refine try samples with noise_scale multiplied by this (0.75, 0.56, ...)."""
-    initial_noise_scale: float = 1.0
-    """Noise scale the judged trajectories were imagined with (try k uses it * shrink**k)."""
-    h7_bins: int = 10
-    """Bins of the H7 histogram kept per (env, policy)."""
-    actor_name: str = "moedream_coherence_gate"
-    """Name of the central gate actor."""
-    namespace: str = "moedream"
-    """Ray namespace of the gate actor."""
-    num_cpus: float = 0.25
-    """Logical CPUs reserved by the gate actor."""
-    reimaginer_app: str = ""
-    """Ray Serve application holding the world-model deployment used to refine ('' = none)."""
-    reimaginer_deployment: str = ""
-    """Deployment name inside reimaginer_app whose `imagine` method re-imagines trajectories."""
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
@@ -156,41 +146,21 @@ class GateConfig(ConfigBase):
             "weight_l2 + weight_l1 + weight_dispersion must be > 0 (a metric calibrated on real "
             "data must be active); set weight_l2: 1.0",
         )
-        for name in (
-            "kl_reference",
-            "ensemble_reference",
-            "std_floor",
-            "num_cpus",
-            "support_margin",
-        ):
+        for name in ("kl_reference", "ensemble_reference", "std_floor", "support_margin"):
             check_positive(f"{prefix}{name}", getattr(self, name))
-        check(
-            isinstance(self.max_refine_tries, int) and self.max_refine_tries >= 0,
-            f"{prefix}max_refine_tries",
-            self.max_refine_tries,
-            "must be an integer >= 0",
-        )
-        check(
-            isinstance(self.noise_shrink, (int, float)) and 0.0 < self.noise_shrink <= 1.0,
-            f"{prefix}noise_shrink",
-            self.noise_shrink,
-            "must be in (0, 1]: each refine try multiplies the noise scale by it",
-        )
-        check_positive(f"{prefix}initial_noise_scale", self.initial_noise_scale, allow_zero=True)
-        check(
-            isinstance(self.h7_bins, int) and self.h7_bins >= 1,
-            f"{prefix}h7_bins",
-            self.h7_bins,
-            "must be an integer >= 1",
-        )
-        check(bool(self.actor_name), f"{prefix}actor_name", self.actor_name, "must not be empty")
-        check(
-            bool(self.reimaginer_app) == bool(self.reimaginer_deployment),
-            f"{prefix}reimaginer_deployment",
-            self.reimaginer_deployment,
-            f"set both reimaginer_app ({self.reimaginer_app!r}) and reimaginer_deployment, or "
-            "neither",
-        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, prefix: str = "") -> GateConfig:
+        """As ConfigBase.from_dict; a setting of the gate actor gets an error naming its home."""
+        moved = sorted(set(data or {}) & set(ACTOR_FIELDS)) if isinstance(data, dict) else []
+        if moved:
+            raise ConfigError(
+                f"config field(s) {[prefix + k for k in moved]} belong to the gate actor, not to "
+                "the kernel's GateConfig: set them in GateActorConfig "
+                "(moedream/coherence/actor_config.py); in a quickstart YAML, under the top-level "
+                "`gate_actor` section"
+            )
+        return super().from_dict(data, prefix=prefix)
 
     def weights(self) -> dict[str, float]:
         return {m: float(getattr(self, f"weight_{m}")) for m in METRICS}

@@ -42,7 +42,10 @@ class QuickstartConfig(ConfigBase):
     serve: dict[str, Any] = dataclasses.field(default_factory=dict)
     """ServeConfig fields of the deployment (checkpoint is set by the job)."""
     gate: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """GateConfig fields of the coherence gate."""
+    """GateConfig fields: the coherence kernel's maths (bands, calibration, metric weights)."""
+    gate_actor: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """GateActorConfig fields of the central gate actor (name, CPUs, refine loop); it refines
+    through the run's Serve deployment unless reimaginer_app says otherwise."""
     agents: dict[str, Any] = dataclasses.field(default_factory=dict)
     """AgentsConfig fields (env and env options default to the collect section's)."""
     eval_episodes: int = 3
@@ -58,7 +61,7 @@ class QuickstartConfig(ConfigBase):
         # Build every section's typed config now: a typo fails before Ray starts.
         self.world_model_config()
         self.serve_config()
-        self.gate_config()
+        self.gate_actor_config()
         self.agents_config()
 
     @property
@@ -85,12 +88,20 @@ class QuickstartConfig(ConfigBase):
     def gate_config(self):
         from moedream.coherence.kernel import GateConfig
 
-        data = {
-            "reimaginer_app": "world_model",
-            "reimaginer_deployment": "WorldModelDeployment",
-            **self.gate,
-        }
-        return _section(GateConfig, data, "gate")
+        return _section(GateConfig, self.gate, "gate")
+
+    def gate_actor_config(self):
+        from moedream.coherence.actor_config import GateActorConfig
+        from moedream.platform.serve.names import APP_NAME, DEPLOYMENT_NAME
+
+        if "kernel" in self.gate_actor:
+            raise ConfigError(
+                "quickstart section `gate_actor`: `kernel` is not set here; write the kernel's "
+                "settings in the `gate` section"
+            )
+        data = {"reimaginer_app": APP_NAME, "reimaginer_deployment": DEPLOYMENT_NAME,
+                **self.gate_actor, "kernel": self.gate_config()}  # fmt: skip
+        return _section(GateActorConfig, data, "gate_actor")
 
     def agents_config(self):
         from moedream.platform.agents import AgentsConfig
@@ -213,11 +224,11 @@ def _train_world_model(cfg: QuickstartConfig) -> dict[str, Any]:
 def _deploy(cfg: QuickstartConfig, checkpoint: str) -> None:
     from ray import serve
 
-    from moedream.platform.serve import build_app
+    from moedream.platform.serve import APP_NAME, build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port})
     args = {**cfg.serve_config().to_dict(), "checkpoint": checkpoint}
-    serve.run(build_app(args), name="world_model", route_prefix="/")
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
 
 
 def _start_gate(cfg: QuickstartConfig) -> dict[str, Any]:
@@ -225,10 +236,10 @@ def _start_gate(cfg: QuickstartConfig) -> dict[str, Any]:
     from moedream.coherence.kernel import Normalizer, judge
     from moedream.data import load_windows
 
-    gate_cfg = cfg.gate_config()
+    gate_cfg = cfg.gate_actor_config()
     horizon = cfg.agents_config().imagination.horizon
     _, train, hold = load_windows(cfg.run_dir / "data", horizon, holdout=0.25, seed=0)
-    normalizer = Normalizer.fit(train["obs"], gate_cfg)
+    normalizer = Normalizer.fit(train["obs"], gate_cfg.kernel)
     normalizer.save(cfg.run_dir / "gate_normalizer.json")
     state_dir = cfg.run_dir / "gate_state"
     state_dir.mkdir(exist_ok=True)
@@ -242,7 +253,7 @@ def _start_gate(cfg: QuickstartConfig) -> dict[str, Any]:
 
         real = Trajectories(obs=hold["obs"], action=hold["action"], reward=hold["reward"],
                             terminated=hold["terminated"])  # fmt: skip
-        verdicts = judge(real, normalizer, gate_cfg).verdict_names()
+        verdicts = judge(real, normalizer, gate_cfg.kernel).verdict_names()
         approval = float(np.mean([v == "APPROVE" for v in verdicts]))
         print(f"gate: held-out real trajectories approved: {approval:.1%}")
     else:  # e.g. one collected episode: all of it fits φ, none is left to judge
@@ -295,7 +306,7 @@ def _evaluate(cfg: QuickstartConfig, checkpoint: str) -> dict[str, Any]:
 def _gate_stats(cfg: QuickstartConfig) -> dict[str, Any]:
     import ray
 
-    gate_cfg = cfg.gate_config()
+    gate_cfg = cfg.gate_actor_config()
     actor = ray.get_actor(gate_cfg.actor_name, namespace=gate_cfg.namespace)
     return {"stats": ray.get(actor.stats.remote())}
 

@@ -9,6 +9,7 @@ import uuid
 import numpy as np
 import pytest
 
+from moedream.coherence.actor_config import GateActorConfig
 from moedream.coherence.kernel import GateConfig, Normalizer, Verdict, judge
 from moedream.platform.commands.calibrate_gate import (
     collect_random_episodes,
@@ -32,7 +33,7 @@ def real():
 @pytest.fixture
 def config():
     """A fresh actor name per test, so tests never share counters."""
-    return GateConfig(actor_name=f"gate_{uuid.uuid4().hex[:8]}", namespace="moedream_test")
+    return GateActorConfig(actor_name=f"gate_{uuid.uuid4().hex[:8]}", namespace="moedream_test")
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def test_gate_judges_object_refs_and_counts(ray_cluster, real, config, tmp_path)
     ray = ray_cluster
     normalizer, windows = real
     gate = get_or_create_gate(config, normalizer, tmp_path)
-    expected = judge(windows, normalizer, config)
+    expected = judge(windows, normalizer, config.kernel)
     ref = ray.put(windows)
     by_ref, by_value = ray.get(
         [
@@ -140,7 +141,7 @@ def test_refine_that_does_not_help_rejects_after_two_tries(
             f.write(f"{noise_scale}\n")
         return trajs
 
-    good = windows.select(judge(windows, normalizer, config).approved_index()[:4])
+    good = windows.select(judge(windows, normalizer, config.kernel).approved_index()[:4])
     mixed = Trajectories(
         np.concatenate([noisy.obs, good.obs]),
         np.concatenate([noisy.action, good.action]),

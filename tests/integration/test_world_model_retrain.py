@@ -168,15 +168,16 @@ def test_the_gate_is_refit_on_the_teams_real_episodes_and_restored(served_world_
 
     import ray
 
-    from moedream.coherence.gate import get_or_create_gate
-    from moedream.coherence.kernel import GateConfig, Normalizer
+    from moedream.coherence.gate import GateActorConfig, get_or_create_gate
+    from moedream.coherence.kernel import Normalizer
     from moedream.data import load_windows
 
     root, data = served_world_model["root"], served_world_model["data"]
-    gate_cfg = GateConfig(actor_name=f"gate_{uuid.uuid4().hex[:8]}", namespace="moedream_test",
-                          reimaginer_app=APP, reimaginer_deployment=DEPLOYMENT)  # fmt: skip
+    gate_cfg = GateActorConfig(actor_name=f"gate_{uuid.uuid4().hex[:8]}",
+                               namespace="moedream_test", reimaginer_app=APP,
+                               reimaginer_deployment=DEPLOYMENT)  # fmt: skip
     _, windows, _ = load_windows(data, 4)
-    random_phi = Normalizer.fit(windows["obs"], gate_cfg)
+    random_phi = Normalizer.fit(windows["obs"], gate_cfg.kernel)
     gate = get_or_create_gate(gate_cfg, random_phi, root / f"state_{gate_cfg.actor_name}")
     algo = algo_config(root, data, retrain_every=0, gate=gate_cfg.actor_name).build_algo()
     try:

@@ -5,13 +5,16 @@ Real data: random-policy rollouts of the real envs, split by episode into fit an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from moedream.coherence.actor_config import GateActorConfig
 from moedream.coherence.kernel import (
+    ACTOR_FIELDS,
     GateConfig,
     Normalizer,
     Verdict,
@@ -297,15 +300,29 @@ def test_bad_inputs_name_the_field(real):
         ({"calibration_quantile": 0.0}, "calibration_quantile"),
         ({"weight_l2": 0.0}, "weight_l2"),
         ({"weight_kl": -1.0}, "weight_kl"),
-        ({"noise_shrink": 0.0}, "noise_shrink"),
-        ({"max_refine_tries": -1}, "max_refine_tries"),
-        ({"reimaginer_app": "world_model"}, "reimaginer_deployment"),
-        ({"h7_bins": 0}, "h7_bins"),
+        ({"support_margin": 0.0}, "support_margin"),
     ],
 )
 def test_config_errors_name_the_field(changes, field):
     with pytest.raises(ConfigError, match=field):
         GateConfig.from_dict(changes)
+
+
+@pytest.mark.parametrize("key", ["actor_name", "namespace", "num_cpus", "reimaginer_app",
+                                 "max_refine_tries", "h7_bins"])  # fmt: skip
+def test_config_refuses_the_actors_settings_and_names_their_home(key, tmp_path):
+    """The gate actor's settings left the kernel's config: an old YAML gets told where to."""
+    path = tmp_path / "quickstart.yaml"
+    path.write_text(f"gate:\n  approve_h7: 0.8\n  {key}: 1\n")
+    with pytest.raises(ConfigError) as err:
+        GateConfig.from_yaml(path, section="gate")
+    assert f"['{key}'] belong to the gate actor" in str(err.value)
+    assert "GateActorConfig (moedream/coherence/actor_config.py)" in str(err.value)
+    assert "`gate_actor` section" in str(err.value)
+    with pytest.raises(ConfigError, match=rf"\['gate\.{key}'\]"):
+        GateConfig.from_dict({key: 1}, prefix="gate.")
+    with pytest.raises(TypeError, match=key):
+        GateConfig(**{key: 1})
 
 
 def test_config_unknown_key_and_yaml_round_trip(tmp_path):
@@ -315,6 +332,32 @@ def test_config_unknown_key_and_yaml_round_trip(tmp_path):
     path.write_text("gate:\n  approve_h7: 0.8\n  refine_h7: 0.6\n")
     config = GateConfig.from_yaml(path, section="gate")
     assert (config.approve_h7, config.refine_h7, config.coherence_threshold) == (0.8, 0.6, 0.7)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"noise_shrink": 0.0}, "noise_shrink"),
+        ({"max_refine_tries": -1}, "max_refine_tries"),
+        ({"reimaginer_app": "world_model"}, "reimaginer_deployment"),
+        ({"h7_bins": 0}, "h7_bins"),
+        ({"num_cpus": 0}, "num_cpus"),
+        ({"actor_name": ""}, "actor_name"),
+        ({"kernel": {"refine_h7": 0.8}}, r"kernel\.refine_h7"),
+    ],
+)
+def test_actor_config_errors_name_the_field(changes, field):
+    with pytest.raises(ConfigError, match=field):
+        GateActorConfig.from_dict(changes)
+
+
+def test_the_kernel_refuses_exactly_the_actors_settings():
+    """GateConfig points every GateActorConfig setting (and only those) to its new home."""
+    actor_only = {f.name for f in dataclasses.fields(GateActorConfig)} - {"kernel"}
+    assert set(ACTOR_FIELDS) == actor_only
+    assert not actor_only & {f.name for f in dataclasses.fields(GateConfig)}
+    config = GateActorConfig.from_dict({"kernel": {"approve_h7": 0.8}, "actor_name": "g"})
+    assert (config.kernel.approve_h7, config.actor_name, config.h7_bins) == (0.8, "g", 10)
 
 
 def test_calibrate_gate_command(tmp_path, capsys):
