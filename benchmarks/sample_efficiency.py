@@ -215,11 +215,10 @@ def collect_episodes(args: Args, agents) -> int:
 
 
 def serve_base_checkpoint(path: str) -> None:
-    from moedream.platform.model_based import push_checkpoint
+    from moedream.platform.serve.deploy import push_checkpoint
+    from moedream.platform.serve.names import APP_NAME, DEPLOYMENT_NAME
 
-    push_checkpoint(
-        path, app_name="world_model", deployment_name="WorldModelDeployment", timeout_s=300
-    )
+    push_checkpoint(path, app_name=APP_NAME, deployment_name=DEPLOYMENT_NAME, timeout_s=300)
 
 
 def curve(

@@ -17,23 +17,22 @@
 - ``observe``: every iteration's real episodes go to a bounded in-memory store
   (moedream.platform.retrain.RealEpisodeStore; optionally also Parquet shards);
 - ``retrain``: on MBMAPPO's ``world_model_retrain_every`` schedule, the served checkpoint is
-  fine-tuned in this process on the original + new real windows, written to
-  ``<checkpoint_dir>/retrain_<iteration>/`` and hot-swapped into the deployment
-  (:func:`push_checkpoint`: a user_config-only declarative deploy -> ``reconfigure``).
+  fine-tuned on the original + new real windows and hot-swapped into the deployment
+  (moedream.platform.served_retrain.ServedModelRetrainer).
+
+Every request to the deployment is built by moedream.platform.serve.request.imagine_request.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from moedream.config import ConfigBase, ConfigError, check, check_positive
+from moedream.coherence.actor_config import ACTOR_NAME, NAMESPACE
+from moedream.config import ConfigBase, check, check_positive
 from moedream.data.episodes import episode_windows
 from moedream.envs.spec import EnvSpec
 from moedream.platform.retrain import (
@@ -41,15 +40,15 @@ from moedream.platform.retrain import (
     concat_windows,
     ensure_log_handler,
     episode_from_rllib,
-    fine_tune,
-    write_versioned_checkpoint,
+    logger,
 )
-from moedream.platform.serve.runner import checkpoint_fingerprint
+from moedream.platform.serve.deploy import served_checkpoint
+from moedream.platform.serve.names import APP_NAME, DEPLOYMENT_NAME
+from moedream.platform.serve.request import imagine_request
+from moedream.platform.served_retrain import ServedModelRetrainer
+from moedream.world_model.evaluation import eval_windows, prediction_scores
 from moedream.world_model.model import WorldModel
-from moedream.world_model.train_local import TrainConfig
 from moedream.world_model.trajectory import Trajectories
-
-logger = logging.getLogger("moedream.retrain")  # the same logger as moedream.platform.retrain
 
 
 @dataclasses.dataclass
@@ -62,10 +61,10 @@ class ServedWorldModelImaginerFactory(ConfigBase):
     """
 
     env_name: str = ""
-    app_name: str = "world_model"
-    deployment_name: str = "WorldModelDeployment"
-    gate_actor_name: str = "moedream_coherence_gate"
-    gate_namespace: str = "moedream"
+    app_name: str = APP_NAME
+    deployment_name: str = DEPLOYMENT_NAME
+    gate_actor_name: str = ACTOR_NAME
+    gate_namespace: str = NAMESPACE
     policy_id: str = "team"
     max_rows: int = 256
     """Rows per Serve request (the deployment's max_batch)."""
@@ -182,11 +181,9 @@ class ServedWorldModelImaginer:
         self._calls = 0
         self._last: dict[str, float] = {}
         self.store = RealEpisodeStore(spec, factory.store_max_steps, factory.episode_dir)
-        self._checkpoint: str | None = None  # the served checkpoint (None: not asked yet)
-        self._checkpoint_id: str | None = None
-        self._version = 0  # retrained checkpoints pushed so far
-        self._restored = False  # set_state gave a checkpoint that may not be served yet
-        self._base_windows: dict[str, np.ndarray] | None = None
+        self.retrainer = ServedModelRetrainer(
+            spec=spec, seed=self._seed, settings=factory, store=self.store
+        )
         self._skipped_episodes = 0
         self._eval_window: int | None = None
         self._gate_normalizer: dict[str, Any] | None = None  # our last refit (for checkpoints)
@@ -197,23 +194,22 @@ class ServedWorldModelImaginer:
 
     def imagine(self, start_obs: np.ndarray, policy: Any) -> Trajectories:
         """start_obs [B, N, D] -> Trajectories of ``horizon`` steps, actions from ``policy``."""
-        from ray import serve
-
-        self._ensure_restored()
-        handle = serve.get_deployment_handle(
-            self.factory.deployment_name, app_name=self.factory.app_name
-        )
+        handle = self._deployment()
         self._calls += 1
-        b, h = start_obs.shape[0], self.horizon
+        h = self.horizon
         obs = [np.asarray(start_obs, dtype=np.float32)]  # list of [B, N, D]
         actions, rewards, terms, uncert, obs_std, loads = [], [], [], [], [], []
         for t in range(h):
             encoded = self.spec.encode_actions(policy.act(obs[-1]))  # [B, N, A]
-            replies = [
-                handle.imagine.remote(self._request(obs, actions, encoded, rows, t))
-                for rows in _row_chunks(b, self.factory.max_rows)
-            ]
-            out = _concat_replies([r.result() for r in replies])
+            out = self._one_step(
+                handle,
+                obs[-1],
+                encoded[:, None],  # [B, 1, N, A]: one step
+                # the imagined steps so far are the model's context
+                context_obs=np.stack(obs[:-1], 1) if t else None,  # [B, t, N, D]
+                context_actions=np.stack(actions, 1) if t else None,  # [B, t, N, A]
+                seed=(self._seed * 1_000_003 + self._calls * 1009 + t) % 2**31,
+            )
             obs.append(out["obs"][:, 1])
             actions.append(encoded)
             rewards.append(out["reward"][:, 0])
@@ -238,19 +234,39 @@ class ServedWorldModelImaginer:
             self._expert_load = trajs.expert_load
         return trajs
 
-    def _request(self, obs: list, actions: list, encoded: np.ndarray, rows: slice, t: int) -> dict:
-        request = {
-            "start_obs": obs[-1][rows],
-            "actions": encoded[rows, None],  # [b, 1, N, A]: one step
-            "horizon": 1,
-            "seed": (self._seed * 1_000_003 + self._calls * 1009 + t) % 2**31,
-        }
-        if t > 0:  # the imagined steps so far are the model's context
-            request["context"] = {
-                "obs": np.stack(obs[:-1], 1)[rows],  # [b, t, N, D]
-                "actions": np.stack(actions, 1)[rows],  # [b, t, N, A]
-            }
-        return request
+    def _deployment(self) -> Any:
+        """The deployment's handle; after a restore, it serves this run's checkpoint first."""
+        from ray import serve
+
+        self.retrainer.ensure_restored()
+        return serve.get_deployment_handle(
+            self.factory.deployment_name, app_name=self.factory.app_name
+        )
+
+    def _one_step(
+        self,
+        handle: Any,
+        start: np.ndarray,
+        action: np.ndarray,
+        *,
+        context_obs: np.ndarray | None,
+        context_actions: np.ndarray | None,
+        seed: int,
+    ) -> dict[str, np.ndarray | None]:
+        """The deployment's next step from start [B, N, D] under action [B, 1, N, A], after the
+        context [B, T, ...] (or none), in requests of at most ``max_rows`` rows."""
+        replies = []
+        for rows in _row_chunks(len(start), self.factory.max_rows):
+            request = imagine_request(
+                start[rows],
+                action[rows],
+                horizon=1,
+                seed=seed,
+                context_obs=_take(context_obs, rows),
+                context_actions=_take(context_actions, rows),
+            )
+            replies.append(handle.imagine.remote(request))
+        return _concat_replies([r.result() for r in replies])
 
     # ----------------------------------------------------------------------------- gate
 
@@ -296,29 +312,16 @@ class ServedWorldModelImaginer:
         windows = eval_windows(converted, self.spec, self._eval_context(), rows, self._eval_rng())
         if windows is None:
             return {}
-        from ray import serve
-
-        self._ensure_restored()
-        handle = serve.get_deployment_handle(
-            self.factory.deployment_name, app_name=self.factory.app_name
-        )
         t = windows["action"].shape[1]  # context steps + the predicted one
-        seed = (self._seed * 7_777 + self._calls) % 2**31
-        replies = []
-        for rows in _row_chunks(len(windows["obs"]), self.factory.max_rows):
-            request = {
-                "start_obs": windows["obs"][rows, t - 1],
-                "actions": windows["action"][rows, t - 1 : t],  # the real action
-                "horizon": 1,
-                "seed": seed,
-            }
-            if t > 1:  # the real steps before it are the model's context
-                request["context"] = {
-                    "obs": windows["obs"][rows, : t - 1],
-                    "actions": windows["action"][rows, : t - 1],
-                }
-            replies.append(handle.imagine.remote(request))
-        out = _concat_replies([r.result() for r in replies])
+        out = self._one_step(
+            self._deployment(),
+            windows["obs"][:, t - 1],
+            windows["action"][:, t - 1 : t],  # the real action
+            # the real steps before it are the model's context
+            context_obs=windows["obs"][:, : t - 1] if t > 1 else None,
+            context_actions=windows["action"][:, : t - 1] if t > 1 else None,
+            seed=(self._seed * 7_777 + self._calls) % 2**31,
+        )
         scores = prediction_scores(
             pred_obs=out["obs"][:, 1],
             pred_reward=out["reward"][:, 0, 0],
@@ -402,129 +405,17 @@ class ServedWorldModelImaginer:
 
     def retrain(self, iteration: int) -> dict[str, float]:
         """Fine-tune the served checkpoint on original + stored real windows, write a new
-        versioned checkpoint, and hot-swap it into the Serve deployment (reconfigure)."""
-        start = time.perf_counter()
-        self.factory.check_retrain(1)
-        source = self._served_checkpoint()
-        device = self.factory.retrain_device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = WorldModel.load(source, map_location=device)
-        window = self.factory.retrain_window or model.config.backbone.max_context
-        new = self.store.windows(window)
-        if not new:
-            logger.info(
-                "world model retrain @ iteration %d skipped: no real episode of >= %d steps yet",
-                iteration,
-                window,
-            )
-            self._last["wm_retrain_skipped"] = 1.0
-            return {}
-        cfg = self._train_config(window, iteration)
-        result = fine_tune(
-            model,
-            new,
-            cfg,
-            base_windows=self._base(window),
-            new_fraction=self.factory.retrain_new_fraction,
-            progress=self.factory.progress,
-        )
-        info = {
-            "iteration": iteration,
-            "version": self._version + 1,
-            "source_checkpoint": source,
-            "new_windows": len(new["obs"]),
-            "base_windows": len(self._base_windows["obs"]) if self._base_windows else 0,
-            "train": cfg.to_dict(),
-            **result,
-        }
-        path = write_versioned_checkpoint(model, self.factory.checkpoint_dir, iteration, info)
-        served_id = push_checkpoint(
-            str(path),
-            app_name=self.factory.app_name,
-            deployment_name=self.factory.deployment_name,
-            timeout_s=self.factory.swap_timeout_s,
-        )
-        self._checkpoint, self._checkpoint_id = str(path), served_id
-        self._version += 1
-        seconds = time.perf_counter() - start
-        self._last.update(
-            wm_retrain_loss=result["loss"],
-            wm_retrain_loss_first=result["loss_first"],
-            wm_retrain_seconds=seconds,
-            wm_retrain_new_windows=float(info["new_windows"]),
-            wm_retrain_skipped=0.0,
-        )
-        logger.info(
-            "world model retrain @ iteration %d: %d steps on %d new + %d base windows, loss "
-            "%.4f -> %.4f, %.1f s; serving v%d %s (%s)",
-            iteration, cfg.steps, info["new_windows"], info["base_windows"],
-            result["loss_first"], result["loss_last"], seconds, self._version, path, served_id,
-        )  # fmt: skip
-        return dict(self._last)
-
-    def _train_config(self, window: int, iteration: int) -> TrainConfig:
-        f = self.factory
-        return TrainConfig(
-            steps=f.retrain_steps,
-            batch_size=f.retrain_batch_size,
-            window=window,
-            lr=f.retrain_lr,
-            warmup=f.retrain_warmup,
-            lr_schedule="constant",
-            holdout=0.0,
-            seed=(self._seed * 7919 + iteration) % 2**31,
-        )
-
-    def _base(self, window: int) -> dict[str, np.ndarray] | None:
-        """The original training windows (read once, then cached), or None."""
-        if self.factory.base_data_path is None:
-            return None
-        if self._base_windows is None:
-            from moedream.data import load_windows
-
-            spec, train, _ = load_windows(self.factory.base_data_path, window, holdout=0.0)
-            if spec.obs_dim != self.spec.obs_dim or spec.agent_ids != self.spec.agent_ids:
-                raise ConfigError(
-                    f"ServedWorldModelImaginerFactory.base_data_path = "
-                    f"{self.factory.base_data_path!r} holds {spec.env_name} agents "
-                    f"{spec.agent_ids} (obs {spec.obs_dim}), but the agents train on "
-                    f"{self.spec.env_name} {self.spec.agent_ids} (obs {self.spec.obs_dim})"
-                )
-            self._base_windows = train
-        return self._base_windows
-
-    def _ensure_restored(self) -> None:
-        """After set_state with a retrained checkpoint: serve it again if the deployment serves
-        another one (e.g. the run was restored on a fresh deployment of the base model)."""
-        if self._checkpoint is None or not self._restored:
-            return
-        self._restored = False
-        f = self.factory
-        if (
-            served_checkpoint(f.app_name, f.deployment_name)["id"]
-            != checkpoint_fingerprint(self._checkpoint)[0]
-        ):
-            logger.info("serving the restored world-model checkpoint %s again", self._checkpoint)
-            self._checkpoint_id = push_checkpoint(
-                self._checkpoint,
-                app_name=f.app_name,
-                deployment_name=f.deployment_name,
-                timeout_s=f.swap_timeout_s,
-            )
-
-    def _served_checkpoint(self) -> str:
-        """The checkpoint to fine-tune from: ours (after a restore, served again first), else
-        the one the deployment reports."""
-        self._ensure_restored()
-        if self._checkpoint is None:
-            info = served_checkpoint(self.factory.app_name, self.factory.deployment_name)
-            self._checkpoint, self._checkpoint_id = info["path"], info["id"]
-        return self._checkpoint
+        versioned checkpoint, and hot-swap it into the Serve deployment (reconfigure).
+        Returns every provider metric, or {} when there was nothing to train on yet."""
+        metrics = self.retrainer.retrain(iteration)
+        self._last.update(metrics)
+        return {} if metrics["wm_retrain_skipped"] else dict(self._last)
 
     # --------------------------------------------------------------------- bookkeeping
 
     def metrics(self) -> dict[str, float]:
         out = dict(self._last)
-        out["wm_checkpoint_version"] = float(self._version)
+        out["wm_checkpoint_version"] = float(self.retrainer.version)
         out["wm_store_steps"] = float(self.store.steps)
         load = getattr(self, "_expert_load", None)
         if load is not None:  # [L, E] fraction of tokens per expert
@@ -537,9 +428,7 @@ class ServedWorldModelImaginer:
         return {
             "calls": self._calls,
             "seed": self._seed,
-            "checkpoint": self._checkpoint,
-            "checkpoint_id": self._checkpoint_id,
-            "checkpoint_version": self._version,
+            **self.retrainer.get_state(),
             "gate_normalizer": self._gate_normalizer,
         }
 
@@ -547,211 +436,14 @@ class ServedWorldModelImaginer:
         """Restore; a retrained checkpoint in ``state`` is served again (before the next
         imagination) if the deployment serves another one."""
         self._calls = int(state.get("calls", 0))
-        self._version = int(state.get("checkpoint_version", 0))
+        self.retrainer.set_state(state)
         if state.get("gate_normalizer"):  # the gate's refit φ at save time
             self._gate_normalizer = state["gate_normalizer"]
             self._gate_restored = True
-        if state.get("checkpoint"):
-            self._checkpoint = str(state["checkpoint"])
-            self._checkpoint_id = state.get("checkpoint_id")
-            self._restored = self._version > 0
 
 
-# ---------------------------------------------------------------------------------------------
-# Serve: which checkpoint is served, and hot-swapping a new one in
-# ---------------------------------------------------------------------------------------------
-
-BUILD_APP_IMPORT_PATH = "moedream.platform.serve:build_app"
-
-
-def served_checkpoint(app_name: str, deployment_name: str) -> dict[str, Any]:
-    """``{"id", "path", ...}`` of the checkpoint the deployment serves (its ``info``)."""
-    from ray import serve
-
-    handle = serve.get_deployment_handle(deployment_name, app_name=app_name)
-    return handle.info.remote().result(timeout_s=60)["checkpoint"]
-
-
-def push_checkpoint(
-    checkpoint: str, *, app_name: str, deployment_name: str, timeout_s: float = 180.0
-) -> str:
-    """Make the deployment serve ``checkpoint``; returns its checkpoint id once served.
-
-    Only the deployment's ``user_config.checkpoint`` changes, through Serve's declarative
-    deploy (what ``serve deploy`` sends): with the application's code version (import path,
-    args, runtime env) unchanged, Serve calls ``reconfigure`` on the live replicas, which swap
-    the model in place without dropping requests. ``serve.run`` cannot do that: it gives every
-    run a new code version and so replaces the replicas. An application first deployed with
-    ``serve.run`` is converted once (``build_app`` with its current user_config as args: one
-    replacement of the replicas), after which every push is an in-place reconfigure. Other
-    applications deployed from a config are kept as they are.
-    """
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    expected = checkpoint_fingerprint(checkpoint)[0]
-    client = _get_global_client()
-    details = client.get_serve_details()
-    apps = details.get("applications", {})
-    if app_name not in apps:
-        raise RuntimeError(
-            f"Serve application {app_name!r} is not running (running: {sorted(apps)}); deploy "
-            "the world model first (moedream serve / the quickstart)"
-        )
-    configs = [
-        dict(app["deployed_app_config"])
-        for name, app in apps.items()
-        if name != app_name and app.get("deployed_app_config")
-    ]
-    configs.append(_app_config(apps[app_name], deployment_name, checkpoint))
-    http = details.get("http_options") or {}
-    schema = ServeDeploySchema.model_validate(
-        {
-            "applications": configs,
-            "http_options": {k: http[k] for k in ("host", "port") if k in http},
-        }
-    )
-    client.deploy_apps(schema, _blocking=False)
-    return _wait_served(app_name, deployment_name, expected, timeout_s)
-
-
-def _app_config(app: dict[str, Any], deployment_name: str, checkpoint: str) -> dict[str, Any]:
-    """The application's declarative config with the deployment's checkpoint replaced."""
-    current = app["deployments"][deployment_name]["deployment_config"]
-    user_config = {**(current.get("user_config") or {}), "checkpoint": checkpoint}
-    deployed = app.get("deployed_app_config")
-    if deployed:  # already declarative: change only the user_config (same code version)
-        config = dict(deployed)
-        entries = [dict(d) for d in config.get("deployments", [])]
-        mine = [d for d in entries if d.get("name") == deployment_name]
-        if mine:
-            mine[0]["user_config"] = user_config
-        else:
-            entries.append({"name": deployment_name, "user_config": user_config})
-        config["deployments"] = entries
-        return config
-    options = {
-        "name": deployment_name,
-        "user_config": user_config,
-        "max_ongoing_requests": current.get("max_ongoing_requests"),
-        "ray_actor_options": {
-            k: v
-            for k, v in (current.get("ray_actor_options") or {}).items()
-            if k in ("num_cpus", "num_gpus", "memory", "resources") and v is not None
-        },
-    }
-    if current.get("autoscaling_config") is None and current.get("num_replicas") is not None:
-        options["num_replicas"] = current["num_replicas"]
-    config = {
-        "name": app["name"],
-        "route_prefix": app.get("route_prefix") or "/",
-        "import_path": BUILD_APP_IMPORT_PATH,
-        # The args stay fixed from now on (their change would rebuild the app).
-        "args": {**(current.get("user_config") or {})},
-        "deployments": [{k: v for k, v in options.items() if v is not None}],
-    }
-    runtime_env = _job_runtime_env()
-    if runtime_env:
-        config["runtime_env"] = runtime_env
-    return config
-
-
-def _job_runtime_env() -> dict[str, Any]:
-    """The code-shipping parts of this job's runtime env (a `ray job submit --working-dir`
-    job's moedream must reach the app's build task and replicas too)."""
-    import ray
-
-    env = dict(ray.get_runtime_context().runtime_env or {})
-    return {k: env[k] for k in ("working_dir", "py_modules", "env_vars") if env.get(k)}
-
-
-def _wait_served(app_name: str, deployment_name: str, expected: str, timeout_s: float) -> str:
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(app_name)
-        if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError(
-                f"Serve application {app_name!r} failed to deploy the new checkpoint: "
-                f"{status.message}"
-            )
-        if status is not None and status.status == "RUNNING":
-            try:
-                last = served_checkpoint(app_name, deployment_name)["id"]
-            except Exception as err:  # noqa: BLE001 - replicas restarting: poll again
-                last = repr(err)[:200]
-            if last == expected:
-                return expected
-        time.sleep(0.5)
-    raise TimeoutError(
-        f"the Serve deployment {app_name}/{deployment_name} did not serve checkpoint "
-        f"{expected} within swap_timeout_s = {timeout_s} s (last seen: {last}); raise "
-        "ServedWorldModelImaginerFactory.swap_timeout_s or check `serve status`"
-    )
-
-
-def eval_windows(
-    episodes: list[Any], spec: EnvSpec, window: int, rows: int, rng: np.random.Generator
-) -> dict[str, np.ndarray] | None:
-    """Up to ``rows`` random windows of ``window`` steps (shorter where the episodes are
-    shorter, at least 1) from ``episodes`` (moedream.data Episodes): the last step of each is
-    the one to predict, the earlier ones its context. None if no episode has a step."""
-    lengths = np.array([ep.length for ep in episodes], dtype=np.int64)
-    if not lengths.size or lengths.max() < 1:
-        return None
-    window = int(max(1, min(window, lengths.max())))
-    usable = [ep for ep in episodes if ep.length >= window]
-    starts = [(k, s) for k, ep in enumerate(usable) for s in range(ep.length - window + 1)]
-    picks = rng.choice(len(starts), size=min(rows, len(starts)), replace=False)
-    obs, action, reward = [], [], []
-    for i in picks:
-        k, s = starts[int(i)]
-        ep = usable[k]
-        obs.append(ep.obs[s : s + window + 1])
-        action.append(spec.encode_actions(ep.action[s : s + window]))
-        reward.append(ep.reward[s : s + window])
-    return {
-        "obs": np.asarray(obs, dtype=np.float32),  # [M, T+1, N, D]
-        "action": np.asarray(action, dtype=np.float32),  # [M, T, N, A]
-        "reward": np.asarray(reward, dtype=np.float32),  # [M, T, N]
-    }
-
-
-def prediction_scores(
-    *,
-    pred_obs: np.ndarray,
-    pred_reward: np.ndarray,
-    obs: np.ndarray,
-    next_obs: np.ndarray,
-    reward: np.ndarray,
-) -> dict[str, float]:
-    """One-step prediction quality against real outcomes (rows M; obs [M, N, D], rewards [M]).
-
-    wm_eval_reward_mae vs wm_eval_reward_mae_const (predicting the batch's mean reward: a model
-    that does not beat it has learnt nothing about reward), wm_eval_reward_corr (Pearson; NaN
-    when either side is constant), wm_eval_obs_rel_err = RMS(pred - next) / RMS(next - obs)
-    (< 1: better than predicting no change), wm_eval_rows.
-    """
-    pred_reward = np.asarray(pred_reward, dtype=np.float64).reshape(-1)
-    reward = np.asarray(reward, dtype=np.float64).reshape(-1)
-    mae = float(np.mean(np.abs(pred_reward - reward)))
-    const = float(np.mean(np.abs(reward - reward.mean())))
-    corr = (
-        float(np.corrcoef(pred_reward, reward)[0, 1])
-        if pred_reward.std() > 1e-9 and reward.std() > 1e-9
-        else float("nan")
-    )
-    change = float(np.sqrt(np.mean((np.asarray(next_obs) - np.asarray(obs)) ** 2)))
-    err = float(np.sqrt(np.mean((np.asarray(pred_obs) - np.asarray(next_obs)) ** 2)))
-    return {
-        "wm_eval_reward_mae": mae,
-        "wm_eval_reward_mae_const": const,
-        "wm_eval_reward_corr": corr,
-        "wm_eval_obs_rel_err": err / change if change > 0 else float("nan"),
-        "wm_eval_rows": float(reward.size),
-    }
+def _take(array: np.ndarray | None, rows: slice) -> np.ndarray | None:
+    return None if array is None else array[rows]
 
 
 def _row_chunks(n: int, size: int) -> list[slice]:

@@ -4,13 +4,16 @@ On a laptop (no RAY_ADDRESS), moedream starts a local cluster with more logical 
 machine has cores (``DEFAULT_LOGICAL_CPUS``): Train workers, Serve replicas, env runners and the
 gate actor then fit at once. That is the one way moedream fits them on 2 cores; the configs'
 ``num_cpus`` per actor are sized for it (see configs/quickstart.yaml). On a cluster
-(RAY_ADDRESS set, or inside ``ray job submit``) it joins the existing cluster.
+(RAY_ADDRESS set, or inside ``ray job submit``) it joins the existing cluster. What every Ray
+worker moedream starts needs from the driver's environment is here too (``worker_env_vars``,
+``job_runtime_env``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 DEFAULT_LOGICAL_CPUS = 8
 
@@ -57,3 +60,12 @@ def worker_env_vars() -> dict[str, str]:
         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
         "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0"),
     }
+
+
+def job_runtime_env() -> dict[str, Any]:
+    """The code-shipping parts of this job's runtime env (a `ray job submit --working-dir`
+    job's moedream must reach the Serve app's build task and replicas too)."""
+    import ray
+
+    env = dict(ray.get_runtime_context().runtime_env or {})
+    return {k: env[k] for k in ("working_dir", "py_modules", "env_vars") if env.get(k)}

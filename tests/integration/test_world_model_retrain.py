@@ -11,15 +11,11 @@ import pytest
 
 from moedream.data import collect_episodes, read_episodes
 from moedream.platform.agents import AgentsConfig, build_algo_config
-from moedream.platform.model_based import (
-    ServedWorldModelImaginerFactory,
-    eval_windows,
-    prediction_scores,
-    push_checkpoint,
-    served_checkpoint,
-)
+from moedream.platform.model_based import ServedWorldModelImaginerFactory
+from moedream.platform.serve.deploy import push_checkpoint, served_checkpoint
 from moedream.platform.serve.runner import checkpoint_fingerprint
 from moedream.policies.algorithm import METRICS, STATE_KEY
+from moedream.world_model.evaluation import eval_windows, prediction_scores
 from moedream.world_model.model import WorldModel, WorldModelConfig
 from moedream.world_model.train_local import TrainConfig, train_local
 from tests.ray_head import free_port

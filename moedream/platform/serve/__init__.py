@@ -1,5 +1,7 @@
 """Serving the world model with Ray Serve: deployment + FastAPI ingress (``app``), request
-schemas (``schemas``), job execution without ray (``runner``) and an HTTP client (``client``).
+schemas (``schemas``), building the requests (``request``), job execution without ray
+(``runner``), an HTTP client (``client``), hot-swapping the served checkpoint (``deploy``) and
+the app's names (``names``).
 
 ``build_app`` is the ``serve run`` / ``serve deploy`` entry (import_path
 ``moedream.platform.serve:build_app``). Attributes load lazily so that the client works
@@ -19,6 +21,9 @@ _EXPORTS = {
     "ServeConfig": "schemas",
     "RequestError": "schemas",
     "random_plan": "schemas",
+    "imagine_request": "request",
+    "push_checkpoint": "deploy",
+    "served_checkpoint": "deploy",
     "WorldModelClient": "client",
     "ServeRequestError": "client",
 }
