@@ -19,7 +19,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-from moedream.config import ConfigBase, ConfigError, check, check_choice, check_positive
+from moedream.config import (
+    ConfigBase,
+    ConfigError,
+    check,
+    check_choice,
+    check_positive,
+    is_int,
+)
 from moedream.world_model.model import WorldModelConfig
 from moedream.world_model.train_local import TrainConfig, warn_untrained_context
 
@@ -75,10 +82,10 @@ class DistributedTrainConfig(ConfigBase):
               "moedream never writes to ~/ray_results")  # fmt: skip
         for name in ("num_workers", "expert_parallel_size", "checkpoint_every", "keep_checkpoints"):
             value = getattr(self, name)
-            check(_is_int(value) and value > 0, f"{prefix}{name}", value, "must be an integer > 0")
-        check(_is_int(self.max_failures) and self.max_failures >= -1, f"{prefix}max_failures",
+            check(is_int(value) and value > 0, f"{prefix}{name}", value, "must be an integer > 0")
+        check(is_int(self.max_failures) and self.max_failures >= -1, f"{prefix}max_failures",
               self.max_failures, "must be an integer >= 0 (or -1: retry forever)")  # fmt: skip
-        check(_is_int(self.fail_at_step) and self.fail_at_step >= 0, f"{prefix}fail_at_step",
+        check(is_int(self.fail_at_step) and self.fail_at_step >= 0, f"{prefix}fail_at_step",
               self.fail_at_step, "must be an integer >= 0 (0 disables)")  # fmt: skip
         check_positive(f"{prefix}cpus_per_worker", self.cpus_per_worker, allow_zero=True)
         for key, amount in self.resources_per_worker.items():
@@ -154,10 +161,6 @@ class DistributedTrainConfig(ConfigBase):
             return cls.from_dict(data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------------- preflight
