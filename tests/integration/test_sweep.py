@@ -137,15 +137,18 @@ def test_two_tiny_trials_and_summary_table(ray_cluster, tmp_path, storage_path, 
     results = sweep.build_tuner(cfg, resume=True).get_results()  # resumable from storage_path
     assert len(results) == 2 and not results.errors
     headers, rows = sweep.summary_rows(results, cfg)
-    assert headers[:4] == ["trial", "status", "lr", "imagination.horizon"]
-    assert sorted(r[2] for r in rows) == [0.0003, 0.001]
+    # the YAML was written with sorted keys: the searched columns come in that order
+    assert headers[:4] == ["trial", "status", "imagination.horizon", "lr"]
+    assert sorted(r[3] for r in rows) == [0.0003, 0.001]
     for row in rows:
-        assert row[3] == 3
+        assert row[2] == 3
         # no statuses given: OK / ERROR; ASHA (grace period 1) may stop one early
         assert row[1] == "OK" and row[5] in (1, 2)
         assert math.isfinite(row[4])  # team return of finished 100-step episodes
         assert row[6] == 200 * row[5]  # real env steps
     assert max(row[5] for row in rows) == 2
+    # each trial's algorithm turned the searched dict back into its ImaginationConfig
+    assert {type(r.config["imagination"]).__name__ for r in results} == {"ImaginationConfig"}
 
 
 def test_resume_without_a_sweep_and_new_sweep_over_one_fail_clearly(tmp_path, storage_path):
