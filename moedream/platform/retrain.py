@@ -1,7 +1,7 @@
 """World-model retraining during agent training: the store of real episodes and the fine-tune.
 
-Plain numpy/PyTorch (no ray here, so it is unit-testable; the Serve push lives in
-``moedream.platform.model_based``):
+Plain numpy/PyTorch (no ray here, so it is unit-testable; the driver that fine-tunes the served
+checkpoint and pushes it to Serve is ``moedream.platform.served_retrain``):
 
 - :func:`episode_from_rllib` turns one RLlib ``MultiAgentEpisode`` (new API stack, as MBMAPPO
   samples it: possibly a chunk of a longer episode) into an :class:`~moedream.data.Episode`;
