@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from moedream.coherence.actor_config import ACTOR_NAME, NAMESPACE
-from moedream.config import ConfigBase, check, check_positive
+from moedream.config import ConfigBase, check, check_positive, is_int
 from moedream.data.episodes import episode_windows
 from moedream.envs.spec import EnvSpec
 from moedream.platform.retrain import (
@@ -113,10 +113,10 @@ class ServedWorldModelImaginerFactory(ConfigBase):
                   "must be a non-empty string")  # fmt: skip
         for name in ("max_rows", "store_max_steps", "retrain_steps", "retrain_batch_size"):
             value = getattr(self, name)
-            check(_is_int(value) and value > 0, f"{prefix}{name}", value, "must be an integer > 0")
+            check(is_int(value) and value > 0, f"{prefix}{name}", value, "must be an integer > 0")
         for name in ("retrain_warmup", "retrain_window", "eval_rows"):
             value = getattr(self, name)
-            check(_is_int(value) and value >= 0, f"{prefix}{name}", value,
+            check(is_int(value) and value >= 0, f"{prefix}{name}", value,
                   "must be an integer >= 0")  # fmt: skip
         check(isinstance(self.gate_refit, bool), f"{prefix}gate_refit", self.gate_refit,
               "must be true or false")  # fmt: skip
@@ -159,10 +159,6 @@ class ServedWorldModelImaginerFactory(ConfigBase):
             factory=self,
             refit_gate=self.gate_refit and config.imagination.gate,
         )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class ServedWorldModelImaginer:
