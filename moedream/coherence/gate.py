@@ -47,9 +47,9 @@ from moedream.coherence.kernel import (
     GateResult,
     Normalizer,
     Verdict,
-    atomic_write_text,
     judge,
 )
+from moedream.files import atomic_write_text
 from moedream.platform.serve.request import imagine_request
 from moedream.world_model.trajectory import Trajectories
 

@@ -45,8 +45,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -55,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from moedream.config import ConfigBase, ConfigError, check, check_fraction, check_positive
+from moedream.files import atomic_write_text
 from moedream.world_model.trajectory import Trajectories
 
 METRICS = ("l2", "l1", "kl", "ensemble", "dispersion")
@@ -332,25 +331,6 @@ class Normalizer:
                 "`moedream calibrate-gate --out PATH`"
             )
         return cls.from_dict(json.loads(path.read_text()))
-
-
-def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new file, never half of one.
-
-    The temp file + ``os.replace`` survives a crash of the writing process; ``durable`` also
-    fsyncs, so it survives a machine crash (costs milliseconds on a busy disk)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _as_sequences(sequences: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -661,7 +641,6 @@ __all__ = [
     "GateResult",
     "Normalizer",
     "Verdict",
-    "atomic_write_text",
     "combined_drift",
     "drift_metrics",
     "drift_scale",
