@@ -12,7 +12,9 @@
 
 They run before RLlib's default pieces (custom learner pieces are placed after PPO's
 AddOneTsToEpisodesAndTruncate and before AddObservationsFromEpisodesToBatch), and iterate the
-episodes in the same order as those pieces, so rows line up with ``obs``.
+episodes in the same order as those pieces, so rows line up with ``obs``. RLlib calls a piece
+with keyword arguments only; those a piece does not use (``explore``, ``shared_data``, ...)
+land in ``**kwargs``.
 """
 
 from __future__ import annotations
@@ -50,16 +52,7 @@ class AddAgentIndex(ConnectorV2):
         self.agent_ids = list(agent_ids)
         self._as_learner_connector = as_learner_connector
 
-    def __call__(
-        self,
-        *,
-        rl_module,
-        batch: dict[str, Any],
-        episodes,
-        explore=None,
-        shared_data=None,
-        **kwargs,
-    ) -> Any:
+    def __call__(self, *, rl_module, batch: dict[str, Any], episodes, **kwargs) -> Any:
         if AGENT_INDEX in batch:
             return batch
         for sa_episode in self.single_agent_episode_iterator(
@@ -95,16 +88,7 @@ class AddJointObservation(ConnectorV2):
         self.agent_ids = list(agent_ids)
         self.obs_dim = int(obs_dim)
 
-    def __call__(
-        self,
-        *,
-        rl_module,
-        batch: dict[str, Any],
-        episodes,
-        explore=None,
-        shared_data=None,
-        **kwargs,
-    ) -> Any:
+    def __call__(self, *, rl_module, batch: dict[str, Any], episodes, **kwargs) -> Any:
         if JOINT_OBS in batch:
             return batch
         for episode in episodes:
@@ -136,21 +120,13 @@ class CountImaginedSteps(ConnectorV2):
     """Logs how many real and imagined agent steps the learner received (per update call)."""
 
     def __call__(
-        self,
-        *,
-        rl_module,
-        batch: dict[str, Any],
-        episodes,
-        explore=None,
-        shared_data=None,
-        metrics=None,
-        **kwargs,
+        self, *, rl_module, batch: dict[str, Any], episodes, metrics=None, **kwargs
     ) -> Any:
         imagined = real = 0
         for episode in episodes:
             # PPO's learner already added one artificial step per agent episode.
             steps = sum(max(len(sa) - 1, 0) for sa in episode.agent_episodes.values())
-            if str(episode.id_).startswith(IMAGINED_PREFIX):
+            if _is_imagined(episode):
                 imagined += steps
             else:
                 real += steps
@@ -172,22 +148,14 @@ class UpdateObsNormStats(ConnectorV2):
     """
 
     def __call__(
-        self,
-        *,
-        rl_module,
-        batch: dict[str, Any],
-        episodes,
-        explore=None,
-        shared_data=None,
-        metrics=None,
-        **kwargs,
+        self, *, rl_module, batch: dict[str, Any], episodes, metrics=None, **kwargs
     ) -> Any:
         norm = getattr(rl_module[PERCEIVER], "obs_norm", None) if PERCEIVER in rl_module else None
         if norm is None:
             return batch
         by_size: dict[int, list[np.ndarray]] = {}
         for episode in episodes:
-            if str(episode.id_).startswith(IMAGINED_PREFIX):
+            if _is_imagined(episode):
                 continue
             for sa_episode in episode.agent_episodes.values():
                 n = len(sa_episode)
@@ -201,6 +169,10 @@ class UpdateObsNormStats(ConnectorV2):
         if metrics is not None:
             metrics.log_value(OBS_NORM_COUNT_KEY, float(norm.count.max()), window=1)
         return batch
+
+
+def _is_imagined(episode) -> bool:
+    return str(episode.id_).startswith(IMAGINED_PREFIX)
 
 
 def env_to_module_pieces(

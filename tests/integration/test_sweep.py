@@ -75,28 +75,14 @@ def test_sweep_config_errors_name_fields(tmp_path, storage_path):
         sweep.load_config(
             argparse.Namespace(config=write_sweep_yaml(tmp_path, storage_path, reduction_factor=1))
         )
-    unknown = sweep.load_config(
-        argparse.Namespace(
-            config=write_sweep_yaml(
-                tmp_path,
-                storage_path,
-                search_space={"learning_rate": {"type": "choice", "values": [1]}},
-            )
-        )
-    )
-    with pytest.raises(ConfigError, match=r"search_space\.learning_rate"):
-        sweep.param_space(unknown, storage_path)
-    typo = sweep.load_config(
-        argparse.Namespace(
-            config=write_sweep_yaml(
-                tmp_path,
-                storage_path,
-                search_space={"imagination.horizn": {"type": "choice", "values": [3]}},
-            )
-        )
-    )
-    with pytest.raises(ConfigError, match=r"search_space\.imagination\.horizn.*horizon"):
-        sweep.param_space(typo, storage_path)
+    for key, match in [
+        ("learning_rate", r"search_space\.learning_rate"),
+        ("imagination.horizn", r"search_space\.imagination\.horizn.*horizon"),  # lists fields
+    ]:
+        search = {key: {"type": "choice", "values": [1]}}
+        unknown = write_sweep_yaml(tmp_path, storage_path, search_space=search)
+        with pytest.raises(ConfigError, match=match):
+            sweep.param_space(sweep.load_config(argparse.Namespace(config=unknown)), storage_path)
 
 
 def test_param_space_searches_imagination_fields(tmp_path, storage_path):
