@@ -139,7 +139,7 @@ class ServedWorldModelImaginerFactory(ConfigBase):
             )
 
     def check_retrain(self, retrain_every: int) -> None:
-        """Cross-field check against MBMAPPOConfig.world_model_retrain_every."""
+        """Cross-field check against MBMAPPOConfig.imagination.world_model_retrain_every."""
         if retrain_every:
             check(
                 bool(self.checkpoint_dir),

@@ -112,15 +112,34 @@ class QuickstartConfig(ConfigBase):
             **self.agents,
         }
         imagination = dict(data.get("imagination") or {})
+        world_model = {**self._gate_lookup(), **(imagination.get("world_model") or {})}
         if imagination.get("world_model_retrain_every"):
             # the run's own folders: retrained checkpoints next to the first, base data = stage 1
-            imagination["world_model"] = {
+            world_model = {
                 "checkpoint_dir": str(self.run_dir / "world_model_retrain"),
                 "base_data_path": str(self.run_dir / "data"),
-                **(imagination.get("world_model") or {}),
+                **world_model,
             }
+        if imagination.get("provider") == "world_model":
+            imagination["world_model"] = world_model
             data["imagination"] = imagination
         return _section(AgentsConfig, data, "agents")
+
+    def _gate_lookup(self) -> dict[str, str]:
+        """Where the provider finds the gate actor: the one section `gate_actor` names it in,
+        so a renamed actor is still found (a different name under agents.imagination is an
+        error, not a second truth)."""
+        actor = self.gate_actor_config()
+        lookup = {"gate_actor_name": actor.actor_name, "gate_namespace": actor.namespace}
+        given = (self.agents.get("imagination") or {}).get("world_model") or {}
+        for key, value in lookup.items():
+            if key in given and given[key] != value:
+                raise ConfigError(
+                    f"quickstart section `agents`: imagination.world_model.{key} = "
+                    f"{given[key]!r} differs from the gate actor's {value!r}; set it once, in "
+                    "the `gate_actor` section"
+                )
+        return lookup
 
 
 def _section(cls, data: dict[str, Any], name: str):

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from moedream.config import ConfigBase, ConfigError, check
+from moedream.config import ConfigBase, ConfigError, check, load_yaml
 from moedream.platform.collect import CollectConfig
 from moedream.platform.quickstart import DEFAULT_CONFIG, QuickstartConfig
 
@@ -68,6 +68,16 @@ def test_quickstart_default_config_loads():
     cfg = QuickstartConfig.from_yaml(DEFAULT_CONFIG)
     assert cfg.collect.env == "overcooked"
     assert cfg.collect.env_options["layout"] == "cramped_room"
+
+
+def test_the_provider_finds_the_gate_actor_the_quickstart_names():
+    data = load_yaml(DEFAULT_CONFIG)
+    data["gate_actor"] = {"actor_name": "my_gate", "namespace": "my_ns"}
+    wm = QuickstartConfig.from_dict(data).agents_config().imagination.world_model
+    assert (wm["gate_actor_name"], wm["gate_namespace"]) == ("my_gate", "my_ns")
+    data["agents"]["imagination"]["world_model"] = {"gate_actor_name": "other"}
+    with pytest.raises(ConfigError, match=r"gate_actor_name = 'other' differs.*'my_gate'"):
+        QuickstartConfig.from_dict(data).agents_config()
 
 
 def test_collect_config_checks_env_options():
