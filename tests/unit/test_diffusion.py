@@ -217,6 +217,23 @@ def test_ddpm_noising_and_targets(objective):
     torch.testing.assert_close(target, expected)
 
 
+@pytest.mark.parametrize(
+    ("objective", "beta_schedule"),
+    [("eps", "linear"), ("v", "squaredcos_cap_v2"), ("v", "linear"), ("flow", "linear")],
+)
+def test_x0_transform_round_trip(objective, beta_schedule):
+    """x0 -> noised with eps -> the objective's target -> x0 recovered, and back."""
+    denoiser = untrained(objective, beta_schedule=beta_schedule)
+    x0 = torch.randn(256, 6)
+    x_t, t, target = denoiser.noisy_input(x0, torch.Generator().manual_seed(3))
+    # eps divides by sqrt(abar), ~6e-3 at the last linear timestep: float32 error grows there
+    torch.testing.assert_close(denoiser.x0_from_prediction(target, x_t, t), x0, atol=2e-4, rtol=0)
+    torch.testing.assert_close(denoiser.prediction_from_x0(x0, x_t, t), target, atol=1e-4, rtol=0)
+    # a wrong prediction maps to a wrong x0 (the transform is not the identity on x0)
+    wrong = denoiser.x0_from_prediction(target + 0.5, x_t, t)
+    assert (wrong - x0).abs().mean() > 0.1
+
+
 def test_loss_shapes_logs_and_gradients():
     denoiser = untrained("flow")
     loss, logs = denoiser.loss(torch.randn(32, 6), torch.randn(32, 3))

@@ -1,7 +1,8 @@
 """The denoiser: a conditional MLP that owns its training loss (DIAMOND-style).
 
-It knows the forward (noising) process through a diffusers scheduler, never the sampling loop:
-that lives in :mod:`moedream.world_model.diffusion.sampler`, which drives any ``predict_fn``.
+It knows the forward (noising) process through a diffusers scheduler, and its inverse (the x0
+estimate of a prediction, used by compositions that act on x0), never the sampling loop: that
+lives in :mod:`moedream.world_model.diffusion.sampler`, which drives any ``predict_fn``.
 
 Shapes: (B)atch, (X) = x_dim, (C) = cond_dim, (H) = hidden. Timesteps ``t`` are floats in the
 scheduler's units: integers 0..T-1 for eps/v (DDPM), sigma * T in (0, T] for flow.
@@ -194,6 +195,34 @@ class Denoiser(nn.Module):
         x_t = sigma * noise + (1.0 - sigma) * x0
         t = self.scheduler.timesteps.to(x0.device)[index].to(x0.dtype)  # sigma * T, [B]
         return x_t, t, noise - x0
+
+    def x0_from_prediction(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The x0 estimate [B, X] implied by a prediction [B, X] (eps, v or flow velocity) at
+        (x_t [B, X], t [B]): the inverse of :meth:`noisy_input`'s forward process."""
+        a, s = self._alpha_sigma(t)
+        if self.cfg.objective == "flow":  # v = eps - x0, x_t = (1 - s) x0 + s eps
+            return x_t - s * pred
+        if self.cfg.objective == "eps":
+            return (x_t - s * pred) / a.clamp_min(1e-4)
+        return a * x_t - s * pred  # v = a eps - s x0
+
+    def prediction_from_x0(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The prediction [B, X] this objective trains on whose x0 estimate at (x_t, t) is
+        ``x0`` [B, X] (inverse of :meth:`x0_from_prediction`)."""
+        a, s = self._alpha_sigma(t)
+        if self.cfg.objective == "flow":
+            return (x_t - x0) / s
+        eps = (x_t - a * x0) / s
+        return eps if self.cfg.objective == "eps" else a * eps - s * x0
+
+    def _alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """x_t = a x0 + s eps at scheduler time t [B] -> (a, s) [B, 1]. The floors keep the
+        inversions finite at the ends of the schedule."""
+        if self.cfg.objective == "flow":
+            sigma = (t / self.cfg.num_train_timesteps).clamp(1e-4, 1.0)[:, None]
+            return 1.0 - sigma, sigma
+        abar = self.scheduler.alphas_cumprod.to(t.device)[t.long()][:, None].float()
+        return abar.sqrt(), (1.0 - abar).sqrt().clamp_min(1e-4)
 
     def loss(
         self, x0: Tensor, cond: Tensor, *, generator: torch.Generator | None = None
