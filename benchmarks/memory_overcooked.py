@@ -5,7 +5,7 @@ A small WorldModel with a SHORT context (backbone.max_context 4) is trained on c
 random-policy episodes; the spatial expert is fitted on those training episodes (the
 retrieval expert's memory error; the adapter row trains the adapter too); then on held-out
 episodes it observes a prefix and imagines ``horizon`` steps beyond it with the episode's REAL
-actions (moedream.world_model.memory.long_rollout.evaluate_rollouts). Every row sees the same
+actions (``evaluate_rollouts`` of benchmarks/_memory_eval.py). Every row sees the same
 sampling noise (paired), so the "vs short" columns are per-episode paired differences with
 their standard error and the episodes where the row beats the short-term expert alone.
 Recall error = error on (step, agent) where the agent stands on a cell visited in the prefix
@@ -29,17 +29,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import markdown_table, parse_args, publish  # noqa: E402
-from moedream.world_model.memory.long_rollout import (  # noqa: E402
+from benchmarks._memory_eval import (  # noqa: E402
     evaluate_rollouts,
     paired_difference,
     random_episodes,
+    small_world_model,
     training_windows,
 )
-from moedream.world_model.memory.world_model_memory import (  # noqa: E402
-    MemoryWorldModel,
-    WorldModelMemoryConfig,
-)
-from moedream.world_model.model import WorldModelConfig  # noqa: E402
+from moedream.world_model.memory import MemoryConfig, MemoryExperts  # noqa: E402
+from moedream.world_model.model import WorldModel  # noqa: E402
 from moedream.world_model.train_local import TrainConfig, fit  # noqa: E402
 
 
@@ -60,43 +58,32 @@ class Args:
     record: bool = True
 
 
-def model_config(context: int) -> WorldModelConfig:
-    return WorldModelConfig.from_dict(
-        {
-            "d_model": 64,
-            "cond_dim": 128,
-            "backbone": {"num_layers": 2, "num_heads": 4, "max_context": context},
-            "moe": {"d_hidden": 128, "num_experts": 4, "top_k": 2},
-            "diffusion": {"hidden": 128, "layers": 2},
-            "heads": {"hidden": 128, "ensemble_size": 2, "ensemble_hidden": 32},
-        }
-    )
-
-
-def train(args: Args, spec, episodes) -> tuple[MemoryWorldModel, MemoryWorldModel, float]:
-    """-> (the model with the retrieval spatial expert, a copy with the adapter, seconds)."""
+def train(args: Args, spec, episodes) -> tuple[MemoryExperts, MemoryExperts, float]:
+    """-> (memory with the retrieval spatial expert, memory with the adapter, seconds), both
+    on the same trained world model."""
     torch.manual_seed(args.seed)
-    memory = WorldModelMemoryConfig(
+    config = MemoryConfig(
         adapter_steps=args.adapter_steps, adapter_horizon=16,
         max_adapters=max(16, args.eval_episodes),
     )  # fmt: skip
-    model = MemoryWorldModel(model_config(args.context), spec, memory)
+    model = WorldModel(small_world_model(args.context), spec)
+    memory = MemoryExperts(model, config)
     cfg = TrainConfig(steps=args.train_steps, batch_size=32, window=args.context, lr=2e-3,
                       warmup=20, eval_every=10**6, log_every=10**6, checkpoint_every=10**6,
                       precision="fp32")  # fmt: skip
     start = time.perf_counter()
     fit(model, training_windows(episodes, spec, args.context), cfg, progress=True)
-    model.fit_spatial([(e.obs, e.action) for e in episodes])
-    adapter = MemoryWorldModel.from_world_model(model, memory.replace(spatial_mode="adapter"))
+    memory.fit_spatial([(e.obs, e.action) for e in episodes])
+    adapter = MemoryExperts(model, config.replace(spatial_mode="adapter"))
     adapter.fit_spatial(
         [(e.obs, e.action) for e in episodes[:10]],
         generator=torch.Generator().manual_seed(args.seed),
         progress=True,
     )
-    return model, adapter, time.perf_counter() - start
+    return memory, adapter, time.perf_counter() - start
 
 
-def ablations(memory: WorldModelMemoryConfig) -> dict[str, tuple[bool, WorldModelMemoryConfig]]:
+def ablations(memory: MemoryConfig) -> dict[str, tuple[bool, MemoryConfig]]:
     """name -> (use the adapter model, memory config)."""
     return {
         "short-term alone": (False, memory.only("short")),
@@ -118,20 +105,20 @@ def main() -> None:
     env = {"layout": "cramped_room", "horizon": args.episode_horizon}
     n_train = args.train_episodes
     spec, episodes = random_episodes("overcooked", env, range(n_train + args.eval_episodes))
-    model, adapter, train_s = train(args, spec, episodes[:n_train])
+    retrieval, adapter, train_s = train(args, spec, episodes[:n_train])
     held_out = episodes[n_train:]
     feature_var = np.concatenate([e.obs for e in episodes[:n_train]]).var(0)  # [N, D]
     quarters = np.array_split(np.arange(args.horizon), 4)
     rows, base, kept = [], None, []
-    for name, (use_adapter, memory) in ablations(model.memory_cfg).items():
-        net = adapter if use_adapter else model
-        net.set_memory_config(memory)
+    for name, (use_adapter, config) in ablations(retrieval.cfg).items():
+        memory = adapter if use_adapter else retrieval
+        memory.set_config(config)
         r = evaluate_rollouts(
-            net, held_out, prefix=args.prefix, horizon=args.horizon, samples=args.samples,
+            memory, held_out, prefix=args.prefix, horizon=args.horizon, samples=args.samples,
             seed=args.seed, feature_var=feature_var,
         )  # fmt: skip
-        if memory.long_term and memory.lora_validation > 0 and net.store is not None:
-            kept.append(sum(net.store.last_kept.get(e.episode_id, 0) for e in held_out))
+        if config.long_term and config.lora_validation > 0 and memory.store is not None:
+            kept.append(sum(memory.store.last_kept.get(e.episode_id, 0) for e in held_out))
         base = base or r
         recall = r.episode_recall_sq / np.maximum(r.episode_recall_n, 1)
         base_recall = base.episode_recall_sq / np.maximum(base.episode_recall_n, 1)

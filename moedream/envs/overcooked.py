@@ -22,6 +22,9 @@ from pettingzoo import ParallelEnv
 from moedream.config import ConfigBase, check, check_choice, check_positive
 from moedream.envs import _compat  # noqa: F401  (already imported by moedream.envs, first)
 
+SOUP_REWARD = 20.0
+"""What one delivered soup pays the team (overcooked_ai's sparse reward)."""
+
 ENCODINGS = ("featurized", "grid")
 
 

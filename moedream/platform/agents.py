@@ -329,7 +329,9 @@ def train(
     try:
         start = time.perf_counter()
         while True:
+            before = time.perf_counter()
             metrics = iteration_metrics(algo.train())
+            metrics["time/iteration_s"] = time.perf_counter() - before  # with RLlib's bookkeeping
             metrics["charts/wall_time_s"] = time.perf_counter() - start
             metrics["iteration"] = float(len(history) + 1)
             history.append(metrics)

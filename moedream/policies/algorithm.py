@@ -20,10 +20,12 @@ With ``imagination.enabled`` false it is the model-free MAPPO baseline. The sett
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +54,7 @@ from ray.rllib.utils.metrics import (
 from ray.rllib.utils.torch_utils import compute_global_norm
 
 from moedream.config import ConfigError, fail
+from moedream.envs.overcooked import SOUP_REWARD
 from moedream.envs.spec import EnvSpec
 from moedream.policies.imagination import (
     GateDecision,
@@ -65,7 +68,12 @@ from moedream.world_model.trajectory import Trajectories
 
 METRICS = "moedream"  # results[METRICS][...] holds the per-iteration moedream metrics
 STATE_KEY = "moedream_imagination"
-SOUP_REWARD = 20.0
+# Where a training_step's wall-clock goes, logged per iteration as results[METRICS]["time_<stage>_s"]
+# (+ "other": the rest of training_step). wm_* are the world-model provider's evaluation on the
+# new real episodes, storing them, and fine-tuning; "episodes" builds imagined episodes with the
+# local inference copy of the team (and refreshes its weights); "copy" deep-copies the real batch.
+STAGES = ("sample", "wm_evaluate", "wm_observe", "wm_retrain", "imagine", "gate", "episodes",
+          "learn", "copy", "sync")  # fmt: skip
 
 
 class TeamPPOTorchLearner(PPOTorchLearner):
@@ -283,7 +291,10 @@ class MBMAPPO(PPO):
 
     @override(PPO)
     def training_step(self) -> None:
-        episodes = self._sample_real()
+        self._stage_seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        with self._stage("sample"):
+            episodes = self._sample_real()
         if not episodes:
             return
         im = self.config.imagination
@@ -296,22 +307,44 @@ class MBMAPPO(PPO):
                 imagined = self._imagine(episodes)
         # A local learner's connectors append a bootstrap step to the episodes IN PLACE, so the
         # later rounds branch from (and re-learn) an untouched copy of the real batch.
-        pristine = copy.deepcopy(episodes) if rounds > 1 else episodes
+        with self._stage("copy"):
+            pristine = copy.deepcopy(episodes) if rounds > 1 else episodes
         self._update(episodes + imagined)
         for _ in range(1, rounds):  # more updates, each on fresh imagination under the new policy
             imagined = self._imagine(pristine)
-            anchor = copy.deepcopy(pristine) if im.real_every_update else []
+            with self._stage("copy"):
+                anchor = copy.deepcopy(pristine) if im.real_every_update else []
             if imagined:
                 self._update(anchor + imagined)
         self.metrics.log_value((METRICS, "imagination_rounds"), rounds, window=1)
-        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+        with self._stage("sync"), self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             self.env_runner_group.sync_weights(
                 from_worker_or_learner_group=self.learner_group, policies=None, inference_only=True
             )
+        self._log_stage_seconds(time.perf_counter() - start)
+
+    @contextlib.contextmanager
+    def _stage(self, name: str):
+        """Add the block's wall-clock seconds to this iteration's ``name`` stage."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            self._stage_seconds[name] = self._stage_seconds.get(name, 0.0) + seconds
+
+    def _log_stage_seconds(self, total: float) -> None:
+        """Where this training_step's wall-clock went, one metric per stage (every stage is
+        logged, 0 when it did not run, so runs with and without imagination compare alike)."""
+        seconds = {name: self._stage_seconds.get(name, 0.0) for name in STAGES}
+        seconds["other"] = max(0.0, total - sum(seconds.values()))
+        for name, value in seconds.items():
+            self.metrics.log_value((METRICS, f"time_{name}_s"), value, window=1)
+        self.metrics.log_value((METRICS, "time_training_step_s"), total, window=1)
 
     def _update(self, episodes: list) -> None:
         """One PPO update (num_epochs x minibatches) on ``episodes``."""
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+        with self._stage("learn"), self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
             learner_results = self.learner_group.update(
                 episodes=episodes,
                 timesteps={
@@ -354,30 +387,36 @@ class MBMAPPO(PPO):
         NEW real episodes (held out: it has not seen them), stores them, and retrains on
         schedule."""
         if hasattr(self.provider, "evaluate"):
-            self.provider.evaluate(episodes)
+            with self._stage("wm_evaluate"):
+                self.provider.evaluate(episodes)
         if hasattr(self.provider, "observe"):
-            self.provider.observe(episodes)
+            with self._stage("wm_observe"):
+                self.provider.observe(episodes)
         every = self.config.imagination.world_model_retrain_every
         if every and (self.iteration + 1) % every == 0:  # after `every` iterations of new data
             if hasattr(self.provider, "retrain"):
-                self.provider.retrain(self.iteration)
+                with self._stage("wm_retrain"):
+                    self.provider.retrain(self.iteration)
 
     def _imagine(self, episodes: list) -> list:
         """One imagination round: real episodes -> kept imagined episodes under the CURRENT
         planner (and the imagination metrics; counts are summed over the iteration's rounds)."""
         cfg, spec = self.config, self.config.env_spec
-        self._refresh_imagination_module()
+        with self._stage("episodes"):
+            self._refresh_imagination_module()
         real_steps = sum(e.env_steps() for e in episodes)
         im = cfg.imagination
         n = max(1, math.ceil(im.imagined_ratio * real_steps / im.horizon))
         start_obs = sample_start_obs(episodes, spec, n, self._rng)  # [n, N, D]
         policy = TeamPolicy(self._imagination_module, spec, cfg.shared_planner)
-        trajs = self.provider.imagine(start_obs, policy)
-        decision = (
-            GateDecision.from_result(self.provider.gate(trajs))
-            if im.gate
-            else GateDecision.from_result(np.ones(trajs.batch_size, dtype=bool))
-        )
+        with self._stage("imagine"):
+            trajs = self.provider.imagine(start_obs, policy)
+        with self._stage("gate"):
+            decision = (
+                GateDecision.from_result(self.provider.gate(trajs))
+                if im.gate
+                else GateDecision.from_result(np.ones(trajs.batch_size, dtype=bool))
+            )
         if decision.trajectories is not None:  # the gate re-imagined its REFINE rows
             trajs = decision.trajectories
         kept = trajs.select(np.flatnonzero(decision.keep))
@@ -386,17 +425,18 @@ class MBMAPPO(PPO):
                 (METRICS, "imagined_reward_per_step"), float(np.mean(kept.reward[..., 0])), window=1
             )
         kept = self._penalise_uncertainty(kept)
-        imagined = (
-            build_imagined_episodes(
-                kept,
-                self._imagination_module,
-                spec,
-                shared_planner=cfg.shared_planner,
-                weights_seq_no=_weights_seq_no(episodes),
+        with self._stage("episodes"):
+            imagined = (
+                build_imagined_episodes(
+                    kept,
+                    self._imagination_module,
+                    spec,
+                    shared_planner=cfg.shared_planner,
+                    weights_seq_no=_weights_seq_no(episodes),
+                )
+                if kept.batch_size
+                else []
             )
-            if kept.batch_size
-            else []
-        )
         self._log_counts(imagined_env_steps=sum(e.env_steps() for e in imagined))
         counts = self._gate_counts  # reset by training_step every iteration
         for name, count in (

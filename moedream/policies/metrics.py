@@ -9,11 +9,10 @@ import numpy as np
 from ray.rllib.utils.metrics import ALL_MODULES
 
 from moedream.envs import make_env
+from moedream.envs.overcooked import SOUP_REWARD
 from moedream.envs.spec import EnvSpec
 from moedream.policies.imagination import TeamPolicy
 from moedream.policies.names import IMAGINED_STEPS_KEY, REAL_STEPS_KEY
-
-SOUP_REWARD = 20.0
 
 
 def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -43,6 +42,8 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
     for key, value in md.items():  # the imagination provider's own figures
         if key.startswith("provider_") and isinstance(value, (int, float)):
             out[f"provider/{key[len('provider_') :]}"] = value
+        if key.startswith("time_") and isinstance(value, (int, float)):  # MBMAPPO's stages
+            out[f"time/{key[len('time_') :]}"] = value
     for module_id, stats in learners.items():
         if isinstance(stats, dict) and "total_loss" in stats:
             for key in ("total_loss", "policy_loss", "vf_loss", "entropy", "mean_kl_loss"):

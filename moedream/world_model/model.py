@@ -31,7 +31,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -195,11 +195,15 @@ class WorldModelState:
     obs     [B, C, N, D] raw context observations; the last one is the current observation
     action  [B, C - 1, N, A] encoded actions taken between them
     rssm    {"h": [B, H], "z": [B, Z], "a": [B, N*A]}: the latent state before the current step
+    step    [B] long: steps observed or imagined before the current observation (its episode
+            step when ``observe`` was given the episode from its start); memory experts use it
+            to leave out what the short context already holds
     """
 
     obs: Tensor
     action: Tensor
     rssm: dict[str, Tensor]
+    step: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -211,6 +215,18 @@ class WorldModelState:
 
 
 Policy = Callable[[Tensor], Any]
+
+
+class Memory(Protocol):
+    """What :meth:`WorldModel.transition` asks of a ``memory`` argument (e.g. the
+    ``MemoryExperts.recall`` of moedream.world_model.memory): the predict_fn to sample one
+    step's diffusion head with, or None for the model's own denoiser."""
+
+    def predict_fn(
+        self, model: WorldModel, state: WorldModelState, action: Tensor, cond: Tensor
+    ) -> PredictFn | None:
+        """state: where the step starts, action [B, N, A] encoded, cond [B, C] its condition."""
+        ...
 
 
 class ActionPlan:
@@ -579,6 +595,7 @@ class WorldModel(nn.Module):
         action = self._encode_action(action, lead)
         self._check_window(obs, action, "observe(obs, action)")
         keep = self.config.backbone.max_context
+        step = torch.full((obs.shape[0],), action.shape[1], dtype=torch.long, device=device)
         obs, action = obs[:, -keep:], action[:, action.shape[1] - (min(obs.shape[1], keep) - 1) :]
         b, t = obs.shape[0], action.shape[1]
         with self._eval_mode():
@@ -589,7 +606,7 @@ class WorldModel(nn.Module):
                     embed=features.flatten(-2), action=action.flatten(-2), prev=prev
                 )
                 prev = latent["last"]
-        return WorldModelState(obs=obs, action=action, rssm=prev)
+        return WorldModelState(obs=obs, action=action, rssm=prev, step=step)
 
     def _tensor(self, x: Any) -> Tensor:
         """numpy / list / tensor -> tensor on the model's device (dtype kept)."""
@@ -633,8 +650,11 @@ class WorldModel(nn.Module):
         sampler: DiffusionSampler,
         noise_scale: float | None = None,
         generator: torch.Generator | None = None,
+        memory: Memory | None = None,
     ) -> tuple[dict[str, Tensor], WorldModelState]:
-        """One imagined joint step from ``state`` with encoded actions [B, N, A]."""
+        """One imagined joint step from ``state`` with encoded actions [B, N, A]; ``memory``
+        (optional) supplies the diffusion head's predict_fn (e.g. memory experts composed
+        with the denoiser)."""
         keep = self.config.backbone.max_context
         ctx_obs = state.obs[:, -keep:]  # [B, c, N, D]
         ctx_act = torch.cat(
@@ -650,7 +670,8 @@ class WorldModel(nn.Module):
             f_t, h, z, self.normalize_obs(current), action
         )  # [B, N, F], [B, C]
         b, n, d = ctx_obs.shape[0], ctx_obs.shape[2], ctx_obs.shape[3]
-        x0 = self._sample_delta(cond, sampler, noise_scale, generator)  # [B, N*D]
+        predict_fn = None if memory is None else memory.predict_fn(self, state, action, cond)
+        x0 = self._sample_delta(cond, sampler, noise_scale, generator, predict_fn)  # [B, N*D]
         delta = x0.view(b, n, d) * self.delta_std + self.delta_mean  # [B, N, D]
         next_obs = torch.maximum(torch.minimum(current + delta, self.obs_high), self.obs_low)
         next_obs = next_obs * self.obs_mask  # [B, N, D], inside the data's support
@@ -671,6 +692,7 @@ class WorldModel(nn.Module):
             if keep > 1
             else state.action[:, :0],
             rssm={"h": h, "z": z, "a": action.flatten(-2)},
+            step=None if state.step is None else state.step + 1,
         )
         return out, new_state
 
@@ -684,10 +706,11 @@ class WorldModel(nn.Module):
         sampler: SamplerConfig | None = None,
         noise_scale: float | None = None,
         generator: torch.Generator | None = None,
+        memory: Memory | None = None,
     ) -> dict[str, Any]:
         """One joint transition (used by Serve): obs [B, N, D] (ignored when ``state`` is
         given), encoded actions [B, N, A] -> next_obs, reward, terminated, uncertainty (numpy)
-        and the ``state`` to continue from."""
+        and the ``state`` to continue from. ``memory``: as in :meth:`transition`."""
         state = state or self.observe(self._tensor(obs)[:, None])
         action = self._encode_action(action, (state.batch_size,))
         with self._eval_mode():
@@ -697,6 +720,7 @@ class WorldModel(nn.Module):
                 sampler=self._sampler(sampler),
                 noise_scale=noise_scale,
                 generator=generator,
+                memory=memory,
             )
         result: dict[str, Any] = {k: v.cpu().numpy() for k, v in out.items()}
         result["state"] = new_state
@@ -713,6 +737,7 @@ class WorldModel(nn.Module):
         sampler: SamplerConfig | None = None,
         noise_scale: float | None = None,
         generator: torch.Generator | None = None,
+        memory: Memory | None = None,
     ) -> Trajectories:
         """Roll the model forward ``horizon`` steps.
 
@@ -720,6 +745,7 @@ class WorldModel(nn.Module):
                  ``context`` = {"obs": [B, T, N, D], "action": [B, T, N, A]}: earlier steps)
         policy   callable obs [B, N, D] tensor -> encoded actions [B, N, A] (or indices [B, N]
                  for discrete actions), or an action plan [B, horizon, N, A]
+        memory   supplies every step's predict_fn (see :meth:`transition`); None: the denoiser
         """
         if not isinstance(horizon, int) or horizon < 1:
             raise ValueError(f"imagine: horizon = {horizon!r} must be an integer >= 1")
@@ -731,8 +757,9 @@ class WorldModel(nn.Module):
             for _ in range(horizon):
                 action = self._encode_action(policy(state.current_obs), (state.batch_size,))
                 out, state = self.transition(
-                    state, action, sampler=run_sampler, noise_scale=noise_scale, generator=generator
-                )
+                    state, action, sampler=run_sampler, noise_scale=noise_scale,
+                    generator=generator, memory=memory,
+                )  # fmt: skip
                 obs.append(out["next_obs"])
                 actions.append(action)
                 outs.append(out)
@@ -832,7 +859,7 @@ class WorldModel(nn.Module):
         state = self.checkpoint_state()
         tensors = {k: v.contiguous() for k, v in state.pop("state_dict").items()}
         metadata = {k: str(v) for k, v in state.items()}
-        metadata["sha256"] = _tensors_digest(tensors)
+        metadata["sha256"] = tensors_digest(tensors)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=metadata)
         tmp.replace(path)  # readers never see a half-written checkpoint
@@ -867,7 +894,7 @@ class WorldModel(nn.Module):
             raise CheckpointError(
                 f"{str(path)!r} is a safetensors file but not a moedream world-model checkpoint"
             )
-        if metadata.get("sha256") != _tensors_digest(tensors):
+        if metadata.get("sha256") != tensors_digest(tensors):
             raise CheckpointError(
                 f"{str(path)!r} is corrupted: its weights do not match the stored sha256"
             )
@@ -904,11 +931,13 @@ def moe_logs(stats: list[MoEStats]) -> dict[str, float]:
     return logs
 
 
-def _tensors_digest(tensors: dict[str, Tensor]) -> str:
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """sha256 over the names and bytes of ``tensors`` (what a checkpoint's metadata stores)."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
         digest.update(key.encode())
-        digest.update(tensors[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        flat = tensors[key].detach().cpu().contiguous().reshape(-1)  # 0-dim: no byte view
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -274,6 +274,8 @@ def test_imagination_rounds_update_on_fresh_imagination_only(ray_cluster, storag
         assert second["learner/imagined_agent_steps"] == 2 * 3 * 200
         assert second["learner/real_agent_steps"] == 2 * 400  # the real batch, once
         assert second["gate/approve_rate"] == 1.0
+        assert_profile_adds_up(first, imagined=False)
+        assert_profile_adds_up(second, imagined=True)
         assert math.isfinite(second["imagination/imagined_reward_per_step"])
         assert math.isfinite(second["imagination/real_reward_per_step"])
         after = module_weights(algo)
@@ -284,6 +286,18 @@ def test_imagination_rounds_update_on_fresh_imagination_only(ray_cluster, storag
         assert any(not np.array_equal(before["planner"][k], v) for k, v in after["planner"].items())
     finally:
         algo.stop()
+
+
+def assert_profile_adds_up(metrics: dict[str, float], *, imagined: bool) -> None:
+    """The per-stage seconds of a training_step: every stage logged, imagination stages
+    non-zero exactly when the iteration imagined, and the stages sum to the step's total."""
+    from moedream.policies.algorithm import STAGES
+
+    stages = {name: metrics[f"time/{name}_s"] for name in (*STAGES, "other")}
+    assert all(v >= 0 for v in stages.values())
+    assert stages["sample"] > 0 and stages["learn"] > 0
+    assert (stages["imagine"] > 0) == imagined and (stages["episodes"] > 0) == imagined
+    assert sum(stages.values()) == pytest.approx(metrics["time/training_step_s"], rel=1e-6)
 
 
 def test_real_batch_anchors_every_imagination_update(ray_cluster, storage_path):

@@ -341,6 +341,37 @@ def test_policy_callable_and_action_plan_give_the_same_rollout(model):
         model.imagine(start, lambda obs: torch.zeros(B, 3, 7), 2)
 
 
+class RecordingMemory:
+    """A ``memory`` argument: records what each step asks, samples with ``predict``."""
+
+    def __init__(self, predict=None) -> None:
+        self.predict, self.calls = predict, []
+
+    def predict_fn(self, model, state, action, cond):
+        self.calls.append((state.step.tolist(), tuple(action.shape), tuple(cond.shape)))
+        return self.predict
+
+
+def test_memory_argument_supplies_each_steps_predict_fn_and_the_state_counts_steps(model):
+    batch = fake_batch()
+    state = model.observe(batch["obs"], batch["action"])
+    assert state.step.tolist() == [T] * B  # steps observed before the current observation
+    plan = np.random.default_rng(3).uniform(-1, 1, size=(B, 3, 3, 2)).astype(np.float32)
+    run = lambda memory: model.imagine(  # noqa: E731
+        state, plan, 3, generator=torch.Generator().manual_seed(2), memory=memory
+    )
+    plain = run(None)
+    # None from predict_fn, or the denoiser itself: the same rollout as without memory
+    for memory in (RecordingMemory(), RecordingMemory(model.denoiser)):
+        np.testing.assert_array_equal(run(memory).obs, plain.obs)
+    assert memory.calls == [([T + k] * B, (B, 3, 2), (B, 24)) for k in range(3)]
+    # another predict_fn changes the sample: a zero prediction of the flow velocity
+    zero = RecordingMemory(lambda x_t, t, cond: torch.zeros_like(x_t))
+    assert np.abs(run(zero).obs - plain.obs).max() > 1e-3
+    out = model.step(batch["obs"][:, -1], plan[:, 0], state=state, memory=RecordingMemory())
+    assert out["state"].step.tolist() == [T + 1] * B
+
+
 def test_discrete_policies_may_return_indices_and_noise_scale_zero_is_deterministic():
     m = WorldModel(tiny_config(), DISCRETE)
     m.fit_normalization(fake_batch(DISCRETE, b=8))

@@ -1,37 +1,30 @@
-"""Memory experts for the diffusion world model, composed by PoCE.
+"""Memory experts of the world model, composed with its denoiser by PoCE.
 
-- :mod:`.config`: ``MemoryConfig`` (experts on/off, alphas, form, context, LoRA, spatial).
+- :mod:`.config`: ``MemoryConfig`` (experts on/off, alphas, form, LoRA, spatial memory).
 - :mod:`.compose`: ``compose_predictions`` (the two PoCE forms, pure function).
-- :mod:`.network`: ``MemoryDenoiserNet`` (context/spatial encoders + ``Denoiser``), batches.
-- :mod:`.spatial`: ``SpatialMemory`` and ``retrieve_nearest`` (observations keyed by position).
+- :mod:`.experts`: ``MemoryExperts`` (a WorldModel's per-episode memories) and its
+  ``recall(episode_ids)``, the ``memory=`` argument of ``WorldModel.imagine`` / ``transition``.
+- :mod:`.spatial`: ``EpisodeSpatialStore`` and ``retrieve_nearest`` (memory keyed by position).
+- :mod:`.spatial_adapter`: the learned spatial expert and its training.
 - :mod:`.long_term`: ``MemoryStore`` (per-episode test-time LoRA adapters, LRU-bounded).
-- :mod:`.predictor`: ``ComposedPredictor`` (experts -> ``predict_fn`` for DiffusionSampler).
-- :mod:`.rollout`: ``EpisodeMemory`` (one episode's live memory) and one-step/imagined rollouts.
+- :mod:`.checkpoint`: ``save_memory`` / ``load_memory``.
 """
 
+from moedream.world_model.memory.checkpoint import load_memory, save_memory
 from moedream.world_model.memory.compose import compose_predictions
 from moedream.world_model.memory.config import MemoryConfig
+from moedream.world_model.memory.experts import MemoryExperts, Recall
 from moedream.world_model.memory.long_term import MemoryStore
-from moedream.world_model.memory.network import (
-    EpisodeHistory,
-    MemoryBatch,
-    MemoryDenoiserNet,
-    train_memory_net,
-    transitions,
-)
-from moedream.world_model.memory.predictor import ComposedPredictor
-from moedream.world_model.memory.spatial import SpatialMemory, retrieve_nearest
+from moedream.world_model.memory.spatial import EpisodeSpatialStore, retrieve_nearest
 
 __all__ = [
-    "ComposedPredictor",
-    "EpisodeHistory",
-    "MemoryBatch",
+    "EpisodeSpatialStore",
     "MemoryConfig",
-    "MemoryDenoiserNet",
+    "MemoryExperts",
     "MemoryStore",
-    "SpatialMemory",
+    "Recall",
     "compose_predictions",
+    "load_memory",
     "retrieve_nearest",
-    "train_memory_net",
-    "transitions",
+    "save_memory",
 ]

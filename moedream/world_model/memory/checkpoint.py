@@ -1,90 +1,81 @@
-"""Saving and loading a memory world model: MemoryDenoiserNet weights + every config it needs.
+"""Saving and loading :class:`MemoryExperts`: config, weights and every episode's memory.
 
-One safetensors file holds the shared network's weights and, in its metadata, the
-``MemoryConfig``, the ``DiffusionConfig``, the ``SamplerConfig`` to imagine with, the sizes
-(agents, obs, encoded action), a format tag and the sha256 of the weights, so that a Serve
-replica or a test rebuilds exactly the trained network. Plain torch + safetensors (no ray).
+One safetensors file beside the world model's own checkpoint. Tensors: the spatial adapter
+and fusion weights (``weights/``), each episode's spatial memory tables (``spatial/<i>/``),
+the LoRA store's frozen base and each episode's adapter (``lora_base/``, ``lora/<i>/``).
+Metadata: a format tag and version, the memory config, the world model's config and env spec
+(a memory only fits the model it was built on), the episode ids in eviction order, and the
+sha256 of the tensors. Loading rebuilds the memory on a given world model and refuses one
+saved with another config or env.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from moedream.config import ConfigError
-from moedream.world_model.diffusion import DiffusionConfig, DiffusionSampler, SamplerConfig
 from moedream.world_model.memory.config import MemoryConfig
-from moedream.world_model.memory.network import MemoryDenoiserNet
+from moedream.world_model.memory.experts import MemoryExperts
+from moedream.world_model.memory.spatial import EpisodeSpatialStore
+from moedream.world_model.model import CheckpointError, WorldModel, tensors_digest
 
-FORMAT = "moedream-memory-net-v1"
-WEIGHTS_FILE = "memory_net.safetensors"
-
-
-class MemoryCheckpointError(ValueError):
-    """A memory checkpoint is missing, unreadable, corrupted or does not fit its config."""
-
-
-@dataclasses.dataclass
-class MemoryCheckpoint:
-    """A loaded memory world model: the network (eval mode) and the sampler settings."""
-
-    net: MemoryDenoiserNet
-    sampler_config: SamplerConfig
-    path: str
-    checkpoint_id: str
-    """First 16 hex digits of the weights' sha256."""
-
-    @property
-    def memory_config(self) -> MemoryConfig:
-        return self.net.cfg
-
-    @property
-    def diffusion_config(self) -> DiffusionConfig:
-        return self.net.denoiser.cfg
-
-    def sampler(self) -> DiffusionSampler:
-        return DiffusionSampler(self.diffusion_config, self.sampler_config)
+FORMAT = "moedream.world_model.memory"
+FORMAT_VERSION = "1"
+MEMORY_FILE = "memory.safetensors"
 
 
-def weights_path(path: str | Path) -> Path:
-    """A directory path means ``<dir>/memory_net.safetensors``."""
+def _file(path: str | Path) -> Path:
+    """A directory path means ``<dir>/memory.safetensors``."""
     path = Path(path)
-    return path / WEIGHTS_FILE if path.is_dir() or not path.suffix else path
+    return path / MEMORY_FILE if path.is_dir() else path
 
 
-def _digest(tensors: dict[str, Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode())
-        digest.update(tensors[key].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+def _model_identity(model: WorldModel) -> dict[str, str]:
+    return {
+        "world_model_config": json.dumps(model.config.to_dict(), sort_keys=True),
+        "env_spec": model.spec.to_json(),
+    }
 
 
-def save_memory_checkpoint(
-    path: str | Path, net: MemoryDenoiserNet, sampler_config: SamplerConfig
-) -> Path:
-    """Write ``net`` with its configs to ``path`` (a file, or a directory to hold
-    ``memory_net.safetensors``); atomic (readers never see a half-written file)."""
+def save_memory(memory: MemoryExperts, path: str | Path) -> Path:
+    """Write ``memory`` to ``path`` (a file, or a directory to hold ``memory.safetensors``);
+    atomic: readers never see a half-written file."""
     from safetensors.torch import save_file
 
-    sampler_config.validate("sampler.")
-    path = weights_path(path)
+    path = _file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tensors: dict[str, Tensor] = {}
+    for name, module in (("spatial_adapter", memory.spatial_adapter),
+                         ("spatial_fusion", memory.spatial_fusion)):  # fmt: skip
+        for key, value in module.state_dict().items():
+            tensors[f"weights/{name}.{key}"] = value
+    spatial_ids = list(memory.spatial_stores)
+    for i, store in enumerate(memory.spatial_stores.values()):
+        for key, value in store.tables().items():
+            tensors[f"spatial/{i}/{key}"] = value
+    lora_ids: list[str] = []
+    last_kept: dict[str, int] = {}
+    if memory.store is not None:
+        for key, value in memory.store.base_state_dict().items():
+            tensors[f"lora_base/{key}"] = value
+        for i, (episode_id, weights) in enumerate(memory.store.adapters().items()):
+            lora_ids.append(episode_id)
+            tensors.update({f"lora/{i}/{key}": value for key, value in weights.items()})
+        last_kept = dict(memory.store.last_kept)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
     metadata = {
         "format": FORMAT,
-        "memory_config": json.dumps(net.cfg.to_dict()),
-        "diffusion_config": json.dumps(net.denoiser.cfg.to_dict()),
-        "sampler_config": json.dumps(sampler_config.to_dict()),
-        "sizes": json.dumps(
-            {"n_agents": net.n_agents, "obs_dim": net.obs_dim, "action_dim": net.action_dim}
-        ),
-        "sha256": _digest(tensors),
+        "format_version": FORMAT_VERSION,
+        "memory_config": json.dumps(memory.cfg.to_dict(), sort_keys=True),
+        **_model_identity(memory.model),
+        "spatial_episodes": json.dumps(spatial_ids),
+        "lora_episodes": json.dumps(lora_ids),
+        "lora_last_kept": json.dumps(last_kept),
+        "has_lora_store": json.dumps(memory.store is not None),
+        "sha256": tensors_digest(tensors),
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -92,45 +83,76 @@ def save_memory_checkpoint(
     return path
 
 
-def load_memory_checkpoint(
-    path: str | Path, *, map_location: str | torch.device = "cpu"
-) -> MemoryCheckpoint:
-    """Rebuild a saved memory network (eval mode) on ``map_location``; raises
-    :class:`MemoryCheckpointError` naming the path and the problem."""
+def load_memory(path: str | Path, model: WorldModel) -> MemoryExperts:
+    """Rebuild the memory :func:`save_memory` wrote, on ``model`` (the world model it was
+    built on); raises CheckpointError naming the path and the problem."""
+    path = _file(path)
+    metadata, tensors = _read(path)
+    where = repr(str(path))
+    for key, expected in _model_identity(model).items():
+        if metadata.get(key) != expected:
+            raise CheckpointError(
+                f"{where} holds a memory of a world model with another {key.replace('_', ' ')}: "
+                "load it on the world model it was saved with"
+            )
+    try:
+        cfg = MemoryConfig.from_dict(json.loads(metadata["memory_config"]))
+        spatial_ids = json.loads(metadata["spatial_episodes"])
+        lora_ids = json.loads(metadata["lora_episodes"])
+        last_kept = json.loads(metadata["lora_last_kept"])
+        has_store = json.loads(metadata["has_lora_store"])
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: stored memory metadata is unreadable ({err})") from None
+    device = model.obs_mean.device
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+    memory = MemoryExperts(model, cfg)
+    for name in ("spatial_adapter", "spatial_fusion"):
+        weights = _group(tensors, f"weights/{name}.")
+        try:
+            getattr(memory, name).load_state_dict(weights, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"{where}: {name} weights do not fit ({err})") from None
+    for i, episode_id in enumerate(spatial_ids):
+        tables = _group(tensors, f"spatial/{i}/")
+        memory.spatial_stores[episode_id] = EpisodeSpatialStore.from_tables(
+            tables, cfg.spatial_capacity
+        )
+    if has_store:
+        store = memory.memory_store()
+        base = store.base_state_dict()
+        for key, value in _group(tensors, "lora_base/").items():
+            base[key].copy_(value)
+        for i, episode_id in enumerate(lora_ids):
+            store.import_adapter(episode_id, _group(tensors, f"lora/{i}/"))
+        store.last_kept.update(last_kept)
+    return memory
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
-    file = weights_path(path)
-    if not file.is_file():
-        raise MemoryCheckpointError(f"memory checkpoint {str(file)!r} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"memory checkpoint {str(path)!r} does not exist")
     try:
-        with safe_open(str(file), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-        tensors = load_file(str(file))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise MemoryCheckpointError(f"{str(file)!r} is not a readable checkpoint ({err})") from None
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable memory checkpoint (truncated or corrupted? {err})"
+        ) from None
     if metadata.get("format") != FORMAT:
-        raise MemoryCheckpointError(
-            f"{str(file)!r} is not a moedream memory checkpoint (format "
-            f"{metadata.get('format')!r}, expected {FORMAT!r})"
+        raise CheckpointError(f"{str(path)!r} is not a moedream memory checkpoint")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has memory format version {metadata.get('format_version')!r}; this "
+            f"moedream reads version {FORMAT_VERSION}"
         )
-    sha = metadata.get("sha256", "")
-    if sha != _digest(tensors):
-        raise MemoryCheckpointError(f"{str(file)!r} is corrupted: weights do not match sha256")
-    try:
-        memory = MemoryConfig.from_dict(json.loads(metadata["memory_config"]))
-        diffusion = DiffusionConfig.from_dict(json.loads(metadata["diffusion_config"]))
-        sampler = SamplerConfig.from_dict(json.loads(metadata["sampler_config"]))
-        sizes = json.loads(metadata["sizes"])
-    except (ConfigError, KeyError, TypeError, ValueError) as err:
-        raise MemoryCheckpointError(
-            f"{str(file)!r}: stored configs are unreadable ({err})"
-        ) from None
-    net = MemoryDenoiserNet(memory, diffusion, **sizes)
-    try:
-        net.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        raise MemoryCheckpointError(
-            f"{str(file)!r}: weights do not fit the configs ({err})"
-        ) from None
-    return MemoryCheckpoint(net.to(map_location).eval(), sampler, str(file), sha[:16])
+    if metadata.get("sha256") != tensors_digest(tensors):
+        raise CheckpointError(f"{str(path)!r} is corrupted: its tensors do not match the sha256")
+    return metadata, tensors
+
+
+def _group(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}

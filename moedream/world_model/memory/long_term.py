@@ -1,17 +1,18 @@
-"""Long-term memory expert: per-episode LoRA adapters finetuned at test time (peft).
+"""Long-term memory expert: per-episode LoRA adapters of the denoiser finetuned at test time.
 
-Design choice: one private copy of the shared network is wrapped once as a peft ``PeftModel``
-and holds every episode's adapter side by side (peft's multi-adapter API: ``add_adapter``,
-``set_adapter``, ``delete_adapter``), LoRA on every ``nn.Linear`` of the denoiser. Why:
+Design choice: one private copy of the world model's denoiser is wrapped once as a peft
+``PeftModel`` and holds every episode's adapter side by side (peft's multi-adapter API:
+``add_adapter``, ``set_adapter``, ``delete_adapter``), LoRA on every ``nn.Linear`` of the
+denoiser. Why:
 - switching episodes costs nothing (no tensor copies), and a batch mixing several episodes is
   one forward pass (peft's ``adapter_names=[...]`` mixed-batch inference), which is what a
   Serve replica batching requests of many episodes needs;
 - the memory is bounded: at most ``max_adapters`` adapters (each ``rank * (in + out)`` floats
   per targeted layer), the least recently used one evicted (or the oldest, ``eviction='fifo'``);
-- the base weights are frozen in the copy and the caller's network is never touched (the copy
-  is private); after the base network trains further, ``sync_base(net)`` refreshes the copy.
-An adapter can leave the store as a state dict (``export`` / ``import_adapter``), e.g. to move
-an episode's memory between Serve replicas.
+- the base weights are frozen in the copy and the caller's denoiser is never touched (the copy
+  is private); after the world model trains further, ``sync_base(denoiser)`` refreshes it.
+An adapter can leave the store as a state dict (``export`` / ``import_adapter``), e.g. to save
+an episode's memory or move it between Serve replicas.
 
 Adapter names are ``ep<n>`` (episode ids may hold characters peft's module dicts refuse).
 """
@@ -27,29 +28,36 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 
+from moedream.world_model.diffusion import Denoiser
 from moedream.world_model.memory.config import MemoryConfig
-from moedream.world_model.memory.network import (
-    EpisodeHistory,
-    MemoryBatch,
-    MemoryDenoiserNet,
-    transitions,
-)
 
 ANCHOR = "anchor"  # a never-trained adapter (B = 0) so the PeftModel exists with no episode
 BASE = "__base__"  # peft's name for "no adapter" in mixed batches
+PREFIX = "denoiser."  # the denoiser's attribute in the wrapper peft sees
+
+
+class _DenoiserHolder(nn.Module):
+    """The denoiser under one attribute name, so LoRA targets are ``denoiser.*`` layers."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return self.denoiser(x_t, t, cond)
 
 
 class MemoryStore:
-    """Bounded per-episode LoRA adapters on a frozen copy of ``net``."""
+    """Bounded per-episode LoRA adapters on a frozen private copy of ``denoiser``."""
 
-    def __init__(self, net: MemoryDenoiserNet, cfg: MemoryConfig | None = None) -> None:
-        self.cfg = cfg or net.cfg
+    def __init__(self, denoiser: Denoiser, cfg: MemoryConfig) -> None:
+        self.cfg = cfg
         self.cfg.validate()
-        private = copy.deepcopy(net).eval()
+        private = _DenoiserHolder(copy.deepcopy(denoiser)).eval()
         targets = [
             name
             for name, module in private.named_modules()
-            if isinstance(module, nn.Linear) and name.startswith("denoiser.")
+            if isinstance(module, nn.Linear) and name.startswith(PREFIX)
         ]
         self.lora_config = LoraConfig(
             r=self.cfg.lora_rank,
@@ -110,31 +118,6 @@ class MemoryStore:
         return name
 
     # ----- test-time finetuning ----------------------------------------------------------
-    def finetune(
-        self,
-        episode_id: str,
-        history: EpisodeHistory | MemoryBatch,
-        *,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, float]:
-        """Fit ``episode_id``'s adapter to its own (context, next obs) pairs; base frozen.
-
-        Creates the adapter if needed (evicting beyond ``max_adapters``), else continues
-        training it (call again as the episode grows). Cost is ``steps`` x one minibatch of
-        ``lora_batch_size``, independent of the episode length.
-        """
-        if isinstance(history, EpisodeHistory):  # the short-term cond only: no spatial lookups
-            data = transitions(history, self.cfg, with_spatial=False)
-        else:
-            data = history
-        if data.target is None:
-            raise ValueError("MemoryStore.finetune needs transitions with `target` (the next obs)")
-        net = self.model.get_base_model()
-        with torch.no_grad():  # the base is frozen: its short-term cond is a constant input
-            cond = net.cond(data, use_context=True, use_spatial=False)  # [M, C]
-        return self.finetune_pairs(episode_id, data.target, cond, steps=steps, generator=generator)
-
     def finetune_pairs(
         self,
         episode_id: str,
@@ -146,7 +129,9 @@ class MemoryStore:
         validation: float = 0.0,
     ) -> dict[str, float]:
         """Fit ``episode_id``'s adapter to the denoiser's own pairs: x0 ``target`` [M, X] given
-        ``cond`` [M, C] (any network whose ``.denoiser`` is wrapped, e.g. a WorldModel's).
+        ``cond`` [M, C]. Creates the adapter if needed (evicting beyond ``max_adapters``), else
+        continues training it (call again as the episode grows). Cost is ``steps`` x one
+        minibatch of ``lora_batch_size``, independent of the episode length.
 
         ``validation`` > 0 holds out the latest fraction of the pairs (test-time training with
         a check): the adapter is fitted on the rest and kept only if it lowers the denoiser's
@@ -243,18 +228,18 @@ class MemoryStore:
 
     # ----- base weights and adapter transfer ---------------------------------------------
     def base_state_dict(self) -> dict[str, Tensor]:
-        """The copy's frozen base weights under the original network's names."""
+        """The copy's frozen base weights under the denoiser's own names."""
         out = {}
         for key, value in self.model.get_base_model().state_dict().items():
             if "lora_" not in key:
-                out[key.replace(".base_layer", "")] = value
+                out[key.replace(".base_layer", "").removeprefix(PREFIX)] = value
         return out
 
     @torch.no_grad()
-    def sync_base(self, net: MemoryDenoiserNet) -> None:
-        """Copy ``net``'s current weights into the frozen base (adapters are kept)."""
+    def sync_base(self, denoiser: Denoiser) -> None:
+        """Copy ``denoiser``'s current weights into the frozen base (adapters are kept)."""
         base = self.base_state_dict()
-        for key, value in net.state_dict().items():
+        for key, value in denoiser.state_dict().items():
             base[key].copy_(value)
 
     def export(self, episode_id: str) -> dict[str, Tensor]:
@@ -266,6 +251,15 @@ class MemoryStore:
             k: v.detach().clone()
             for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()
         }
+
+    def adapters(self) -> OrderedDict[str, dict[str, Tensor]]:
+        """Every episode's LoRA weights, in eviction order (to save the store; unlike
+        :meth:`export` this does not mark the episodes used)."""
+        return OrderedDict(
+            (episode_id, {k: v.detach().clone()
+                          for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()})
+            for episode_id, name in self._adapters.items()
+        )  # fmt: skip
 
     def import_adapter(self, episode_id: str, state: dict[str, Tensor]) -> None:
         """Install LoRA weights from :meth:`export` as ``episode_id``'s adapter."""

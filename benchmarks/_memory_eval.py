@@ -1,6 +1,7 @@
-"""Long imagined rollouts of a :class:`MemoryWorldModel` against real episodes (Overcooked).
+"""Long imagined rollouts of a world model with memory experts against real episodes.
 
-Shared by ``tests/unit/test_memory_overcooked.py`` and ``benchmarks/memory_overcooked.py``.
+Shared by ``tests/unit/test_memory_overcooked.py``, ``benchmarks/memory_overcooked.py`` and
+``benchmarks/memory_experts.py``.
 Protocol per held-out episode: the first ``prefix`` steps are real and observed (they fill the
 spatial memory and finetune the episode's LoRA adapter); from o_prefix the model imagines
 ``horizon`` steps replaying the episode's REAL actions, with a backbone context of only
@@ -27,7 +28,23 @@ import moedream.envs._compat  # noqa: F401  (numpy aliases before overcooked_ai_
 from moedream.data import Episode, episode_windows, rollout_episode
 from moedream.envs import env_spec, make_env
 from moedream.envs.spec import EnvSpec
-from moedream.world_model.memory.world_model_memory import MemoryWorldModel
+from moedream.world_model.memory import MemoryExperts
+from moedream.world_model.model import WorldModelConfig
+
+
+def small_world_model(context: int, diffusion_hidden: int = 128) -> WorldModelConfig:
+    """The small WorldModel the memory benchmarks and tests train: d_model 64, 2 layers,
+    4 experts, a ``context``-step backbone (the short-term expert's memory)."""
+    return WorldModelConfig.from_dict(
+        {
+            "d_model": 64,
+            "cond_dim": 128,
+            "backbone": {"num_layers": 2, "num_heads": 4, "max_context": context},
+            "moe": {"d_hidden": 128, "num_experts": 4, "top_k": 2},
+            "diffusion": {"hidden": diffusion_hidden, "layers": 2},
+            "heads": {"hidden": 128, "ensemble_size": 2, "ensemble_hidden": 32},
+        }
+    )
 
 
 def random_episodes(
@@ -94,7 +111,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float, int]:
 
 @torch.no_grad()
 def evaluate_rollouts(
-    model: MemoryWorldModel,
+    memory: MemoryExperts,
     episodes: list[Episode],
     *,
     prefix: int,
@@ -104,10 +121,10 @@ def evaluate_rollouts(
     remember: bool = True,
     feature_var: np.ndarray | None = None,
 ) -> RolloutResult:
-    """Imagine ``horizon`` steps after ``prefix`` real ones of each episode with the experts
-    enabled in ``model.memory_cfg`` (``samples`` draws per episode, batched). With
-    ``remember`` each episode's memory is (re)built first; else it must be stored already
-    under the id ``episode.episode_id``.
+    """Imagine ``horizon`` steps after ``prefix`` real ones of each episode with the world
+    model of ``memory`` and the experts enabled in ``memory.cfg`` (``samples`` draws per
+    episode, batched). With ``remember`` each episode's memory is (re)built first; else it
+    must be stored already under the id ``episode.episode_id``.
 
     Paired across ablations: the memories are built with their own random streams, and the
     imagination (RSSM latents, diffusion noise) always starts from the same seeded streams, so
@@ -116,11 +133,12 @@ def evaluate_rollouts(
     feature's squared error in ``episode_std_mse`` (floored at 0.01: near-constant features)."""
     import time
 
+    model = memory.model
     spec, device = model.spec, model.obs_mean.device
-    if remember and len(episodes) > model.memory_cfg.max_adapters:
+    if remember and len(episodes) > memory.cfg.max_adapters:
         raise ValueError(
             f"evaluate_rollouts: {len(episodes)} episodes but memory.max_adapters = "
-            f"{model.memory_cfg.max_adapters}: the first memories would be evicted"
+            f"{memory.cfg.max_adapters}: the first memories would be evicted"
         )
     obs = torch.as_tensor(np.stack([e.obs[: prefix + 1] for e in episodes]), device=device)
     act = spec.encode_actions(np.stack([e.action for e in episodes]))  # [E, L, N, A]
@@ -128,19 +146,19 @@ def evaluate_rollouts(
     if remember:
         build = torch.Generator(device=device).manual_seed(seed + 1)
         for i, e in enumerate(episodes):
-            model.forget(e.episode_id)
+            memory.forget(e.episode_id)
             with torch.random.fork_rng(devices=[]):  # LoRA init draws from the global RNG
                 torch.manual_seed(seed + 1 + i)
-                model.remember(e.episode_id, obs[i], act[i, :prefix], generator=build)
-    ids = [e.episode_id for e in episodes for _ in range(samples)]
+                memory.remember(e.episode_id, obs[i], act[i, :prefix], generator=build)
+    recall = memory.recall([e.episode_id for e in episodes for _ in range(samples)])
     rep = lambda x: x.repeat_interleave(samples, 0)  # noqa: E731
     gen = torch.Generator(device=device).manual_seed(seed)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # observe samples z from the global RNG
         torch.manual_seed(seed)
-        state = model.observe_episodes(ids, rep(obs), rep(act[:, :prefix]), remember=False)
+        state = model.observe(rep(obs), rep(act[:, :prefix]))
     plan = rep(act[:, prefix : prefix + horizon])  # [B, H, N, A]
-    traj = model.imagine(state, plan, horizon, generator=gen)
+    traj = model.imagine(state, plan, horizon, generator=gen, memory=recall)
     seconds = time.perf_counter() - start
     imagined = traj.obs[:, 1:].reshape(len(episodes), samples, horizon, *traj.obs.shape[2:])
     real = np.stack([e.obs[prefix + 1 : prefix + 1 + horizon] for e in episodes])  # [E,H,N,D]
@@ -150,7 +168,7 @@ def evaluate_rollouts(
     std_sq = sq_feat / np.maximum(feature_var, 0.01)  # [E, H, N, D]
     sq = sq_feat.mean(-1)  # [E, H, N]
     context = model.config.backbone.max_context
-    positions = [model.positions(torch.as_tensor(e.obs)).cpu().numpy() for e in episodes]
+    positions = [memory.positions(torch.as_tensor(e.obs)).cpu().numpy() for e in episodes]
     masks = [revisits(p, prefix, horizon, context) for p in positions]
     mask = np.stack(masks)  # [E, H, N]
     return RolloutResult(
