@@ -16,8 +16,8 @@ def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
     and ``path`` is untouched.
 
     The temp name starts with a dot and ends in ``.tmp``, so globs such as ``*.parquet`` never
-    pick up a half-written file. ``durable`` also fsyncs the file before the rename, so the new
-    content survives a machine crash (costs milliseconds on a busy disk).
+    pick up a half-written file. ``durable`` also fsyncs the file before the rename and the folder
+    after it, so the new content survives a machine crash (costs milliseconds on a busy disk).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +33,16 @@ def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        _fsync_directory(path.parent)  # makes the rename itself durable
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from moedream.config import ConfigError
+from moedream.files import atomic_write_text
 from moedream.results.spec import Protocol, ResultsSpec, Variant
 
 log = logging.getLogger(__name__)
@@ -45,21 +46,6 @@ def points_path(out_dir: Path, variant: str, seed: int) -> Path:
 
 def done_path(out_dir: Path, variant: str, seed: int) -> Path:
     return Path(out_dir) / variant / f"seed_{seed}.done"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` is either absent/old or complete, even across a crash."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # makes the rename itself durable
-    finally:
-        os.close(directory)
 
 
 class EvaluationLog:
@@ -135,7 +121,7 @@ def _claim_variant_dir(out_dir: Path, variant: Variant) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     record, settings = directory / "variant.json", _run_settings(variant)
     if not record.exists():
-        write_atomically(record, json.dumps(settings, indent=2, sort_keys=True))
+        atomic_write_text(record, json.dumps(settings, indent=2, sort_keys=True))
     elif json.loads(record.read_text()) != settings:
         raise ConfigError(
             f"variant {variant.name!r}: {record} was recorded with settings "
@@ -160,7 +146,7 @@ def run_one(variant: Variant, seed: int, train_fn: TrainFn, out_dir: Path) -> bo
         evaluations = EvaluationLog(file, variant.protocol, run)
         train_fn(variant, seed, evaluations)
         evaluations.check_finished()
-    write_atomically(done, json.dumps({"evaluations": evaluations.count}))
+    atomic_write_text(done, json.dumps({"evaluations": evaluations.count}))
     log.info("%s: finished after %d evaluations", run, evaluations.count)
     return True
 

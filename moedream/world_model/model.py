@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,15 +57,16 @@ from moedream.world_model.heads import (
 )
 from moedream.world_model.moe import MoEConfig, MoEStats
 from moedream.world_model.rssm import RSSM, RSSMConfig, balanced_kl
+from moedream.world_model.safetensors_file import (
+    CheckpointError,
+    read_checkpoint,
+    write_checkpoint,
+)
 from moedream.world_model.trajectory import WINDOW_KEYS, Trajectories
 
 FORMAT = "moedream.world_model"
 FORMAT_VERSION = "3"  # 2: support bounds (obs_low/obs_high); 3: obs/action skip into heads
 WEIGHTS_FILE = "world_model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A world-model checkpoint is missing, corrupted, foreign or does not match."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -850,20 +850,12 @@ class WorldModel(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Write one safetensors file (weights + config + env spec + format version + sha256 of
         the weights). A directory path gets ``world_model.safetensors`` inside it."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         if path.is_dir():
             path = path / WEIGHTS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = self.checkpoint_state()
-        tensors = {k: v.contiguous() for k, v in state.pop("state_dict").items()}
-        metadata = {k: str(v) for k, v in state.items()}
-        metadata["sha256"] = tensors_digest(tensors)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)  # readers never see a half-written checkpoint
-        return path
+        tensors = state.pop("state_dict")
+        return write_checkpoint(path, tensors, {k: str(v) for k, v in state.items()})
 
     @classmethod
     def load(
@@ -874,30 +866,10 @@ class WorldModel(nn.Module):
         map_location: str | torch.device = "cpu",
     ) -> WorldModel:
         """Rebuild a saved model; raises CheckpointError naming the path and the problem."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open
-
         path = Path(path)
         if path.is_dir():
             path = path / WEIGHTS_FILE
-        if not path.is_file():
-            raise CheckpointError(f"world-model checkpoint {str(path)!r} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(
-                f"{str(path)!r} is not a readable world-model checkpoint (truncated or corrupted? {err})"
-            ) from None
-        if metadata.get("format") != FORMAT:
-            raise CheckpointError(
-                f"{str(path)!r} is a safetensors file but not a moedream world-model checkpoint"
-            )
-        if metadata.get("sha256") != tensors_digest(tensors):
-            raise CheckpointError(
-                f"{str(path)!r} is corrupted: its weights do not match the stored sha256"
-            )
+        metadata, tensors = read_checkpoint(path, kind="world-model", fmt=FORMAT)
         state = {**metadata, "state_dict": tensors}
         model = cls.from_checkpoint_state(
             state, expected_config=expected_config, source=repr(str(path))
@@ -929,16 +901,6 @@ def moe_logs(stats: list[MoEStats]) -> dict[str, float]:
         for j, load in enumerate(s.expert_load.tolist()):
             logs[f"moe/load_l{i}_e{j}"] = float(load)
     return logs
-
-
-def tensors_digest(tensors: dict[str, Tensor]) -> str:
-    """sha256 over the names and bytes of ``tensors`` (what a checkpoint's metadata stores)."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode())
-        flat = tensors[key].detach().cpu().contiguous().reshape(-1)  # 0-dim: no byte view
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _check_same_config(found: WorldModelConfig, expected: WorldModelConfig, source: str) -> None:

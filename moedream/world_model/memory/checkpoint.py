@@ -20,7 +20,12 @@ from moedream.config import ConfigError
 from moedream.world_model.memory.config import MemoryConfig
 from moedream.world_model.memory.experts import MemoryExperts
 from moedream.world_model.memory.spatial import EpisodeSpatialStore
-from moedream.world_model.model import CheckpointError, WorldModel, tensors_digest
+from moedream.world_model.model import WorldModel
+from moedream.world_model.safetensors_file import (
+    CheckpointError,
+    read_checkpoint,
+    write_checkpoint,
+)
 
 FORMAT = "moedream.world_model.memory"
 FORMAT_VERSION = "1"
@@ -43,10 +48,7 @@ def _model_identity(model: WorldModel) -> dict[str, str]:
 def save_memory(memory: MemoryExperts, path: str | Path) -> Path:
     """Write ``memory`` to ``path`` (a file, or a directory to hold ``memory.safetensors``);
     atomic: readers never see a half-written file."""
-    from safetensors.torch import save_file
-
     path = _file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     for name, module in (("spatial_adapter", memory.spatial_adapter),
                          ("spatial_fusion", memory.spatial_fusion)):  # fmt: skip
@@ -75,12 +77,8 @@ def save_memory(memory: MemoryExperts, path: str | Path) -> Path:
         "lora_episodes": json.dumps(lora_ids),
         "lora_last_kept": json.dumps(last_kept),
         "has_lora_store": json.dumps(memory.store is not None),
-        "sha256": tensors_digest(tensors),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    return write_checkpoint(path, tensors, metadata)
 
 
 def load_memory(path: str | Path, model: WorldModel) -> MemoryExperts:
@@ -129,28 +127,12 @@ def load_memory(path: str | Path, model: WorldModel) -> MemoryExperts:
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
-    if not path.is_file():
-        raise CheckpointError(f"memory checkpoint {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{str(path)!r} is not a readable memory checkpoint (truncated or corrupted? {err})"
-        ) from None
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a moedream memory checkpoint")
+    metadata, tensors = read_checkpoint(path, kind="memory", fmt=FORMAT)
     if metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{str(path)!r} has memory format version {metadata.get('format_version')!r}; this "
             f"moedream reads version {FORMAT_VERSION}"
         )
-    if metadata.get("sha256") != tensors_digest(tensors):
-        raise CheckpointError(f"{str(path)!r} is corrupted: its tensors do not match the sha256")
     return metadata, tensors
 
 
