@@ -37,8 +37,8 @@ CONFIGS = {
     "overcooked": "configs/agents_overcooked.yaml",
     "mamujoco": "configs/agents_mamujoco.yaml",
 }
-STAND_INS = {"env_replay"}
-GOAL = 3.0  # issue 7: model-based reaches model-free's final return with >= 3x fewer real steps  # providers that are real env steps, not a world model
+STAND_INS = {"env_replay"}  # providers that are real env steps, not a world model
+GOAL = 3.0  # model-based reaches model-free's final return with >= 3x fewer real steps
 
 
 @dataclasses.dataclass
@@ -280,6 +280,26 @@ def diagnose(history: list[dict[str, float]]) -> list:
     ]
 
 
+PROFILE_STAGES = ("sample", "wm_evaluate", "wm_observe", "wm_retrain", "imagine", "gate",
+                  "episodes", "learn", "copy", "sync", "other")  # fmt: skip
+PROFILE_HEADERS = ["env", "run", *(f"{s} s" for s in PROFILE_STAGES), "RLlib s", "iteration s",
+                   "real steps/iter", "s per 1k real steps"]  # fmt: skip
+
+
+def profile(env: str, label: str, histories: list[list[dict[str, float]]]) -> list:
+    """Mean seconds per iteration in each MBMAPPO stage over every iteration of ``histories``
+    (one per seed); "RLlib s" is what Algorithm.train spends outside training_step."""
+    its = [h for history in histories for h in history]
+
+    def mean(key: str) -> float:
+        return float(np.mean([h.get(key, np.nan) for h in its]))
+
+    iteration, real = mean("time/iteration_s"), mean("charts/real_env_steps_iter")
+    return [env, label, *(round(mean(f"time/{s}_s"), 2) for s in PROFILE_STAGES),
+            round(iteration - mean("time/training_step_s"), 2), round(iteration, 2), round(real),
+            round(1000 * iteration / real, 2)]  # fmt: skip
+
+
 def steps_to_reach(steps: np.ndarray, returns: np.ndarray, target: float) -> float:
     """First real-step count at which the return reaches ``target`` (NaN if never)."""
     hit = np.flatnonzero(np.nan_to_num(returns, nan=-np.inf) >= target)
@@ -369,10 +389,13 @@ def main(argv: list[str] | None = None) -> None:
         if stand_in
         else f"model-based ({args.provider})"
     )
-    rows, budget_rows, plots, diagnostics = [], [], [], []
+    rows, budget_rows, plots, diagnostics, profiles = [], [], [], [], []
     for env in args.envs:
         curves: dict[str, list] = {"model-free": [], mb_label: []}
+        histories: dict[str, list] = {"model-free": [], mb_label: []}
+        prep_start = time.perf_counter()
         offset, base = prepare_world_model(args, env) if args.provider == "world_model" else (0, "")
+        prep_seconds = time.perf_counter() - prep_start
         for seed in args.seeds:
             results = {}
             for imagination, label in ((False, "model-free"), (True, mb_label)):
@@ -388,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 history_path = Path(result.run_dir) / "history.json"
                 history_path.write_text(json.dumps(result.history, indent=1))
+                histories[label].append(result.history)
                 if imagination:
                     diagnostics.append([env, seed, *diagnose(result.history)])
                 x, y = curve(result.history, count_provider_steps=imagination and stand_in)
@@ -405,6 +429,12 @@ def main(argv: list[str] | None = None) -> None:
             }
             rows.append([env, "mean", *compare(mean["model-free"], mean[mb_label])])
             budget_rows.append([env, "mean", *by_budget(mean["model-free"], mean[mb_label])])
+        profiles += [profile(env, label, runs) for label, runs in histories.items()]
+        mf_rate, mb_rate = profiles[-2][-1], profiles[-1][-1]
+        profiles.append([env, "MB / MF", *[""] * (len(PROFILE_HEADERS) - 3),
+                         f"{mb_rate / mf_rate:.1f}x"])  # fmt: skip
+        print(f"{env}: world model prepared in {prep_seconds:.0f} s (collect, Train, Serve, gate)")
+        print(markdown_table(PROFILE_HEADERS, profiles[-3:]), flush=True)
         path = Path(args.plots) / f"{block_name(args)}_{env}.png"
         plot(env, curves, path)
         plots.append(path)
@@ -464,6 +494,10 @@ def main(argv: list[str] | None = None) -> None:
         "model trains on them; a reward MAE not below the constant predictor's means the model "
         "has not learnt the reward):\n\n"
         + markdown_table(DIAGNOSTIC_HEADERS, diagnostics)
+        + "\n\nWhere the wall-clock goes (mean seconds per iteration over every seed; the "
+        "stages of MBMAPPO.training_step, `time/<stage>_s` in TensorBoard; the first world "
+        "model's preparation is not in these rows):\n\n"
+        + markdown_table(PROFILE_HEADERS, profiles)
         + "\n\n"
         + "\n".join(f"![{p.stem}]({os.path.relpath(p, 'benchmarks')})" for p in plots)
         + (
