@@ -20,22 +20,13 @@ import moedream.envs._compat  # noqa: F401  (numpy aliases before overcooked_ai_
 from moedream.envs import env_spec
 from moedream.platform.serve.client import ServeRequestError, WorldModelClient
 from moedream.platform.serve.schemas import random_plan
-from moedream.world_model.model import WorldModel, WorldModelConfig
+from moedream.world_model.model import WorldModel
 from moedream.world_model.trajectory import Trajectories
+from tests.world_models import served_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = {
-    "d_model": 32,
-    "cond_dim": 32,
-    "backbone": {"num_layers": 1, "num_heads": 2, "max_context": 4},
-    "moe": {"d_hidden": 64, "num_experts": 4, "top_k": 2},
-    "rssm": {"deter": 32, "hidden": 32, "stoch": 8},
-    "diffusion": {"hidden": 64, "layers": 2},
-    "sampler": {"num_steps": 2},
-    "heads": {"hidden": 32, "ensemble_size": 2, "ensemble_hidden": 32},
-}
 USER_CONFIG = {
     "max_batch_size": 8,
     "batch_wait_timeout_s": 0.05,
@@ -62,9 +53,7 @@ def checkpoints(tmp_path_factory):
     paths = {}
     for name, seed in (("a", 0), ("b", 1)):
         torch.manual_seed(seed)
-        paths[name] = str(
-            WorldModel(WorldModelConfig.from_dict(SMALL), spec).save(root / name / "x.safetensors")
-        )
+        paths[name] = str(WorldModel(served_config(), spec).save(root / name / "x.safetensors"))
     return paths
 
 

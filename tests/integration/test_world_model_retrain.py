@@ -16,24 +16,15 @@ from moedream.platform.serve.deploy import push_checkpoint, served_checkpoint
 from moedream.platform.serve.runner import checkpoint_fingerprint
 from moedream.policies.algorithm import METRICS, STATE_KEY
 from moedream.world_model.evaluation import eval_windows, prediction_scores
-from moedream.world_model.model import WorldModel, WorldModelConfig
+from moedream.world_model.model import WorldModel
 from moedream.world_model.train_local import TrainConfig, train_local
 from tests.ray_head import free_port
+from tests.world_models import served_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 APP, DEPLOYMENT = "wm_retrain_test", "WorldModelDeployment"
 ENV_OPTIONS = {"layout": "cramped_room", "horizon": 100, "shaped_reward_weight": 1.0}
-TINY_MODEL = {
-    "d_model": 32,
-    "cond_dim": 32,
-    "backbone": {"num_layers": 1, "num_heads": 2, "max_context": 8},
-    "moe": {"d_hidden": 32, "num_experts": 2, "top_k": 1},
-    "rssm": {"deter": 16, "hidden": 16, "stoch": 4},
-    "diffusion": {"hidden": 32, "layers": 1},
-    "sampler": {"num_steps": 2},
-    "heads": {"hidden": 16, "ensemble_size": 2, "ensemble_hidden": 16},
-}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +40,7 @@ def served_world_model(ray_cluster, tmp_path_factory):
     collect_episodes("overcooked", ENV_OPTIONS, 3, data / "shard_0.parquet", seed=0)
     train = TrainConfig(steps=10, batch_size=8, window=4, warmup=2, eval_every=10,
                         checkpoint_every=10, log_every=5, holdout=0.0)  # fmt: skip
-    train_local(train, data, root / "base_model", model_config=WorldModelConfig.from_dict(TINY_MODEL),
+    train_local(train, data, root / "base_model", model_config=served_config(),
                 progress=False)  # fmt: skip
     checkpoint = str(root / "base_model" / "world_model.safetensors")
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})

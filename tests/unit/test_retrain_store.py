@@ -19,8 +19,9 @@ from moedream.platform.retrain import (
     fine_tune,
     write_versioned_checkpoint,
 )
-from moedream.world_model.model import WorldModel, WorldModelConfig
+from moedream.world_model.model import WorldModel
 from moedream.world_model.train_local import TrainConfig
+from tests.world_models import tiny_config
 
 DISCRETE = EnvSpec("toy_discrete", ("a0", "a1"), (3, 3), "discrete", (4, 4))
 NORM_BUFFERS = ("_mean", "_std", "obs_low", "obs_high")
@@ -152,17 +153,7 @@ def test_store_writes_readable_parquet_shards(tmp_path):
 
 def tiny_model(spec: EnvSpec) -> WorldModel:
     torch.manual_seed(0)
-    config = WorldModelConfig.from_dict(
-        {
-            "d_model": 16,
-            "cond_dim": 16,
-            "backbone": {"num_layers": 1, "num_heads": 2, "max_context": 4},
-            "moe": {"d_hidden": 16, "num_experts": 2, "top_k": 1, "dropless": True},
-            "rssm": {"deter": 12, "hidden": 16, "stoch": 4},
-            "diffusion": {"hidden": 16, "layers": 1, "time_embed_dim": 8},
-            "heads": {"hidden": 16, "ensemble_size": 2, "ensemble_hidden": 16},
-        }
-    )
+    config = tiny_config()
     return WorldModel(config, spec)
 
 

@@ -22,24 +22,11 @@ from moedream.world_model.model import (
 )
 from moedream.world_model.rssm import RSSMConfig, balanced_kl, latent_kl
 from moedream.world_model.trajectory import Trajectories
+from tests.world_models import tiny_config
 
 SPEC = EnvSpec("fake", ("a0", "a1", "a2"), (5, 5, 4), "continuous", (2, 2, 2))
 DISCRETE = EnvSpec("fake_discrete", ("a0", "a1"), (6, 6), "discrete", (4, 4))
 B, T = 3, 4
-
-
-def tiny_config(**changes) -> WorldModelConfig:
-    data = {
-        "d_model": 16,
-        "cond_dim": 24,
-        "backbone": {"num_layers": 2, "num_heads": 2, "max_context": 6},
-        "moe": {"d_hidden": 16, "num_experts": 4, "top_k": 2, "dropless": True},
-        "rssm": {"deter": 12, "hidden": 16, "stoch": 4},
-        "diffusion": {"hidden": 16, "layers": 1, "time_embed_dim": 8},
-        "heads": {"hidden": 16, "ensemble_size": 3, "ensemble_hidden": 16},
-    }
-    data.update(changes)
-    return WorldModelConfig.from_dict(data)
 
 
 def fake_batch(
