@@ -8,8 +8,7 @@ Public names are imported lazily, so that ``from moedream.world_model import exp
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from moedream.lazy import lazy_getattr
 
 _EXPORTS = {
     "WorldModel": "model",
@@ -29,8 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'moedream.world_model' has no attribute {name!r}")
-    module = importlib.import_module(f"moedream.world_model.{_EXPORTS[name]}")
-    return getattr(module, name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

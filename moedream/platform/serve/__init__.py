@@ -10,8 +10,7 @@ without importing ray.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from moedream.lazy import lazy_getattr
 
 _EXPORTS = {
     "build_app": "app",
@@ -31,8 +30,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
-    return getattr(module, name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
