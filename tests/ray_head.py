@@ -4,8 +4,9 @@ Some tests cannot use the shared `ray_cluster` fixture (it has no dashboard, and
 drive only one Ray cluster). They run `ray start --head --block` in a new session with a private
 temp dir, so every process of that cluster (GCS, raylets, autoscaler, workers) is in its process
 group or names that temp dir. Stopping sends SIGTERM to that `ray start` (Ray's own graceful
-shutdown of the head), then SIGKILLs whatever is left in the process group and any process
-naming the temp dir. Never `ray stop`: it would stop every Ray cluster on the machine.
+shutdown of the head, without its node drain), then SIGKILLs whatever is left in the process
+group and any process naming the temp dir. Never `ray stop`: it would stop every Ray cluster
+on the machine.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def running_head(temp_dir: str, head_args: list[str], env: dict[str, str]) -> It
 
     temp_dir must be short (Ray's unix socket paths under it are limited to ~107 bytes)."""
     cmd = [str(RAY_BIN), "start", "--head", "--block", f"--temp-dir={temp_dir}", *head_args]
+    # On SIGTERM Ray first drains the node for up to 30 s (time for Serve proxies to hand off
+    # traffic); a test head serves nobody, so skip straight to its graceful process shutdown.
+    env = dict(env, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     try:
         with open(head_log(temp_dir), "w") as log:
             head = subprocess.Popen(
