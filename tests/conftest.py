@@ -9,6 +9,7 @@ which would stop every Ray process on the machine.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -52,6 +53,19 @@ def ray_cluster(tmp_path_factory):
     except Exception:  # Serve was never started in this session
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_serve_left_to_the_next_module():
+    """Shuts Serve down after each test module that leaves it running: `serve.start` on a
+    running Serve keeps the first caller's settings, so a module that starts it without an
+    HTTP proxy (or on another port) would leave the next one with no proxy on its port."""
+    yield
+    ray = sys.modules.get("ray")  # never imported: no cluster, nothing to stop
+    if ray is not None and ray.is_initialized():
+        from ray import serve
+
+        serve.shutdown()
 
 
 @pytest.fixture
