@@ -9,13 +9,17 @@ from moedream.config import load_yaml
 from moedream.platform.quickstart import ENV_CONFIGS, QuickstartConfig, run_quickstart
 from tests.ray_head import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+# Tiny budgets: every stage runs, and the world model is retrained once (the config retrains
+# every 2 iterations) and hot-swapped, each with a few optimiser steps: that they learn is
+# tested in test_train_distributed.py and test_world_model_retrain.py.
 TINY = {
     "collect": {"episodes": 4, "episodes_per_shard": 2},
-    "world_model": {"checkpoint_every": 20, "train": {"steps": 40, "log_every": 10, "eval_every": 20}},
+    "world_model": {"checkpoint_every": 10, "train": {"steps": 10, "log_every": 5, "eval_every": 10}},
     "agents": {"train_batch_size": 800, "minibatch_size": 200, "num_epochs": 2, "iterations": 2,
-               "num_env_runners": 1, "imagination": {"horizon": 5, "imagined_ratio": 0.5}},
+               "num_env_runners": 1, "imagination": {"horizon": 5, "imagined_ratio": 0.5,
+                                                     "world_model": {"retrain_steps": 8}}},
     "eval_episodes": 1,
 }  # fmt: skip
 
@@ -58,4 +62,7 @@ def test_quickstart_runs_every_stage_and_writes_its_report(ray_cluster, tmp_path
     losses = [v for k, v in history[-1].items() if k.startswith("losses/")]
     assert losses and all(v == v and abs(v) < 1e6 for v in losses)
     assert out["world_model"]["checkpoint"].endswith("world_model.safetensors")
+    # The retrain of iteration 1 went to the run's own folder and is what Serve now serves.
+    assert history[-1].get("provider/wm_checkpoint_version") == 1, "no retrain was served"
+    assert (run_dir / "world_model_retrain" / "retrain_1" / "world_model.safetensors").is_file()
     assert (run_dir / "agents" / "team" / "tensorboard").is_dir()

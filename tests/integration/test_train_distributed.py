@@ -49,7 +49,7 @@ def episodes(tmp_path_factory) -> str:
 
 def tiny_config(data: str, storage: str, **changes) -> DistributedTrainConfig:
     engine = changes.pop("engine", "native")
-    train = {"steps": 24, "batch_size": 8, "window": 4, "lr": 3e-3, "warmup": 2, "log_every": 4,
+    train = {"steps": 12, "batch_size": 8, "window": 4, "lr": 3e-3, "warmup": 2, "log_every": 4,
              "eval_every": 12, "eval_windows": 16, "holdout": 0.25, "precision": "fp32"}  # fmt: skip
     train.update(changes.pop("train", {}))
     base = {
@@ -117,6 +117,7 @@ def test_cluster_capacity_and_data_are_checked_first(ray_cluster, episodes, tmp_
 # ---------------------------------------------------------------- equivalence with 1 process
 
 
+@pytest.mark.slow
 def test_expert_parallel_matches_single_process(ray_cluster, episodes, tmp_path):
     """Native and DeepSpeed engines, one worker-group start: outputs, losses, gradients and the
     first AdamW step equal the single-process model's."""
@@ -186,6 +187,7 @@ def progress(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / PROGRESS_FILE).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_workers_learn_recover_and_resume(ray_cluster, episodes, tmp_path):
     storage = tmp_path / "ray"
     every, fail_at = 4, 10
@@ -202,7 +204,7 @@ def test_two_workers_learn_recover_and_resume(ray_cluster, episodes, tmp_path):
     assert fail_at - resumed[0] < every
     records = [e for e in events if e["event"] == "report"]
     steps = [r["step"] for r in records]
-    assert steps == [0, 4, 8, 12, 16, 20, 24], steps
+    assert steps == [0, 4, 8, 12], steps
     held = [r["eval/loss"] for r in records if "eval/loss" in r]
     assert held[-1] < 0.8 * held[0], f"held-out loss did not fall: {held}"
     assert records[-1]["perf/tokens_per_s"] > 0 and 0 <= records[-1]["perf/all_to_all_share"] < 1

@@ -27,7 +27,7 @@ CASES = {
     # (env options, training steps, training episodes)
     "overcooked": (
         {"layout": "cramped_room", "horizon": 200, "shaped_reward_weight": 1.0},
-        1000,
+        700,  # enough for the diffusion SAMPLE to clear the copy bar with a margin
         30,
     ),
     "mamujoco": (
@@ -77,7 +77,7 @@ def small_config() -> WorldModelConfig:
     )
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param("overcooked", marks=pytest.mark.slow), "mamujoco"])
 def test_world_model_learns_env_dynamics(name):
     options, steps, episodes = CASES[name]
     spec, train = random_windows(name, options, range(episodes))
