@@ -16,7 +16,7 @@ export PYTHONHASHSEED ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/moedream/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-unit bench lint format install clean
+.PHONY: run test test-fast test-unit bench lint format install clean
 
 install: $(STAMP)
 
@@ -32,8 +32,14 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/moedream quickstart
 
+# The whole suite: what CI runs (.ci/run).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=15 tests
+
+# The quick tier while editing: every test not marked `slow` (a test over ~20 s is marked), unit
+# and integration alike; the integration tests left still start the shared local Ray cluster.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra --durations=10 -m "not slow" tests
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests/unit

@@ -26,7 +26,7 @@ import pytest
 
 from tests.ray_head import check_head_alive, free_port, running_head, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
 TRAIN_RESOURCE = "moedream_train"  # what a Ray Train world-model worker asks for
 HEAD_NODE_TYPE = "ray.head.default"  # the fake provider's fixed head type

@@ -23,7 +23,7 @@ import yaml
 from moedream.data import collect_episodes
 from tests.ray_head import RAY_BIN, check_head_alive, free_port, running_head, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -198,6 +198,7 @@ def wait_until_one_finished_one_checkpointed(proc, exp_dir: Path, log: Path, tim
     pytest.fail(f"no finished + checkpointed trials in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_where_it_stopped(ray_cluster, tmp_path, storage_path):
     """One trial at a time (FIFO), a checkpoint every iteration: SIGINT the CLI once the first
     trial finished and the second checkpointed, then `--resume`."""
