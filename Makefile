@@ -36,8 +36,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
-# The quick tier while editing: every test not marked `slow` (a test over ~20 s is marked), unit
-# and integration alike; the integration tests left still start the shared local Ray cluster.
+# The quick tier while editing, under 3 minutes on 2 cores: every test not marked `slow` (a test
+# taking over ~10 s is marked), unit and quick integration tests alike; the latter still start
+# the shared local Ray cluster (a few seconds) and Serve where they need it.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=10 -m "not slow" tests
 

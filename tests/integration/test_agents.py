@@ -207,6 +207,7 @@ def test_two_iterations_with_imagination_on_mamujoco(ray_cluster, storage_path):
         algo.stop()
 
 
+@pytest.mark.slow
 def test_same_seed_trains_the_same_weights(ray_cluster, storage_path):
     """Two runs of one config (a remote env runner, imagination from the stand-in) end their
     first iteration with identical weights: every source of randomness is seeded, and the

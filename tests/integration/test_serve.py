@@ -391,6 +391,7 @@ def test_hot_swap_through_reconfigure_drops_no_request(served, checkpoints, dire
     assert handle.stats.remote().result()["replica_id"] == old_replica
 
 
+@pytest.mark.slow
 def test_killed_replica_recovers(served, direct):
     import ray
 

@@ -86,6 +86,7 @@ def algo_config(root, data, retrain_every: int, gate: str | None = None):
     )
 
 
+@pytest.mark.slow
 def test_mbmappo_retrains_the_served_world_model_and_keeps_imagining(served_world_model):
     root, data = served_world_model["root"], served_world_model["data"]
     base_id = served_checkpoint(APP, DEPLOYMENT)["id"]
