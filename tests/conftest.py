@@ -13,17 +13,17 @@ import sys
 
 import pytest
 
+from moedream.platform.ray_setup import TRAIN_HEALTH_CHECK_INTERVAL_S
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/moedream/torch_extensions")
 )
-# Ray Train's controller looks at its workers every 2 s by default, and each report (and so
-# each checkpoint), the end of a run and every restart waits for that look. The test runs are
-# a few seconds of work between many reports: 0.5 s takes seconds off each. The cluster's
-# processes, the drivers tests start and the private heads all inherit this environment.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train's controller polls its workers (see moedream.platform.ray_setup.worker_env_vars);
+# the test cluster, the drivers tests start and the private heads inherit this environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_HEALTH_CHECK_INTERVAL_S)
 
 LOGICAL_CPUS = 8
 

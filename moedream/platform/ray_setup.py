@@ -47,6 +47,9 @@ def init_ray(num_cpus: int | None = None, *, address: str | None = None) -> None
         )
 
 
+TRAIN_HEALTH_CHECK_INTERVAL_S = "0.5"  # seconds, see worker_env_vars
+
+
 def worker_env_vars() -> dict[str, str]:
     """Environment of every Ray worker moedream starts (runtime_env ``env_vars``).
 
@@ -55,10 +58,18 @@ def worker_env_vars() -> dict[str, str]:
     same ``seed`` trained differently (checked: identical weights after one iteration with
     PYTHONHASHSEED 1 twice, different ones with 1 and 2). Workers get the driver's value, or
     0; the driver's own is fixed by the Makefile (export PYTHONHASHSEED=0 elsewhere).
+
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: Ray Train's controller polls its workers every 2 s by
+    default, and a worker's report queue holds one report, so every report, checkpoint and
+    run end of a world-model training waits up to that long; moedream's runs report every few
+    seconds, so it polls every 0.5 s unless the environment says otherwise.
     """
     return {
         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
         "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0"),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get(
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_HEALTH_CHECK_INTERVAL_S
+        ),
     }
 
 

@@ -95,3 +95,12 @@ def test_ray_workers_get_a_fixed_hash_seed(monkeypatch):
     assert worker_env_vars()["PYTHONHASHSEED"] == "0"
     monkeypatch.setenv("PYTHONHASHSEED", "7")
     assert worker_env_vars()["PYTHONHASHSEED"] == "7"
+
+
+def test_ray_train_polls_its_workers_often_unless_told_otherwise(monkeypatch):
+    from moedream.platform.ray_setup import worker_env_vars
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    assert worker_env_vars()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    assert worker_env_vars()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
