@@ -53,7 +53,7 @@ from ray.rllib.utils.metrics import (
 )
 from ray.rllib.utils.torch_utils import compute_global_norm
 
-from moedream.config import ConfigError, fail
+from moedream.config import ConfigError, fail, is_int
 from moedream.envs.overcooked import SOUP_REWARD
 from moedream.envs.spec import EnvSpec
 from moedream.policies.imagination import (
@@ -229,6 +229,14 @@ class MBMAPPOConfig(PPOConfig):
                 "env_spec_json",
                 None,
                 "must be set: .model_based(env_spec_json=env_spec(name, **options).to_json())",
+            )
+        threads = self.torch_num_threads
+        if threads is not None and not (is_int(threads) and threads >= 1):
+            fail(
+                "torch_num_threads",
+                threads,
+                "must be an integer >= 1 (torch intra-op threads of the algorithm process) or "
+                "None (torch's default)",
             )
         if self.imagination.enabled and not callable(self.imagination_provider):
             fail(

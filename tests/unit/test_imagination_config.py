@@ -125,6 +125,15 @@ def test_mbmappo_config_validates_its_imagination_once_by_its_own_validate():
         no_provider.validate_model_based()
 
 
+@pytest.mark.parametrize("threads", [0, "2", 1.5, True])
+def test_mbmappo_config_checks_its_torch_threads(threads):
+    config = mbmappo_config(ImaginationConfig()).model_based(torch_num_threads=threads)
+    with pytest.raises(ConfigError, match="`torch_num_threads` .* must be an integer >= 1"):
+        config.validate_model_based()
+    for ok in (1, 2, None):
+        mbmappo_config(ImaginationConfig()).model_based(torch_num_threads=ok).validate_model_based()
+
+
 def test_mbmappo_config_survives_rllib_copies_and_dicts():
     """What Tune and RLlib do with a config: copy(), to_dict() -> from_dict(), get_state()."""
     from moedream.policies.algorithm import MBMAPPOConfig
