@@ -34,10 +34,38 @@ changes with the units of the observations. Here every quantity is measured agai
    data never visits (an untrained model turning Overcooked's one-hot features into dense
    noise). A step is *off support* when more than ``support_tolerance`` of its features leave the
    real range [min − m·σ_s, max + m·σ_s] (m = ``support_margin``); it gets C_t = 0 as well.
-6. H7 = n_coherent / H with n_coherent = #{t: C_t ≥ C*}; verdict APPROVE if H7 ≥ approve_h7,
+6. Model terms: accuracy and rewards. Smoothness alone approves a model that moves like real
+   data but predicts the wrong thing. When the world model sends its ensemble's outputs
+   (Trajectories.obs_std, ensemble_obs, ensemble_reward, reward_spread; the reward and
+   dynamics heads are separate networks from the K ensemble members, so a fault in one shows
+   as a gap to the other), every step also gets (each [B, H]; σ_r = real reward std):
+   gap_t           = sqrt(mean_f ((o_{t+1} − ô^ens_{t+1})/σ_Δ)²)   imagined step vs the
+                     ensemble's expected next obs (on real data: its one-step error)
+   obs_spread_t    = sqrt(mean_f (std_k ô_{t+1,k}/σ_Δ)²)          ensemble disagreement, obs
+   reward_spread_t = mean_i std_k r_{t,i,k} / σ_r                  ensemble disagreement, reward
+   reward_gap_t    = mean_i |r_{t,i} − r̄^ens_{t,i}| / σ_r          reward head vs ensemble mean
+   error_t         = E[gap | obs_spread = obs_spread_t] / m̄        expected one-step error
+   The first four are calibrated like drift, on the model's teacher-forced outputs on held-out
+   real windows (:meth:`Normalizer.calibrate_model_terms`): s = q·C*/(1 − C*) with q their
+   ``model_calibration_quantile``. error_t is absolute: E[gap | spread] is the binned mean of
+   the real one-step error per level of disagreement (monotone, extrapolated in proportion
+   beyond the last bin), m̄ the mean real step magnitude (the error of predicting "nothing
+   changes"); error_t = ``error_reference`` maps to C*, i.e. a step whose expected error exceeds
+   a copy predictor's is incoherent. Uncalibrated terms and absent fields are skipped.
+7. Causes. Every term belongs to one cause: drift (the weighted mean of section 3, and gap),
+   reward (reward_gap), disagreement (obs_spread, reward_spread, error). A cause's ratio is its
+   largest weighted term ratio w·m/s, and D_t = max over causes (so one bad cause is enough:
+   a weighted mean would dilute it); with only the real-data metrics D_t is exactly section 3's.
+   An incoherent step's cause is stall if frozen, else support if off support, else the cause
+   with the largest ratio; a trajectory's cause is the most frequent among its incoherent steps.
+8. H7 = n_coherent / H with n_coherent = #{t: C_t ≥ C*}; verdict APPROVE if H7 ≥ approve_h7,
    REFINE if refine_h7 ≤ H7 < approve_h7, REJECT below. The bands are compared in exact integer
    arithmetic (n·den ≥ num·H with the band as a fraction), so H7 = 0.70 approves and 0.4999
    rejects with no float error. NaN or inf in any field rejects the trajectory with the reason.
+   A row with ``length`` L < H is judged on its first L steps (H7 = n_coherent / L).
+9. Truncation (:func:`truncate`, the REFINE that fixes a rollout): a trajectory that is not
+   approved keeps its coherent prefix, the steps before its first incoherent one, when that
+   prefix has at least ``min_prefix`` steps; it is then approved with ``length`` = the prefix.
 """
 
 from __future__ import annotations
@@ -60,7 +88,8 @@ METRICS = ("l2", "l1", "kl", "ensemble", "dispersion")
 # Metrics calibrated on real data (the others need model outputs, see calibrate_model_metrics).
 REAL_METRICS = ("l2", "l1", "dispersion")
 ARRAY_FIELDS = ("state_mean", "state_std", "delta_mean", "delta_std", "state_min", "state_max")
-TRAJECTORY_FIELDS = ("obs", "action", "reward", "terminated", "uncertainty", "obs_std")
+TRAJECTORY_FIELDS = ("obs", "action", "reward", "terminated", "uncertainty", "obs_std",
+                     "ensemble_obs", "ensemble_reward", "reward_spread")  # fmt: skip
 
 # GateActorConfig's fields (moedream/coherence/actor_config.py). GateConfig refuses them with a pointer
 # there rather than as unknown keys: a YAML written when they were kernel settings then says
@@ -68,10 +97,23 @@ TRAJECTORY_FIELDS = ("obs", "action", "reward", "terminated", "uncertainty", "ob
 ACTOR_FIELDS = ("actor_name", "namespace", "num_cpus", "reimaginer_app", "reimaginer_deployment",
                 "max_refine_tries", "noise_shrink", "initial_noise_scale", "h7_bins")  # fmt: skip
 
+MODEL_TERMS = ("gap", "obs_spread", "reward_spread", "reward_gap", "error")
+# Terms calibrated by quantile on the model's outputs on held-out real windows ("error" is absolute).
+QUANTILE_TERMS = ("gap", "obs_spread", "reward_spread", "reward_gap")
+CAUSES = ("drift", "reward", "disagreement", "support", "stall")
+TERM_CAUSE = {"gap": "drift", "reward_gap": "reward", "obs_spread": "disagreement",
+              "reward_spread": "disagreement", "error": "disagreement"}  # fmt: skip
+
 REASON_COHERENT = "coherent"
 REASON_LOW_COHERENCE = "low coherence"
 REASON_FROZEN = "frozen state"
 REASON_OFF_SUPPORT = "off support"
+REASON_REWARD = "reward inconsistent"
+REASON_DISAGREEMENT = "ensemble disagreement"
+CAUSE_REASON = {"drift": REASON_LOW_COHERENCE, "reward": REASON_REWARD,
+                "disagreement": REASON_DISAGREEMENT, "support": REASON_OFF_SUPPORT,
+                "stall": REASON_FROZEN}  # fmt: skip
+TRUNCATED_PREFIX = "truncated: "
 
 
 class Verdict(enum.IntEnum):
@@ -121,6 +163,24 @@ class GateConfig(ConfigBase):
     ensemble_reference: float = 1.0
     """Ensemble spread, in units of a typical real step change, mapped to coherence_threshold
     until calibrate_model_metrics sets it from the model."""
+    model_calibration_quantile: float = 0.99
+    """Quantile of each model term on held-out real windows mapped to coherence_threshold
+    (higher than calibration_quantile: a step must pass every cause at once)."""
+    weight_gap: float = 1.0
+    """Weight of the gap between the imagined next obs and the ensemble's mean (drift cause)."""
+    weight_obs_spread: float = 1.0
+    """Weight of the ensemble's disagreement on the next obs (disagreement cause)."""
+    weight_reward_spread: float = 1.0
+    """Weight of the ensemble's disagreement on the reward (disagreement cause)."""
+    weight_reward_gap: float = 1.0
+    """Weight of the reward head's gap to the ensemble's mean reward (reward cause)."""
+    weight_error: float = 1.0
+    """Weight of the expected one-step error (disagreement cause)."""
+    error_reference: float = 1.0
+    """Expected one-step error, in units of the mean real step (a copy predictor's error),
+    mapped to coherence_threshold."""
+    min_prefix: int = 2
+    """Truncation keeps a non-approved trajectory's coherent prefix of at least this many steps."""
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
@@ -132,7 +192,8 @@ class GateConfig(ConfigBase):
             self.refine_h7,
             f"must be <= approve_h7 ({self.approve_h7}): the refine band lies below approval",
         )
-        for name in ("coherence_threshold", "calibration_quantile", "stall_quantile"):
+        for name in ("coherence_threshold", "calibration_quantile", "stall_quantile",
+                     "model_calibration_quantile"):  # fmt: skip
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and 0.0 < value < 1.0
             check(ok, f"{prefix}{name}", value, "must be strictly between 0 and 1")
@@ -145,8 +206,18 @@ class GateConfig(ConfigBase):
             "weight_l2 + weight_l1 + weight_dispersion must be > 0 (a metric calibrated on real "
             "data must be active); set weight_l2: 1.0",
         )
-        for name in ("kl_reference", "ensemble_reference", "std_floor", "support_margin"):
+        for term in MODEL_TERMS:
+            check_positive(f"{prefix}weight_{term}", getattr(self, f"weight_{term}"),
+                           allow_zero=True)  # fmt: skip
+        for name in ("kl_reference", "ensemble_reference", "std_floor", "support_margin",
+                     "error_reference"):  # fmt: skip
             check_positive(f"{prefix}{name}", getattr(self, name))
+        check(
+            isinstance(self.min_prefix, int) and self.min_prefix >= 1,
+            f"{prefix}min_prefix",
+            self.min_prefix,
+            "must be an integer >= 1 (the shortest coherent prefix truncation keeps)",
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, *, prefix: str = "") -> GateConfig:
@@ -162,7 +233,7 @@ class GateConfig(ConfigBase):
         return super().from_dict(data, prefix=prefix)
 
     def weights(self) -> dict[str, float]:
-        return {m: float(getattr(self, f"weight_{m}")) for m in METRICS}
+        return {m: float(getattr(self, f"weight_{m}")) for m in (*METRICS, *MODEL_TERMS)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +264,12 @@ class Normalizer:
     stall_rate: float
     """Fraction of real steps that are stalled (for reports)."""
     n_steps: int
+    mean_step: float = 0.0
+    """Mean real step magnitude sqrt(mean_f (Δo/σ_Δ)²): the error of predicting no change."""
+    reward_std: float = 0.0
+    """Real reward std σ_r (set by calibrate_model_terms; 0 = model terms uncalibrated)."""
+    error_curve: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    """E[gap | obs_spread] on held-out real windows: {"spread": [...], "error": [...]}."""
 
     @property
     def n_agents(self) -> int:
@@ -249,6 +326,7 @@ class Normalizer:
     def _fit_stall(self, seqs: list[np.ndarray], config: GateConfig) -> None:
         mags = [step_magnitude(self.raw_step_ratio(s[None]))[0] for s in seqs]  # each [T]
         all_mags = np.concatenate(mags)
+        self.mean_step = float(np.mean(all_mags))
         self.stall_floor = float(
             max(
                 config.stall_fraction * np.mean(all_mags),
@@ -272,6 +350,30 @@ class Normalizer:
         if trajs.uncertainty is not None:
             ens = ensemble_disagreement(trajs.uncertainty, self.step_rms)
             self.quantiles["ensemble"] = float(np.quantile(ens, config.calibration_quantile))
+
+    def calibrate_model_terms(
+        self, trajs: Trajectories, real_reward: np.ndarray, config: GateConfig, bins: int = 10
+    ) -> dict[str, float]:
+        """Calibrate the model terms (module docstring, section 6) on HELD-OUT real windows as
+        the served model sees them (:func:`model_view`: real obs, the model's teacher-forced
+        rewards and ensemble outputs); ``real_reward`` [B, H, N] are their real rewards (σ_r).
+        Returns the fitted quantiles."""
+        missing = [f for f in ("obs_std", "ensemble_obs", "ensemble_reward", "reward_spread")
+                   if getattr(trajs, f) is None]  # fmt: skip
+        if missing:
+            raise ValueError(
+                f"calibrate_model_terms needs the model's {missing} on real windows; build them "
+                "with moedream.coherence.model_calibration.model_view"
+            )
+        reward = np.asarray(real_reward, np.float64)
+        spread = float(reward.std())
+        self.reward_std = max(spread, 1e-3 * float(np.abs(reward).max(initial=0.0)), 1e-8)
+        values = raw_model_terms(trajs, self)
+        q = config.model_calibration_quantile
+        fitted = {m: float(np.quantile(values[m], q)) for m in QUANTILE_TERMS}
+        self.quantiles.update(fitted)
+        self.error_curve = error_curve(values["obs_spread"], values["gap"], bins)
+        return fitted
 
     # -- phi -------------------------------------------------------------------------------
 
@@ -307,10 +409,11 @@ class Normalizer:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Normalizer:
         fields = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(fields - set(data))
+        optional = {"mean_step", "reward_std", "error_curve"}  # absent from older files
+        missing = sorted(fields - set(data) - optional)
         if missing:
             raise ValueError(f"normalizer data lacks {missing}; save it with Normalizer.save")
-        kwargs = {k: data[k] for k in fields}
+        kwargs = {k: data[k] for k in fields if k in data}
         for name in ARRAY_FIELDS:
             kwargs[name] = np.asarray(data[name], dtype=np.float64)
         kwargs["quantiles"] = {k: float(v) for k, v in data["quantiles"].items()}
@@ -415,6 +518,55 @@ def stall_runs(stalled: np.ndarray) -> np.ndarray:
     return runs
 
 
+def rms_ratio(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """x [B, H, N, D] / scale [N, D] -> sqrt(mean_f (x/scale)²) [B, H]."""
+    return np.sqrt(np.mean((np.asarray(x, np.float64) / scale) ** 2, axis=(2, 3)))
+
+
+def raw_model_terms(trajs: Trajectories, normalizer: Normalizer) -> dict[str, np.ndarray]:
+    """The model terms [B, H] (module docstring, section 6) whose inputs are available:
+    gap and obs_spread need ensemble_obs / obs_std, the reward terms need σ_r (calibrated),
+    error needs obs_spread and the calibrated error curve."""
+    out: dict[str, np.ndarray] = {}
+    if trajs.ensemble_obs is not None:
+        nxt = np.asarray(trajs.obs, np.float64)[:, 1:]  # [B, H, N, D]
+        out["gap"] = rms_ratio(nxt - trajs.ensemble_obs, normalizer.delta_std)
+    if trajs.obs_std is not None:
+        out["obs_spread"] = rms_ratio(trajs.obs_std, normalizer.delta_std)
+    sigma_r = normalizer.reward_std
+    if sigma_r > 0 and trajs.reward_spread is not None:
+        out["reward_spread"] = np.mean(np.asarray(trajs.reward_spread, np.float64), axis=2) / sigma_r
+    if sigma_r > 0 and trajs.ensemble_reward is not None:
+        gap = np.abs(np.asarray(trajs.reward, np.float64) - trajs.ensemble_reward)  # [B, H, N]
+        out["reward_gap"] = np.mean(gap, axis=2) / sigma_r
+    if "obs_spread" in out and normalizer.error_curve and normalizer.mean_step > 0:
+        out["error"] = expected_error(out["obs_spread"], normalizer.error_curve)
+        out["error"] = out["error"] / normalizer.mean_step
+    return out
+
+
+def error_curve(spread: np.ndarray, error: np.ndarray, bins: int) -> dict[str, list[float]]:
+    """E[error | spread] from paired samples: the mean of both per quantile bin of spread,
+    made non-decreasing (more disagreement never predicts less error)."""
+    spread, error = np.ravel(spread), np.ravel(error)
+    edges = np.quantile(spread, np.linspace(0.0, 1.0, bins + 1))
+    which = np.clip(np.searchsorted(edges, spread, side="right") - 1, 0, bins - 1)
+    used = [k for k in range(bins) if np.any(which == k)]
+    centres = [float(spread[which == k].mean()) for k in used]
+    means = np.maximum.accumulate([float(error[which == k].mean()) for k in used])
+    return {"spread": centres, "error": [float(v) for v in means]}
+
+
+def expected_error(spread: np.ndarray, curve: dict[str, list[float]]) -> np.ndarray:
+    """Spread [B, H] -> expected one-step error [B, H]: the curve interpolated, and beyond its
+    last point the last error in proportion to the spread (away from the data the error grows
+    with the disagreement; a flat extrapolation would call any novelty harmless)."""
+    xs, ys = np.asarray(curve["spread"]), np.asarray(curve["error"])
+    inside = np.interp(spread, xs, ys)
+    beyond = ys[-1] * spread / max(xs[-1], 1e-12)
+    return np.where(spread > xs[-1], beyond, inside)
+
+
 def drift_scale(quantile_value: float, coherence_threshold: float) -> float:
     """s such that 1/(1 + q/s) = C*:  s = q·C*/(1 − C*)."""
     return quantile_value * coherence_threshold / (1.0 - coherence_threshold)
@@ -444,8 +596,14 @@ class GateResult:
     """Raw per-step metrics [B, H] that were available (l2, l1, kl, ensemble, dispersion)."""
     tries: np.ndarray
     """[B] int refine tries spent on each trajectory (0 from plain judge)."""
+    causes: np.ndarray | None = None
+    """[B, H] int8 cause of each incoherent step: 0 coherent, k = 1 + index in CAUSES."""
+    cause: list[str] | None = None
+    """[B] the trajectory's main cause (CAUSES) among its incoherent steps ('' if none)."""
+    truncated: np.ndarray | None = None
+    """[B] bool: approved by truncation to its coherent prefix (see :func:`truncate`)."""
     trajectories: Trajectories | None = None
-    """The final trajectories (re-imagined rows replaced) from judge_and_refine."""
+    """The final trajectories (re-imagined rows replaced, truncated rows shortened)."""
 
     def __len__(self) -> int:
         return int(self.verdicts.shape[0])
@@ -467,7 +625,9 @@ def judge(trajs: Trajectories, normalizer: Normalizer, config: GateConfig) -> Ga
     bad = np.array([bool(f) for f in nonfinite])
     clean = _zero_nonfinite(trajs) if bad.any() else trajs
     metrics = drift_metrics(clean, normalizer, config)
-    drift = combined_drift(metrics, normalizer, config)  # [B, H]
+    terms = model_terms(clean, normalizer, config)
+    ratios = cause_ratios(metrics, terms, normalizer, config)  # cause -> [B, H]
+    drift = np.max(np.stack(list(ratios.values())), axis=0)  # [B, H]
     coherence = 1.0 / (1.0 + drift)
     frozen = (
         frozen_steps(clean.obs, normalizer)
@@ -477,39 +637,80 @@ def judge(trajs: Trajectories, normalizer: Normalizer, config: GateConfig) -> Ga
     off = normalizer.off_support(clean.obs, config)  # [B, H]
     coherence = np.where(frozen | off, 0.0, coherence)
     coherence[bad] = 0.0
-    n_coherent = np.sum(coherence >= config.coherence_threshold, axis=1)
-    horizon = coherence.shape[1]
-    verdicts = verdicts_from_counts(n_coherent, horizon, config)
+    lengths = trajs.lengths()  # [B]
+    valid = np.arange(coherence.shape[1]) < lengths[:, None]  # [B, H]
+    coherent = (coherence >= config.coherence_threshold) & valid
+    n_coherent = np.sum(coherent, axis=1)
+    verdicts = verdicts_from_counts(n_coherent, lengths, config)
     verdicts[bad] = Verdict.REJECT
-    low = coherence < config.coherence_threshold
-    causes = np.stack([np.sum(frozen & low, axis=1), np.sum(off & ~frozen & low, axis=1)], axis=1)
+    causes = step_causes(ratios, frozen, off, ~coherent & valid)
+    cause = [_main_cause(row) for row in causes]
     reasons = [
-        _reason(v, fields, c, lo)
-        for v, fields, c, lo in zip(verdicts, nonfinite, causes, low.sum(axis=1), strict=True)
+        _reason(v, fields, c) for v, fields, c in zip(verdicts, nonfinite, cause, strict=True)
     ]
     return GateResult(
         verdicts=verdicts,
-        h7=n_coherent / horizon,
+        h7=n_coherent / lengths,
         n_coherent=n_coherent,
         coherence=coherence,
         drift=drift,
         reasons=reasons,
-        metrics=metrics,
+        metrics={**metrics, **terms},
         tries=np.zeros(len(verdicts), dtype=np.int64),
+        causes=causes,
+        cause=cause,
+        truncated=np.zeros(len(verdicts), dtype=bool),
     )
 
 
-def _reason(verdict: int, nonfinite: list[str], causes: np.ndarray, n_low: int) -> str:
-    """The main cause of a verdict: causes = (frozen steps, off-support steps) among the
-    incoherent ones; whichever explains at least half of them names it."""
+def step_causes(
+    ratios: dict[str, np.ndarray], frozen: np.ndarray, off: np.ndarray, incoherent: np.ndarray
+) -> np.ndarray:
+    """[B, H] int8 cause codes (1 + index in CAUSES; 0 where coherent): stall if frozen, else
+    support if off support, else the ratio cause (drift, reward, disagreement) that is largest."""
+    names = list(ratios)
+    largest = np.argmax(np.stack([ratios[n] for n in names]), axis=0)  # [B, H]
+    codes = np.array([CAUSES.index(n) + 1 for n in names], dtype=np.int8)[largest]
+    codes = np.where(off, CAUSES.index("support") + 1, codes)
+    codes = np.where(frozen, CAUSES.index("stall") + 1, codes)
+    return np.where(incoherent, codes, 0).astype(np.int8)
+
+
+def _main_cause(step_codes: np.ndarray) -> str:
+    """The most frequent cause among a row's incoherent steps ('' if it has none)."""
+    counts = np.bincount(step_codes, minlength=len(CAUSES) + 1)[1:]
+    return CAUSES[int(np.argmax(counts))] if counts.any() else ""
+
+
+def _reason(verdict: int, nonfinite: list[str], cause: str) -> str:
     if nonfinite:
         return "non-finite values in " + ", ".join(nonfinite)
     if verdict == Verdict.APPROVE:
         return REASON_COHERENT
-    n_frozen, n_off = int(causes[0]), int(causes[1])
-    if 2 * max(n_frozen, n_off) >= n_low:
-        return REASON_FROZEN if n_frozen >= n_off else REASON_OFF_SUPPORT
-    return REASON_LOW_COHERENCE
+    return CAUSE_REASON.get(cause, REASON_LOW_COHERENCE)
+
+
+def truncate(
+    result: GateResult, trajs: Trajectories, config: GateConfig
+) -> tuple[GateResult, Trajectories]:
+    """REFINE by truncation (module docstring, section 9): every finite trajectory that is not
+    approved and whose coherent prefix has >= ``min_prefix`` steps is approved with ``length``
+    set to that prefix. Returns a new result (``truncated`` marks those rows) and trajectories."""
+    incoherent = result.coherence < config.coherence_threshold  # [B, H]
+    horizon = incoherent.shape[1]
+    prefix = np.where(incoherent.any(axis=1), np.argmax(incoherent, axis=1), horizon)
+    prefix = np.minimum(prefix, trajs.lengths())
+    finite = np.array([not r.startswith("non-finite") for r in result.reasons])
+    cut = (result.verdicts != Verdict.APPROVE) & finite & (prefix >= config.min_prefix)
+    out = dataclasses.replace(
+        result,
+        verdicts=np.where(cut, Verdict.APPROVE, result.verdicts).astype(np.int8),
+        reasons=[TRUNCATED_PREFIX + r if c else r for r, c in zip(result.reasons, cut, strict=True)],
+        truncated=cut,
+    )
+    if not cut.any():
+        return out, trajs
+    return out, dataclasses.replace(trajs, length=np.where(cut, prefix, trajs.lengths()))
 
 
 def drift_metrics(
@@ -531,6 +732,37 @@ def drift_metrics(
         out["ensemble"] = ensemble_disagreement(trajs.uncertainty, normalizer.step_rms)
     if weights["dispersion"] > 0:
         out["dispersion"] = inter_agent_dispersion(normalizer.normalised_state(trajs.obs))
+    return out
+
+
+def model_terms(
+    trajs: Trajectories, normalizer: Normalizer, config: GateConfig
+) -> dict[str, np.ndarray]:
+    """The model terms [B, H] that are active (weight > 0), available and calibrated."""
+    weights = config.weights()
+    values = raw_model_terms(trajs, normalizer)
+    calibrated = lambda m: m == "error" or m in normalizer.quantiles  # noqa: E731
+    return {m: v for m, v in values.items() if weights[m] > 0 and calibrated(m)}
+
+
+def cause_ratios(
+    metrics: dict[str, np.ndarray],
+    terms: dict[str, np.ndarray],
+    normalizer: Normalizer,
+    config: GateConfig,
+) -> dict[str, np.ndarray]:
+    """Per cause, its largest weighted term ratio w·m/s [B, H] (section 7); the drift cause
+    always holds the real-data drift D of section 3."""
+    weights = config.weights()
+    out = {"drift": combined_drift(metrics, normalizer, config)}
+    for m, values in terms.items():
+        if m == "error":
+            scale = drift_scale(config.error_reference, config.coherence_threshold)
+        else:
+            scale = drift_scale(normalizer.quantiles[m], config.coherence_threshold)
+        ratio = weights[m] * values / scale if scale > 0 else np.where(values > 0, np.inf, 0.0)
+        cause = TERM_CAUSE[m]
+        out[cause] = np.maximum(out[cause], ratio) if cause in out else ratio
     return out
 
 
@@ -619,8 +851,12 @@ def _check_compatible(trajs: Trajectories, normalizer: Normalizer, config: GateC
             f"Trajectories.obs has [N, D] = {obs.shape[2:]} but the normalizer was fitted on "
             f"{expected}; fit the gate on this env's data (moedream calibrate-gate)"
         )
+    step_obs = obs.shape[:1] + (obs.shape[1] - 1,) + obs.shape[2:]  # [B, H, N, D]
     for name, want in (
-        ("obs_std", obs.shape[:1] + (obs.shape[1] - 1,) + obs.shape[2:]),
+        ("obs_std", step_obs),
+        ("ensemble_obs", step_obs),
+        ("ensemble_reward", step_obs[:3]),
+        ("reward_spread", step_obs[:3]),
         ("uncertainty", obs.shape[:1] + (obs.shape[1] - 1,)),
     ):
         arr = getattr(trajs, name)
@@ -637,6 +873,7 @@ def _check_compatible(trajs: Trajectories, normalizer: Normalizer, config: GateC
 
 
 __all__ = [
+    "CAUSES",
     "GateConfig",
     "GateResult",
     "Normalizer",
@@ -655,5 +892,6 @@ __all__ = [
     "nonfinite_fields",
     "stall_runs",
     "step_magnitude",
+    "truncate",
     "verdicts_from_counts",
 ]

@@ -48,7 +48,7 @@ from moedream.platform.serve.request import imagine_request
 from moedream.platform.served_retrain import ServedModelRetrainer
 from moedream.world_model.evaluation import eval_windows, prediction_scores
 from moedream.world_model.model import WorldModel
-from moedream.world_model.trajectory import Trajectories
+from moedream.world_model.trajectory import OPTIONAL_STEP_FIELDS, Trajectories
 
 
 @dataclasses.dataclass
@@ -194,7 +194,8 @@ class ServedWorldModelImaginer:
         self._calls += 1
         h = self.horizon
         obs = [np.asarray(start_obs, dtype=np.float32)]  # list of [B, N, D]
-        actions, rewards, terms, uncert, obs_std, loads = [], [], [], [], [], []
+        actions, rewards, terms, loads = [], [], [], []
+        model_outputs: dict[str, list[np.ndarray]] = {k: [] for k in OPTIONAL_STEP_FIELDS}
         for t in range(h):
             encoded = self.spec.encode_actions(policy.act(obs[-1]))  # [B, N, A]
             out = self._one_step(
@@ -210,9 +211,9 @@ class ServedWorldModelImaginer:
             actions.append(encoded)
             rewards.append(out["reward"][:, 0])
             terms.append(out["terminated"][:, 0])
-            uncert.append(out["uncertainty"][:, 0])
-            if out.get("obs_std") is not None:
-                obs_std.append(out["obs_std"][:, 0])
+            for key, steps in model_outputs.items():  # uncertainty, the ensemble's outputs
+                if out.get(key) is not None:
+                    steps.append(out[key][:, 0])
             if out.get("expert_load") is not None:
                 loads.append(out["expert_load"])
         trajs = Trajectories(
@@ -220,9 +221,8 @@ class ServedWorldModelImaginer:
             action=np.stack(actions, 1),  # [B, H, N, A]
             reward=np.stack(rewards, 1),  # [B, H, N]
             terminated=np.stack(terms, 1),  # [B, H, N]
-            uncertainty=np.stack(uncert, 1),  # [B, H]
-            obs_std=np.stack(obs_std, 1) if len(obs_std) == h else None,
             expert_load=np.mean(loads, 0) if loads else None,  # [L, E]
+            **{k: np.stack(v, 1) if len(v) == h else None for k, v in model_outputs.items()},
         )
         self._last["uncertainty_mean"] = float(np.mean(trajs.uncertainty))
         self._last["imagined_reward_mean"] = float(np.mean(trajs.reward[..., 0]))
@@ -447,7 +447,7 @@ def _row_chunks(n: int, size: int) -> list[slice]:
 
 
 def _concat_replies(replies: list[dict]) -> dict[str, np.ndarray | None]:
-    keys = ("obs", "reward", "terminated", "uncertainty", "obs_std")
+    keys = ("obs", "reward", "terminated", *OPTIONAL_STEP_FIELDS)
     out: dict[str, Any] = {}
     for key in keys:
         parts = [r.get(key) for r in replies]

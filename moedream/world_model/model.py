@@ -496,7 +496,8 @@ class WorldModel(nn.Module):
         """One-step predictions at every step of real windows (teacher forcing):
         next_obs [B, T, N, D] (diffusion head; ``noise_scale`` 0 gives its deterministic
         prediction), next_obs_mean [B, T, N, D] (the regressed mean alone),
-        reward [B, T, N], terminated [B, T, N] probabilities, uncertainty [B, T]."""
+        reward [B, T, N], terminated [B, T, N] probabilities, and the ensemble's outputs
+        (see :meth:`_ensemble_outputs`) [B, T, ...]."""
         batch = self._batch_tensors(batch)
         obs, t = batch["obs"], batch["action"].shape[1]
         b, n, d = obs.shape[0], obs.shape[2], obs.shape[3]
@@ -514,12 +515,32 @@ class WorldModel(nn.Module):
         to_obs = lambda x: (
             (current + x.view(b, t, n, d) * self.delta_std + self.delta_mean) * self.obs_mask
         )  # noqa: E731
+        ensemble = self._ensemble_outputs(ens, current.reshape(b * t, n, d))
         return {
             "next_obs": to_obs(x0),
             "next_obs_mean": to_obs(mean),
             "reward": reward.view(b, t, n),
             "terminated": term.view(b, t, n),
-            "uncertainty": Ensemble.spread(ens).view(b, t),
+            **{k: v.view(b, t, *v.shape[1:]) for k, v in ensemble.items()},
+        }
+
+    def _ensemble_outputs(self, ens: Tensor, current: Tensor) -> dict[str, Tensor]:
+        """The ensemble's view of one step, in raw units, for the coherence gate: ens
+        [K, M, N*D + N] (normalised delta then reward), current obs [M, N, D] ->
+        uncertainty [M] (spread in normalised units), obs_std [M, N, D] (std of the next obs
+        across members), ensemble_obs [M, N, D] (their mean next obs, clamped to the support
+        as imagined obs are), ensemble_reward [M, N] and reward_spread [M, N]."""
+        m, n, d = current.shape
+        delta = ens[..., : n * d].reshape(-1, m, n, d) * self.delta_std + self.delta_mean
+        mean_obs = current + delta.mean(0)  # [M, N, D]
+        mean_obs = torch.maximum(torch.minimum(mean_obs, self.obs_high), self.obs_low)
+        reward = ens[..., n * d :] * self.reward_std + self.reward_mean  # [K, M, N]
+        return {
+            "uncertainty": Ensemble.spread(ens),
+            "obs_std": delta.std(0) * self.obs_mask,
+            "ensemble_obs": mean_obs * self.obs_mask,
+            "ensemble_reward": reward.mean(0),
+            "reward_spread": reward.std(0),
         }
 
     def _sample_delta(
@@ -682,8 +703,7 @@ class WorldModel(nn.Module):
             "next_obs": next_obs,
             "reward": self.reward_head(per_agent) * self.reward_std + self.reward_mean,  # [B, N]
             "terminated": torch.sigmoid(self.termination_head(per_agent)),  # [B, N]
-            "uncertainty": Ensemble.spread(ens),  # [B]
-            "obs_std": ens[..., : n * d].std(0).view(b, n, d) * self.delta_std * self.obs_mask,
+            **self._ensemble_outputs(ens, current),
             "expert_load": torch.stack([s.expert_load.float() for s in stats]),  # [L, E]
         }
         new_state = WorldModelState(
@@ -771,6 +791,9 @@ class WorldModel(nn.Module):
             terminated=stack("terminated"),  # [B, H, N]
             uncertainty=stack("uncertainty"),  # [B, H]
             obs_std=stack("obs_std"),  # [B, H, N, D]
+            ensemble_obs=stack("ensemble_obs"),  # [B, H, N, D]
+            ensemble_reward=stack("ensemble_reward"),  # [B, H, N]
+            reward_spread=stack("reward_spread"),  # [B, H, N]
             expert_load=torch.stack([o["expert_load"] for o in outs])
             .mean(0)
             .cpu()

@@ -18,6 +18,10 @@ import dataclasses
 import numpy as np
 
 WINDOW_KEYS = ("obs", "action", "reward", "terminated")
+OPTIONAL_STEP_FIELDS = ("uncertainty", "obs_std", "ensemble_obs", "ensemble_reward", "reward_spread")
+"""Per-step model outputs a Trajectories may carry (each [B, H, ...] or None)."""
+BATCH_FIELDS = (*WINDOW_KEYS, *OPTIONAL_STEP_FIELDS, "length")
+"""Every field with a leading batch axis (expert_load has none)."""
 
 
 @dataclasses.dataclass
@@ -32,6 +36,11 @@ class Trajectories:
     obs_std      [B, H, N, D] or None  per-feature std of the predicted next-observation
                                      distribution where the model gives one (for KL drift)
     expert_load  [L, E] or None     fraction of tokens routed to each expert per MoE layer
+    ensemble_obs     [B, H, N, D] or None  the ensemble's mean prediction of each next obs
+    ensemble_reward  [B, H, N] or None     the ensemble's mean reward prediction
+    reward_spread    [B, H, N] or None     std of the reward across ensemble members
+    length           [B] int or None       valid steps of each row (the gate truncates a row
+                                           at its first incoherent step); None: all H
     """
 
     obs: np.ndarray
@@ -41,6 +50,10 @@ class Trajectories:
     uncertainty: np.ndarray | None = None
     obs_std: np.ndarray | None = None
     expert_load: np.ndarray | None = None
+    ensemble_obs: np.ndarray | None = None
+    ensemble_reward: np.ndarray | None = None
+    reward_spread: np.ndarray | None = None
+    length: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:
@@ -59,6 +72,13 @@ class Trajectories:
                     f"Trajectories.{name} has leading shape {arr.shape[:2]}, expected "
                     f"{(b, h1 - 1)} to match obs {self.obs.shape}"
                 )
+        if self.length is not None:
+            length = np.asarray(self.length)
+            if length.shape != (b,) or length.min(initial=1) < 1 or length.max(initial=1) >= h1:
+                raise ValueError(
+                    f"Trajectories.length must be [B={b}] step counts in 1..{h1 - 1}, got "
+                    f"{length.tolist()}"
+                )
 
     def to_dict(self) -> dict[str, list | None]:
         """JSON-ready nested lists (None kept as None)."""
@@ -74,18 +94,20 @@ class Trajectories:
         kwargs = {}
         for f in dataclasses.fields(cls):
             value = data.get(f.name)
-            kwargs[f.name] = None if value is None else np.asarray(value, dtype=np.float32)
+            dtype = np.int64 if f.name == "length" else np.float32
+            kwargs[f.name] = None if value is None else np.asarray(value, dtype=dtype)
         return cls(**kwargs)
+
+    def lengths(self) -> np.ndarray:
+        """[B] valid steps of each row (H where ``length`` is None)."""
+        if self.length is None:
+            return np.full(self.batch_size, self.horizon, dtype=np.int64)
+        return np.asarray(self.length, dtype=np.int64)
 
     def select(self, index: np.ndarray | list[int]) -> Trajectories:
         """The trajectories at ``index`` along the batch axis."""
-        pick = lambda a: None if a is None else a[index]  # noqa: E731
-        return Trajectories(
-            obs=self.obs[index],
-            action=self.action[index],
-            reward=self.reward[index],
-            terminated=self.terminated[index],
-            uncertainty=pick(self.uncertainty),
-            obs_std=pick(self.obs_std),
-            expert_load=self.expert_load,
-        )
+        fields = {
+            name: None if getattr(self, name) is None else getattr(self, name)[index]
+            for name in BATCH_FIELDS
+        }
+        return Trajectories(**fields, expert_load=self.expert_load)

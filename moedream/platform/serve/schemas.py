@@ -223,6 +223,10 @@ class ImagineResponse(BaseModel):
     uncertainty: list = Field(description="[B*S, H] ensemble spread per step")
     obs_std: list | None = Field(None, description="[B*S, H, N, D]")
     expert_load: list | None = Field(None, description="[L, E]")
+    ensemble_obs: list | None = Field(None, description="[B*S, H, N, D] ensemble mean next obs")
+    ensemble_reward: list | None = Field(None, description="[B*S, H, N] ensemble mean reward")
+    reward_spread: list | None = Field(None, description="[B*S, H, N] reward std across members")
+    length: list | None = Field(None, description="[B*S] valid steps (null: all H)")
     agent_ids: list[str]
     checkpoint_id: str
     seed: int
@@ -235,6 +239,9 @@ class StepResponse(BaseModel):
     uncertainty: list = Field(description="[B]")
     obs_std: list | None = None
     expert_load: list | None = None
+    ensemble_obs: list | None = Field(None, description="[B, N, D] ensemble mean next obs")
+    ensemble_reward: list | None = Field(None, description="[B, N] ensemble mean reward")
+    reward_spread: list | None = Field(None, description="[B, N] reward std across members")
     agent_ids: list[str]
     checkpoint_id: str
     seed: int
