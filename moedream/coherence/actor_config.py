@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 
 from moedream.coherence.kernel import GateConfig
-from moedream.config import ConfigBase, check, check_positive
+from moedream.config import ConfigBase, check, check_choice, check_positive
 
 ACTOR_NAME = "moedream_coherence_gate"
 """The gate actor's default Ray name (a named, detached actor)."""
 NAMESPACE = "moedream"
 """Its default Ray namespace."""
+REFINE_MODES = ("truncate", "reimagine")
 
 
 @dataclasses.dataclass
@@ -35,6 +36,9 @@ class GateActorConfig(ConfigBase):
     """Ray Serve application holding the world-model deployment used to refine ('' = none)."""
     reimaginer_deployment: str = ""
     """Deployment name inside reimaginer_app whose `imagine` method re-imagines trajectories."""
+    refine_mode: str = "truncate"
+    """What REFINE does (gate.py's docstring): "truncate" keeps a non-approved trajectory's
+    coherent prefix; "reimagine" re-imagines REFINE rows through the re-imaginer."""
     max_refine_tries: int = 2
     """Re-imagination attempts for a REFINE trajectory before it is rejected."""
     noise_shrink: float = 0.75
@@ -51,6 +55,7 @@ class GateActorConfig(ConfigBase):
             check(isinstance(value, str) and bool(value), f"{prefix}{name}", value,
                   "must be a non-empty string")  # fmt: skip
         check_positive(f"{prefix}num_cpus", self.num_cpus)
+        check_choice(f"{prefix}refine_mode", self.refine_mode, REFINE_MODES)
         check(
             bool(self.reimaginer_app) == bool(self.reimaginer_deployment),
             f"{prefix}reimaginer_deployment",

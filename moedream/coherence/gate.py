@@ -11,7 +11,10 @@ so ``judge.remote(ref)`` receives the Trajectories (no copy through the caller).
 inside a list or dict is not resolved by Ray; the gate resolves such a ref itself when it is the
 ``trajs`` argument's value.
 
-Refine: REFINE trajectories are re-imagined from the same start observation and action plan with
+Refine (``GateActorConfig.refine_mode``): "truncate" (the default) keeps the coherent prefix of
+every finite trajectory that is not approved when it has at least ``GateConfig.min_prefix``
+steps (kernel.truncate): the kept steps are ones the gate trusts, and the learner gets a
+shorter imagined episode. "reimagine": REFINE trajectories are re-imagined from the same start observation and action plan with
 the sampling noise shrunk by ``noise_shrink`` per try (1.0 -> 0.75 -> 0.5625), at most
 ``max_refine_tries`` times; whatever is still not approved is rejected. The re-imaginer is either
 a Python callable ``reimagine(trajs, noise_scale) -> Trajectories`` given at construction, or the
@@ -44,14 +47,16 @@ import ray
 
 from moedream.coherence.actor_config import GateActorConfig
 from moedream.coherence.kernel import (
+    QUANTILE_TERMS,
     GateResult,
     Normalizer,
     Verdict,
     judge,
+    truncate,
 )
 from moedream.files import atomic_write_text
 from moedream.platform.serve.request import imagine_request
-from moedream.world_model.trajectory import Trajectories
+from moedream.world_model.trajectory import BATCH_FIELDS, Trajectories
 
 Reimaginer = Callable[[Trajectories, float], Trajectories]
 STATE_VERSION = 1
@@ -63,7 +68,11 @@ COUNTERS = (
     "entered_refine",
     "refine_attempts",
     "refine_recovered",
+    "truncated",
 )
+CAUSE_COUNTERS = ("causes", "truncated_causes")
+"""Per cause (kernel.CAUSES): trajectories not approved at first judgement, and those of them
+that truncation kept."""
 
 
 def reimagine_request(trajs: Trajectories, noise_scale: float, seed: int) -> dict[str, Any]:
@@ -130,7 +139,8 @@ class CoherenceGate:
         """Refit φ on real observation sequences (episodes [T_i+1, N, D] or windows
         [B, T+1, N, D]), e.g. the agents' latest real episodes: φ fitted on a random policy's
         collection calls a trained team's real steps incoherent (they are larger and reach
-        states random play never does). The model-metric quantiles (kl, ensemble) are kept
+        states random play never does). The model-metric quantiles (kl, ensemble, the model
+        terms), σ_r and the error curve are kept
         and the support [min, max] is the union of the old and the new one.
         Persisted in the state dir, so a restarted actor keeps it."""
         new = Normalizer.fit(sequences, self.config.kernel)
@@ -140,9 +150,10 @@ class CoherenceGate:
                 f"refit sequences have {new.n_agents} agents x {new.obs_dim} features; this gate "
                 f"judges {old.n_agents} x {old.obs_dim}: send observations of the same env"
             )
-        for metric in ("kl", "ensemble"):  # calibrated on the model's outputs, not real data
+        for metric in ("kl", "ensemble", *QUANTILE_TERMS):  # calibrated on the model's outputs
             if metric in old.quantiles:
                 new.quantiles[metric] = old.quantiles[metric]
+        new.reward_std, new.error_curve = old.reward_std, old.error_curve
         # the support only widens: states real data visited before stay on support
         new.state_min = np.minimum(new.state_min, old.state_min)
         new.state_max = np.maximum(new.state_max, old.state_max)
@@ -174,6 +185,11 @@ class CoherenceGate:
         ``result.trajectories`` holds the final batch (re-imagined rows replaced)."""
         trajs = resolve_trajectories(trajs)
         first = judge(trajs, self.normalizer, self.config.kernel)
+        if self.config.refine_mode == "truncate":
+            result, kept = truncate(first, trajs, self.config.kernel)
+            result.trajectories = kept
+            self._record(result, env_name, policy_id, 0, 0, 0, first=first)
+            return result
         base = self.config.initial_noise_scale if noise_scale is None else float(noise_scale)
         entered = np.flatnonzero(first.verdicts == Verdict.REFINE)
         if entered.size and self._reimagine_fn is None and not self.config.reimaginer_app:
@@ -183,7 +199,7 @@ class CoherenceGate:
             )
         result, attempts = self._refine(trajs, first, entered, base, seed)
         recovered = int(np.sum(result.verdicts[entered] == Verdict.APPROVE))
-        self._record(result, env_name, policy_id, len(entered), attempts, recovered)
+        self._record(result, env_name, policy_id, len(entered), attempts, recovered, first=first)
         return result
 
     def _refine(
@@ -231,8 +247,22 @@ class CoherenceGate:
         entered_refine: int,
         attempts: int,
         recovered: int,
+        first: GateResult | None = None,
     ) -> None:
+        """Count ``result``'s verdicts; the causes are those of ``first`` (the judgement before
+        any refine), so a truncated trajectory still counts what was wrong with it."""
         c = self._counters(env_name, policy_id)
+        first = first or result
+        truncated = (
+            result.truncated if result.truncated is not None else np.zeros(len(result), bool)
+        )
+        c["truncated"] += int(np.sum(truncated))
+        for i in np.flatnonzero(first.verdicts != Verdict.APPROVE):
+            cause = first.cause[i] if first.cause is not None else ""
+            if cause:
+                c["causes"][cause] = c["causes"].get(cause, 0) + 1
+                if truncated[i]:
+                    c["truncated_causes"][cause] = c["truncated_causes"].get(cause, 0) + 1
         c["judged"] += len(result)
         for verdict in Verdict:
             c[verdict.name.lower()] += int(np.sum(result.verdicts == verdict))
@@ -253,7 +283,10 @@ class CoherenceGate:
         per_env = self.state["counters"].setdefault(str(env_name), {})
         if str(policy_id) not in per_env:
             per_env[str(policy_id)] = new_counters(self.config.h7_bins)
-        return per_env[str(policy_id)]
+        counters = per_env[str(policy_id)]
+        for key, value in new_counters(self.config.h7_bins).items():  # state of an older gate
+            counters.setdefault(key, value)
+        return counters
 
     def _persist(self) -> None:
         # Process-crash safe (temp file + rename); no fsync per call (see atomic_write_text).
@@ -325,6 +358,7 @@ def resolve_trajectories(trajs: Any) -> Trajectories:
 def new_counters(h7_bins: int) -> dict[str, Any]:
     out: dict[str, Any] = {name: 0 for name in COUNTERS}
     out.update(h7_sum=0.0, h7_hist=[0] * h7_bins, reasons={})
+    out.update({name: {} for name in CAUSE_COUNTERS})
     return out
 
 
@@ -360,7 +394,12 @@ def stats_from_state(state: dict[str, Any]) -> dict[str, float]:
             key = f"gate/{env_name}/{policy_id}"
             judged = max(c["judged"], 1)
             for name in COUNTERS:
-                out[f"{key}/{name}"] = float(c[name])
+                out[f"{key}/{name}"] = float(c.get(name, 0))
+            out[f"{key}/truncated_rate"] = c.get("truncated", 0) / judged
+            for counter in CAUSE_COUNTERS:  # e.g. gate/overcooked/team/causes/reward
+                for cause, count in c.get(counter, {}).items():
+                    out[f"{key}/{counter}/{cause}"] = float(count)
+                    out[f"{key}/{counter}/{cause}_rate"] = count / judged
             for verdict in ("approve", "refine", "reject"):
                 out[f"{key}/{verdict}_rate"] = c[verdict] / judged
             out[f"{key}/mean_h7"] = c["h7_sum"] / judged
@@ -424,23 +463,29 @@ def _copy_result(result: GateResult) -> GateResult:
         reasons=list(result.reasons),
         metrics={k: v.copy() for k, v in result.metrics.items()},
         tries=result.tries.copy(),
+        causes=None if result.causes is None else result.causes.copy(),
+        cause=None if result.cause is None else list(result.cause),
+        truncated=None if result.truncated is None else result.truncated.copy(),
     )
 
 
 def _assign_rows(final: GateResult, rows: np.ndarray, new: GateResult) -> None:
-    for name in ("verdicts", "h7", "n_coherent", "coherence", "drift", "tries"):
-        getattr(final, name)[rows] = getattr(new, name)
+    for name in ("verdicts", "h7", "n_coherent", "coherence", "drift", "tries", "causes"):
+        if getattr(final, name) is not None and getattr(new, name) is not None:
+            getattr(final, name)[rows] = getattr(new, name)
     for name in final.metrics.keys() & new.metrics.keys():
         final.metrics[name][rows] = new.metrics[name]
     for j, i in enumerate(rows):
         final.reasons[i] = new.reasons[j]
+        if final.cause is not None and new.cause is not None:
+            final.cause[i] = new.cause[j]
 
 
 def _replace_rows(base: Trajectories, rows: np.ndarray, new: Trajectories) -> Trajectories:
     """``base`` with ``rows`` taken from ``new``; optional fields absent from either stay as
     ``base`` has them."""
     fields = {}
-    for f in ("obs", "action", "reward", "terminated", "uncertainty", "obs_std"):
+    for f in BATCH_FIELDS:
         old, repl = getattr(base, f), getattr(new, f)
         if old is None or repl is None:
             fields[f] = old

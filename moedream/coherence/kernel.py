@@ -45,13 +45,18 @@ changes with the units of the observations. Here every quantity is measured agai
    reward_spread_t = mean_i std_k r_{t,i,k} / σ_r                  ensemble disagreement, reward
    reward_gap_t    = mean_i |r_{t,i} − r̄^ens_{t,i}| / σ_r          reward head vs ensemble mean
    error_t         = E[gap | obs_spread = obs_spread_t] / m̄        expected one-step error
-   The first four are calibrated like drift, on the model's teacher-forced outputs on held-out
-   real windows (:meth:`Normalizer.calibrate_model_terms`): s = q·C*/(1 − C*) with q their
-   ``model_calibration_quantile``. error_t is absolute: E[gap | spread] is the binned mean of
-   the real one-step error per level of disagreement (monotone, extrapolated in proportion
-   beyond the last bin), m̄ the mean real step magnitude (the error of predicting "nothing
-   changes"); error_t = ``error_reference`` maps to C*, i.e. a step whose expected error exceeds
-   a copy predictor's is incoherent. Uncalibrated terms and absent fields are skipped.
+   E[gap | spread] is the binned mean of the model's real one-step error (gap on real windows)
+   per level of disagreement (monotone, extrapolated in proportion beyond the last bin); m̄ is
+   the mean real step magnitude, the error of predicting "nothing changes". Every term is
+   calibrated like drift, on the model's teacher-forced outputs on held-out real windows
+   (:meth:`Normalizer.calibrate_model_terms`): s = q·C*/(1 − C*) with q its
+   ``model_calibration_quantile`` there (0.99: each term alone fails 1% of real steps, so that
+   together with drift a real trajectory seen through a good model is still mostly approved;
+   a joint widening to 1% for all terms together costs most of the sensitivity to a corrupted
+   dynamics head); for error_t, q is at least ``error_reference``, so a
+   step is incoherent for its expected error only when that error also exceeds a copy
+   predictor's (error_reference = 1). σ_r is 1 (raw reward
+   units) where real rewards never vary. Uncalibrated terms and absent fields are skipped.
 7. Causes. Every term belongs to one cause: drift (the weighted mean of section 3, and gap),
    reward (reward_gap), disagreement (obs_spread, reward_spread, error). A cause's ratio is its
    largest weighted term ratio w·m/s, and D_t = max over causes (so one bad cause is enough:
@@ -95,11 +100,11 @@ TRAJECTORY_FIELDS = ("obs", "action", "reward", "terminated", "uncertainty", "ob
 # there rather than as unknown keys: a YAML written when they were kernel settings then says
 # where they live.
 ACTOR_FIELDS = ("actor_name", "namespace", "num_cpus", "reimaginer_app", "reimaginer_deployment",
-                "max_refine_tries", "noise_shrink", "initial_noise_scale", "h7_bins")  # fmt: skip
+                "refine_mode", "max_refine_tries", "noise_shrink", "initial_noise_scale", "h7_bins")  # fmt: skip
 
 MODEL_TERMS = ("gap", "obs_spread", "reward_spread", "reward_gap", "error")
-# Terms calibrated by quantile on the model's outputs on held-out real windows ("error" is absolute).
-QUANTILE_TERMS = ("gap", "obs_spread", "reward_spread", "reward_gap")
+# Terms calibrated by quantile on the model's outputs on held-out real windows.
+QUANTILE_TERMS = ("gap", "obs_spread", "reward_spread", "reward_gap", "error")
 CAUSES = ("drift", "reward", "disagreement", "support", "stall")
 TERM_CAUSE = {"gap": "drift", "reward_gap": "reward", "obs_spread": "disagreement",
               "reward_spread": "disagreement", "error": "disagreement"}  # fmt: skip
@@ -177,8 +182,8 @@ class GateConfig(ConfigBase):
     weight_error: float = 1.0
     """Weight of the expected one-step error (disagreement cause)."""
     error_reference: float = 1.0
-    """Expected one-step error, in units of the mean real step (a copy predictor's error),
-    mapped to coherence_threshold."""
+    """Least expected one-step error, in units of the mean real step (a copy predictor's
+    error), that maps to coherence_threshold (the calibrated quantile when that is larger)."""
     min_prefix: int = 2
     """Truncation keeps a non-approved trajectory's coherent prefix of at least this many steps."""
 
@@ -365,14 +370,14 @@ class Normalizer:
                 f"calibrate_model_terms needs the model's {missing} on real windows; build them "
                 "with moedream.coherence.model_calibration.model_view"
             )
-        reward = np.asarray(real_reward, np.float64)
-        spread = float(reward.std())
-        self.reward_std = max(spread, 1e-3 * float(np.abs(reward).max(initial=0.0)), 1e-8)
+        spread = float(np.std(np.asarray(real_reward, np.float64)))
+        self.reward_std = spread if spread > 1e-8 else 1.0  # constant real rewards: raw units
         values = raw_model_terms(trajs, self)
         q = config.model_calibration_quantile
+        self.error_curve = error_curve(values["obs_spread"], values["gap"], bins)
+        values["error"] = expected_error(values["obs_spread"], self.error_curve) / self.mean_step
         fitted = {m: float(np.quantile(values[m], q)) for m in QUANTILE_TERMS}
         self.quantiles.update(fitted)
-        self.error_curve = error_curve(values["obs_spread"], values["gap"], bins)
         return fitted
 
     # -- phi -------------------------------------------------------------------------------
@@ -535,7 +540,9 @@ def raw_model_terms(trajs: Trajectories, normalizer: Normalizer) -> dict[str, np
         out["obs_spread"] = rms_ratio(trajs.obs_std, normalizer.delta_std)
     sigma_r = normalizer.reward_std
     if sigma_r > 0 and trajs.reward_spread is not None:
-        out["reward_spread"] = np.mean(np.asarray(trajs.reward_spread, np.float64), axis=2) / sigma_r
+        out["reward_spread"] = (
+            np.mean(np.asarray(trajs.reward_spread, np.float64), axis=2) / sigma_r
+        )
     if sigma_r > 0 and trajs.ensemble_reward is not None:
         gap = np.abs(np.asarray(trajs.reward, np.float64) - trajs.ensemble_reward)  # [B, H, N]
         out["reward_gap"] = np.mean(gap, axis=2) / sigma_r
@@ -705,7 +712,9 @@ def truncate(
     out = dataclasses.replace(
         result,
         verdicts=np.where(cut, Verdict.APPROVE, result.verdicts).astype(np.int8),
-        reasons=[TRUNCATED_PREFIX + r if c else r for r, c in zip(result.reasons, cut, strict=True)],
+        reasons=[
+            TRUNCATED_PREFIX + r if c else r for r, c in zip(result.reasons, cut, strict=True)
+        ],
         truncated=cut,
     )
     if not cut.any():
@@ -741,8 +750,7 @@ def model_terms(
     """The model terms [B, H] that are active (weight > 0), available and calibrated."""
     weights = config.weights()
     values = raw_model_terms(trajs, normalizer)
-    calibrated = lambda m: m == "error" or m in normalizer.quantiles  # noqa: E731
-    return {m: v for m, v in values.items() if weights[m] > 0 and calibrated(m)}
+    return {m: v for m, v in values.items() if weights[m] > 0 and m in normalizer.quantiles}
 
 
 def cause_ratios(
@@ -756,10 +764,10 @@ def cause_ratios(
     weights = config.weights()
     out = {"drift": combined_drift(metrics, normalizer, config)}
     for m, values in terms.items():
-        if m == "error":
-            scale = drift_scale(config.error_reference, config.coherence_threshold)
-        else:
-            scale = drift_scale(normalizer.quantiles[m], config.coherence_threshold)
+        q = normalizer.quantiles[m]
+        if m == "error":  # never stricter than "worse than predicting no change"
+            q = max(q, config.error_reference)
+        scale = drift_scale(q, config.coherence_threshold)
         ratio = weights[m] * values / scale if scale > 0 else np.where(values > 0, np.inf, 0.0)
         cause = TERM_CAUSE[m]
         out[cause] = np.maximum(out[cause], ratio) if cause in out else ratio

@@ -280,8 +280,10 @@ class ServedWorldModelImaginer:
             )
         )
         keep = result.verdicts == Verdict.APPROVE
-        refined = result.tries > 0  # went through the refine loop
+        truncated = result.truncated if result.truncated is not None else np.zeros_like(keep)
+        refined = (result.tries > 0) | truncated  # re-imagined or cut to its coherent prefix
         self._last["gate_h7_mean"] = float(np.mean(result.h7))
+        self._last.update(gate_cause_rates(result))
         return GateDecision(  # approved + refined (then approved) + rejected = B
             keep=keep,
             approved=int(np.sum(keep & ~refined)),
@@ -436,6 +438,22 @@ class ServedWorldModelImaginer:
         if state.get("gate_normalizer"):  # the gate's refit φ at save time
             self._gate_normalizer = state["gate_normalizer"]
             self._gate_restored = True
+
+
+def gate_cause_rates(result: Any) -> dict[str, float]:
+    """Per cause (coherence.kernel.CAUSES), the batch's fraction of trajectories not approved
+    for it before refine (``gate_cause_<cause>_rate``), and the fraction truncated."""
+    from moedream.coherence.kernel import CAUSES, Verdict
+
+    b = max(len(result.verdicts), 1)
+    truncated = result.truncated if result.truncated is not None else np.zeros(b, dtype=bool)
+    first_cause = [
+        c if (v != Verdict.APPROVE or t) else ""
+        for c, v, t in zip(result.cause or [""] * b, result.verdicts, truncated, strict=False)
+    ]
+    out = {f"gate_cause_{c}_rate": first_cause.count(c) / b for c in CAUSES}
+    out["gate_truncated_rate"] = float(np.sum(truncated)) / b
+    return out
 
 
 def _take(array: np.ndarray | None, rows: slice) -> np.ndarray | None:

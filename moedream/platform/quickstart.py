@@ -178,7 +178,7 @@ def prepare_imagination(cfg: QuickstartConfig) -> dict[str, Any]:
     timings["serve"] = time.perf_counter() - t0
 
     t0 = _stage(4, "fit the coherence gate on real data and start the gate actor")
-    gate = _start_gate(cfg)
+    gate = _start_gate(cfg, wm["checkpoint"])
     timings["gate"] = time.perf_counter() - t0
     return {"spec": spec, "summary": summary, "collect_env_steps": steps, "world_model": wm,
             "gate": gate, "timings_s": timings}  # fmt: skip
@@ -250,7 +250,7 @@ def _deploy(cfg: QuickstartConfig, checkpoint: str) -> None:
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
 
 
-def _start_gate(cfg: QuickstartConfig) -> dict[str, Any]:
+def _start_gate(cfg: QuickstartConfig, checkpoint: str) -> dict[str, Any]:
     from moedream.coherence.gate import get_or_create_gate
     from moedream.coherence.kernel import Normalizer, judge
     from moedream.data import load_windows
@@ -259,6 +259,8 @@ def _start_gate(cfg: QuickstartConfig) -> dict[str, Any]:
     horizon = cfg.agents_config().imagination.horizon
     _, train, hold = load_windows(cfg.run_dir / "data", horizon, holdout=0.25, seed=0)
     normalizer = Normalizer.fit(train["obs"], gate_cfg.kernel)
+    if hold:  # the model terms: the served model's one-step view of held-out real windows
+        _calibrate_model_terms(normalizer, checkpoint, hold, gate_cfg.kernel)
     normalizer.save(cfg.run_dir / "gate_normalizer.json")
     state_dir = cfg.run_dir / "gate_state"
     state_dir.mkdir(exist_ok=True)
@@ -282,6 +284,18 @@ def _start_gate(cfg: QuickstartConfig) -> dict[str, Any]:
             "of real trajectories"
         )
     return {"holdout_real_approval": approval}
+
+
+def _calibrate_model_terms(normalizer, checkpoint: str, hold: dict, kernel_cfg) -> None:
+    from moedream.coherence.model_calibration import calibrate_model_terms
+    from moedream.world_model.model import WorldModel
+
+    model = WorldModel.load(checkpoint, map_location="cpu")
+    steps = min(hold["action"].shape[1], model.config.backbone.max_context)  # its context
+    windows = {k: v[:, : steps + 1] if k == "obs" else v[:, :steps] for k, v in hold.items()}
+    fitted = calibrate_model_terms(normalizer, model, windows, kernel_cfg)
+    print("gate: model terms calibrated on held-out real windows: "
+          + ", ".join(f"{k} {v:.3g}" for k, v in fitted.items()))  # fmt: skip
 
 
 def _kill_existing_gate(gate_cfg) -> None:

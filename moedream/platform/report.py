@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from moedream.coherence.kernel import CAUSES
+
 _LOAD_KEY = re.compile(r"moe/load_l(\d+)_e(\d+)$")
 
 
@@ -60,6 +62,10 @@ def _plot_gate(run_dir: Path, history: list[dict[str, float]]) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, color in (("approve", "C2"), ("refine", "C1"), ("reject", "C3")):
         ax.plot(it, _series(history, f"gate/{name}_rate"), marker="o", color=color, label=name)
+    for k, cause in enumerate(CAUSES):  # why trajectories were not approved whole
+        series = _series(history, f"provider/gate_cause_{cause}_rate")
+        if np.isfinite(series).any():
+            ax.plot(it, series, ls="--", color=f"C{4 + k}", label=f"cause: {cause}")
     ax.set_xlabel("iteration")
     ax.set_ylabel("fraction of imagined trajectories")
     ax.set_ylim(-0.05, 1.05)
@@ -133,6 +139,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _cause_rates(last: dict[str, float]) -> str:
+    """'drift 0.02, reward 0.31, ...' from the gate's per-cause rates ('n/a' without them)."""
+    rates = {c: last.get(f"provider/gate_cause_{c}_rate", math.nan) for c in CAUSES}
+    if all(v != v for v in rates.values()):
+        return "n/a"
+    return ", ".join(f"{c} {_fmt(v)}" for c, v in rates.items())
+
+
 def _markdown(cfg: Any, figures: dict[str, Any], plots: dict[str, str]) -> str:
     history = figures["agents"]["history"]
     last = history[-1] if history else {}
@@ -148,6 +162,9 @@ def _markdown(cfg: Any, figures: dict[str, Any], plots: dict[str, str]) -> str:
         ("gate: held-out real trajectories approved", _fmt(gate.get("holdout_real_approval", math.nan))),
         ("gate: imagined approve / refine / reject (last iteration)",
          " / ".join(_fmt(last.get(f"gate/{k}_rate", math.nan)) for k in ("approve", "refine", "reject"))),
+        ("gate: not approved whole, by cause (last iteration)", _cause_rates(last)),
+        ("gate: truncated to the coherent prefix (last iteration)",
+         _fmt(last.get("provider/gate_truncated_rate", math.nan))),
         ("world model: final loss", _fmt(wm.get("wm/loss", math.nan))),
     ]  # fmt: skip
     lines = [

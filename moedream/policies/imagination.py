@@ -155,7 +155,8 @@ def build_imagined_episodes(
     current policy). ``obs_transform`` applies the env-to-module preprocessing the real
     episodes got (e.g. an observation filter): [..., D] -> [..., D]. An episode ends at the
     first step where any agent's predicted termination reaches ``termination_threshold``,
-    else it is truncated at H (PPO bootstraps from the reflector's value).
+    else it is truncated at its length (H, or the coherent prefix the gate kept:
+    ``trajectories.length``) and PPO bootstraps from the reflector's value.
     """
     obs = np.asarray(trajectories.obs, dtype=np.float32)  # [B, H + 1, N, D]
     if obs_transform is not None:
@@ -201,8 +202,10 @@ def _inputs_and_logp(policy: TeamPolicy, obs: np.ndarray, actions: np.ndarray):
 def _episode(
     obs, actions, trajs, b, inputs, logps, spec, shared, seq_no, threshold
 ) -> MultiAgentEpisode:
-    """One imagined trajectory (obs [H + 1, N, D], actions [H, N, ...]) -> MultiAgentEpisode."""
-    h = trajs.horizon
+    """One imagined trajectory (obs [H + 1, N, D], actions [H, N, ...]) -> MultiAgentEpisode
+    of its first ``length`` steps."""
+    h = trajs.horizon  # rows of the flat [B * H] inputs and log-probs
+    steps = int(trajs.lengths()[b])
     agents = spec.agent_ids
     episode = MultiAgentEpisode(
         id_=f"{IMAGINED_PREFIX}{uuid.uuid4().hex}",
@@ -213,9 +216,9 @@ def _episode(
         agent_to_module_mapping_fn=lambda agent_id, ep, _s=shared: planner_id(agent_id, _s),
     )
     episode.add_env_reset(observations=_per_agent_obs(obs[0], spec))
-    for t in range(h):
+    for t in range(steps):
         terminated = bool(np.max(trajs.terminated[b, t]) >= threshold)
-        truncated = (t == h - 1) and not terminated
+        truncated = (t == steps - 1) and not terminated
         row = b * h + t
         episode.add_env_step(
             observations=_per_agent_obs(obs[t + 1], spec),

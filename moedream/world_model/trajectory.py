@@ -18,7 +18,13 @@ import dataclasses
 import numpy as np
 
 WINDOW_KEYS = ("obs", "action", "reward", "terminated")
-OPTIONAL_STEP_FIELDS = ("uncertainty", "obs_std", "ensemble_obs", "ensemble_reward", "reward_spread")
+OPTIONAL_STEP_FIELDS = (
+    "uncertainty",
+    "obs_std",
+    "ensemble_obs",
+    "ensemble_reward",
+    "reward_spread",
+)
 """Per-step model outputs a Trajectories may carry (each [B, H, ...] or None)."""
 BATCH_FIELDS = (*WINDOW_KEYS, *OPTIONAL_STEP_FIELDS, "length")
 """Every field with a leading batch axis (expert_load has none)."""

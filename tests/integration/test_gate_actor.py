@@ -32,8 +32,12 @@ def real():
 
 @pytest.fixture
 def config():
-    """A fresh actor name per test, so tests never share counters."""
-    return GateActorConfig(actor_name=f"gate_{uuid.uuid4().hex[:8]}", namespace="moedream_test")
+    """A fresh actor name per test, so tests never share counters; REFINE re-imagines (the
+    truncating refine has its own test)."""
+    return GateActorConfig(
+        actor_name=f"gate_{uuid.uuid4().hex[:8]}", namespace="moedream_test",
+        refine_mode="reimagine",
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -122,6 +126,40 @@ def test_refine_with_a_cleaner_reimaginer_approves(
     key = "gate/mamujoco/planner"
     assert stats[f"{key}/entered_refine"] == 12 and stats[f"{key}/refine_recovered"] == 12
     assert stats[f"{key}/refine_attempts"] == 12 and stats[f"{key}/approve"] == 12
+    _kill_actor(ray, gate)
+
+
+def test_truncating_refine_keeps_coherent_prefixes_and_counts_causes(
+    ray_cluster, real, config, refine_batch, tmp_path
+):
+    """The default refine: every trajectory keeps the steps before its first incoherent one
+    (if >= min_prefix), needs no re-imaginer, and the counters say why each was not approved."""
+    import dataclasses
+
+    from moedream.coherence.gate import get_or_create_gate
+
+    ray = ray_cluster
+    normalizer, _ = real
+    _, noisy = refine_batch
+    config = dataclasses.replace(config, refine_mode="truncate")
+    gate = get_or_create_gate(config, normalizer, tmp_path / "state")
+    result = ray.get(gate.judge_and_refine.remote(noisy, "mamujoco", "planner"))
+    first = judge(noisy, normalizer, config.kernel)
+    incoherent = first.coherence < config.kernel.coherence_threshold
+    prefix = np.argmax(incoherent, axis=1)  # every row has an incoherent step (REFINE)
+    cut = prefix >= config.kernel.min_prefix
+    assert cut.any()
+    np.testing.assert_array_equal(result.truncated, cut)
+    np.testing.assert_array_equal(result.verdicts == Verdict.APPROVE, cut)
+    np.testing.assert_array_equal(result.trajectories.lengths()[cut], prefix[cut])
+    stats = ray.get(gate.stats.remote())
+    key = "gate/mamujoco/planner"
+    assert stats[f"{key}/truncated"] == cut.sum() and stats[f"{key}/approve"] == cut.sum()
+    causes = {k: v for k, v in stats.items() if k.startswith(f"{key}/causes/")}
+    assert sum(v for k, v in causes.items() if not k.endswith("_rate")) == 12
+    kept = [v for k, v in stats.items()
+            if k.startswith(f"{key}/truncated_causes/") and not k.endswith("_rate")]  # fmt: skip
+    assert sum(kept) == cut.sum()
     _kill_actor(ray, gate)
 
 
