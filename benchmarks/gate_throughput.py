@@ -1,5 +1,6 @@
 """Coherence gate throughput: trajectory-steps/s and latency for batches of 64 trajectories x 15
-steps, the kernel alone vs through the central gate actor, in one run.
+steps, the kernel alone (judge + truncate) vs through the central gate actor
+(judge_and_refine), in one run.
 
 Real data: Overcooked cramped_room (2 agents x 96 features) random-policy windows; the gate is
 fitted on other episodes. Through the actor, every call pays a ``ray.put`` of a fresh batch, the
@@ -10,7 +11,6 @@ Starts its own local Ray (RAY_AUTH_MODE=disabled) and shuts it down at the end.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import markdown_table, record  # noqa: E402
+from _common import markdown_table, parse_args, record  # noqa: E402
 
-from moedream.coherence.kernel import GateConfig, Normalizer, judge  # noqa: E402
+from moedream.coherence.kernel import GateConfig, Normalizer, judge, truncate  # noqa: E402
 from moedream.platform.commands.calibrate_gate import (  # noqa: E402
     collect_random_episodes,
     windows_from_episodes,
@@ -42,26 +42,41 @@ class Args:
     """Timed calls per mode (after 10 warm-up calls)."""
     in_flight: int = 8
     """Outstanding calls in the pipelined actor mode."""
-
-
-def parse_args() -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Args):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default
-        )
-    return Args(**vars(parser.parse_args()))
+    model_outputs: bool = True
+    """Judge with a world model's ensemble outputs (the model terms) and truncate, as the gate
+    does on imagination; --no-model-outputs judges the bare real windows."""
 
 
 def real_batches(args: Args):
-    """A fitted normalizer and a pool of real batches [batch, horizon+1, N, D]."""
+    """A fitted normalizer and a pool of real batches [batch, horizon+1, N, D], with a tiny
+    untrained world model's outputs on them (``--model-outputs``: what the gate receives
+    from Serve, so the model terms run too; calibrated on other windows)."""
     episodes = collect_random_episodes(args.env, n_episodes=12, max_steps=150, seed=0)
     config = GateConfig()
     normalizer = Normalizer.fit([e["obs"] for e in episodes[:6]], config)
     windows = windows_from_episodes(episodes[6:], args.horizon, stride=1)
+    if args.model_outputs:
+        windows = with_model_outputs(args, windows, normalizer, config)
     rng = np.random.default_rng(0)
     pool = [windows.select(rng.choice(len(windows.obs), args.batch)) for _ in range(16)]
     return config, normalizer, pool
+
+
+def with_model_outputs(args: Args, windows, normalizer: Normalizer, config: GateConfig):
+    from gate_faults import MODEL
+
+    from moedream.coherence.model_calibration import calibrate_model_terms, model_view
+    from moedream.envs import env_spec
+    from moedream.world_model.model import WorldModel, WorldModelConfig
+
+    backbone = {**MODEL["backbone"], "max_context": args.horizon}
+    model_cfg = WorldModelConfig.from_dict({**MODEL, "backbone": backbone})
+    model = WorldModel(model_cfg, env_spec(args.env))
+    data = {k: getattr(windows, k) for k in ("obs", "action", "reward", "terminated")}
+    model.fit_normalization(data)
+    half = len(windows.obs) // 2
+    calibrate_model_terms(normalizer, model, {k: v[:half] for k, v in data.items()}, config)
+    return model_view(model, {k: v[half:] for k, v in data.items()})
 
 
 def summarize(
@@ -79,21 +94,22 @@ def summarize(
 
 def time_kernel(args: Args, config, normalizer, pool) -> list[float]:
     for b in pool[:10]:
-        judge(b, normalizer, config)
+        truncate(judge(b, normalizer, config), b, config)
     out = []
     for i in range(args.calls):
         start = time.perf_counter()
-        judge(pool[i % len(pool)], normalizer, config)
+        batch = pool[i % len(pool)]
+        truncate(judge(batch, normalizer, config), batch, config)  # the actor's default refine
         out.append(time.perf_counter() - start)
     return out
 
 
 def time_actor(ray, gate, args: Args, pool) -> list[float]:
-    ray.get([gate.judge.remote(b, args.env, "bench") for b in pool[:10]])
+    ray.get([gate.judge_and_refine.remote(b, args.env, "bench") for b in pool[:10]])
     out = []
     for i in range(args.calls):
         start = time.perf_counter()
-        ray.get(gate.judge.remote(ray.put(pool[i % len(pool)]), args.env, "bench"))
+        ray.get(gate.judge_and_refine.remote(ray.put(pool[i % len(pool)]), args.env, "bench"))
         out.append(time.perf_counter() - start)
     return out
 
@@ -107,7 +123,7 @@ def time_pipelined(ray, gate, args: Args, pool) -> tuple[list[float], float]:
         if len(submitted) >= args.in_flight:
             done, _ = ray.wait(list(submitted), num_returns=1)
             latencies.append(time.perf_counter() - submitted.pop(done[0]))
-        ref = gate.judge.remote(ray.put(pool[i % len(pool)]), args.env, "bench")
+        ref = gate.judge_and_refine.remote(ray.put(pool[i % len(pool)]), args.env, "bench")
         submitted[ref] = time.perf_counter()
     while submitted:
         done, _ = ray.wait(list(submitted), num_returns=1)
@@ -153,7 +169,14 @@ def main(args: Args) -> None:
     note = (
         f"{args.env} real windows, batches of {args.batch} trajectories x {args.horizon} steps, "
         f"{args.calls} timed calls per mode; default GateConfig (L2 drift, stall and support "
-        "checks). The actor rows include `ray.put` of the batch, the call, and the atomic JSON "
+        "checks"
+        + (
+            ", and the model terms on a tiny untrained world model's ensemble outputs"
+            if args.model_outputs
+            else "; no model outputs"
+        )
+        + "), judge then truncate (`judge_and_refine` in the actor). The actor rows include "
+        "`ray.put` of the batch, the call, and the atomic JSON "
         "write of the counters after every call. Load average at the end: "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared machine: figures are noisy)."
     )
@@ -161,4 +184,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_args(Args, __doc__.splitlines()[0]))

@@ -53,10 +53,10 @@ changes with the units of the observations. Here every quantity is measured agai
    ``model_calibration_quantile`` there (0.99: each term alone fails 1% of real steps, so that
    together with drift a real trajectory seen through a good model is still mostly approved;
    a joint widening to 1% for all terms together costs most of the sensitivity to a corrupted
-   dynamics head); for error_t, q is at least ``error_reference``, so a
-   step is incoherent for its expected error only when that error also exceeds a copy
-   predictor's (error_reference = 1). σ_r is 1 (raw reward
-   units) where real rewards never vary. Uncalibrated terms and absent fields are skipped.
+   dynamics head); for error_t, q is at least ``error_reference``, so a step is incoherent for
+   its expected error only when that error also exceeds a copy predictor's (error_reference =
+   1). σ_r is 1 (raw reward units) where real rewards never vary. Uncalibrated terms and
+   absent fields are skipped.
 7. Causes. Every term belongs to one cause: drift (the weighted mean of section 3, and gap),
    reward (reward_gap), disagreement (obs_spread, reward_spread, error). A cause's ratio is its
    largest weighted term ratio w·m/s, and D_t = max over causes (so one bad cause is enough:

@@ -394,3 +394,27 @@ def test_calibrate_gate_command_on_episode_shards(tmp_path, capsys):
     assert Normalizer.load(out).n_steps == 4 * 60
     with pytest.raises(ConfigError, match="not --env overcooked"):
         main(["calibrate-gate", "--env", "overcooked", "--data", str(data), "--out", str(out)])
+
+
+def test_calibrate_gate_command_calibrates_the_model_terms_of_a_checkpoint(tmp_path, capsys):
+    from moedream.data import collect_episodes, read_episodes
+    from moedream.platform.cli import main
+    from moedream.world_model.model import WorldModel
+    from tests.world_models import tiny_config
+
+    data = tmp_path / "episodes"
+    collect_episodes("mamujoco", {"max_episode_steps": 60}, 5, data / "shard-0.parquet")
+    spec, _ = read_episodes(data)
+    checkpoint = WorldModel(tiny_config(), spec).save(tmp_path / "wm.safetensors")
+    out = tmp_path / "gate.json"
+    argv = ["calibrate-gate", "--env", "mamujoco", "--data", str(data), "--out", str(out),
+            "--horizon", "5", "--checkpoint", str(checkpoint)]  # fmt: skip
+    assert main(argv) == 0
+    assert "model terms calibrated on 12 held-out windows" in capsys.readouterr().out
+    saved = Normalizer.load(out)
+    assert {"gap", "obs_spread", "reward_spread", "reward_gap", "error"} <= saved.quantiles.keys()
+    assert saved.error_curve["spread"] and saved.reward_std > 0
+    with pytest.raises(ConfigError, match="exceeds the model's context"):
+        main([*argv[:-4], "--horizon", "15", "--checkpoint", str(checkpoint)])
+    with pytest.raises(ConfigError, match="--checkpoint .* is not a file"):
+        main([*argv[:-1], str(tmp_path / "missing.safetensors")])

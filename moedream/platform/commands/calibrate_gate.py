@@ -3,6 +3,10 @@ the approval rate on held-out real trajectories.
 
     moedream calibrate-gate --env overcooked --episodes 20 --out runs/gate/overcooked.json
     moedream calibrate-gate --env mamujoco --data runs/episodes/mamujoco --out gate.json
+    moedream calibrate-gate --data runs/quickstart/data --checkpoint MODEL.safetensors --out gate.json
+
+With ``--checkpoint`` the model terms (accuracy, rewards, disagreement: kernel.py's docstring)
+are calibrated too, on that world model's view of the held-out windows.
 
 Episodes are split by episode (not by step) into fit and held-out sets, so held-out windows
 were never seen while fitting. No Ray is needed: the kernel is plain numpy.
@@ -34,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=200, help="steps per collected episode")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", help="YAML file whose `gate` section is a GateConfig")
+    parser.add_argument(
+        "--checkpoint", help="world model (.safetensors) whose model terms to calibrate"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         held = windows_from_episodes(held_eps, args.horizon)
     normalizer = Normalizer.fit(fit_obs, config)
     result = judge(held, normalizer, config)
+    if args.checkpoint:
+        _calibrate_model_terms(normalizer, args.checkpoint, held, config)
     normalizer.save(args.out)
     counts = result.counts()
     rate = counts["APPROVE"] / max(len(result), 1)
@@ -71,6 +80,30 @@ def run(args: argparse.Namespace) -> int:
     if rate < 0.95:
         print("  WARNING: below 0.95; collect more episodes or check the data")
     return 0
+
+
+def _calibrate_model_terms(normalizer: Any, checkpoint: str, held: Any, config: Any) -> None:
+    from pathlib import Path
+
+    from moedream.coherence.kernel import judge
+    from moedream.coherence.model_calibration import calibrate_model_terms, model_view
+    from moedream.world_model.model import WorldModel
+
+    if not Path(checkpoint).is_file():
+        raise ConfigError(f"--checkpoint {checkpoint!r} is not a file; pass a world model's "
+                          ".safetensors (e.g. the quickstart's printed checkpoint)")  # fmt: skip
+    model = WorldModel.load(checkpoint, map_location="cpu")
+    if held.horizon > model.config.backbone.max_context:
+        raise ConfigError(
+            f"--horizon {held.horizon} exceeds the model's context "
+            f"({model.config.backbone.max_context}); pass --horizon <= it with --checkpoint"
+        )
+    windows = {k: getattr(held, k) for k in ("obs", "action", "reward", "terminated")}
+    fitted = calibrate_model_terms(normalizer, model, windows, config)
+    seen = judge(model_view(model, windows), normalizer, config).counts()
+    print(f"  model terms calibrated on {len(held.obs)} held-out windows: "
+          + ", ".join(f"{k} {v:.3g}" for k, v in fitted.items()))  # fmt: skip
+    print(f"  held-out windows through the model's outputs: verdicts {seen}")
 
 
 def load_real_windows(
