@@ -598,9 +598,12 @@ class GateResult:
     drift: np.ndarray
     """[B, H] combined calibrated drift D_t (C_t = 1/(1 + D_t) before the stall test)."""
     reasons: list[str]
-    """[B] 'coherent', 'low coherence', 'frozen state', 'off support', 'non-finite values in obs'."""
+    """[B] 'coherent', or the main cause's CAUSE_REASON ('low coherence', 'reward
+    inconsistent', 'ensemble disagreement', 'off support', 'frozen state'), or 'non-finite values
+    in obs'; prefixed 'truncated: ' by :func:`truncate`."""
     metrics: dict[str, np.ndarray]
-    """Raw per-step metrics [B, H] that were available (l2, l1, kl, ensemble, dispersion)."""
+    """Raw per-step metrics [B, H] that were active and available (l2, l1, kl, ensemble,
+    dispersion, and the model terms)."""
     tries: np.ndarray
     """[B] int refine tries spent on each trajectory (0 from plain judge)."""
     causes: np.ndarray | None = None

@@ -228,3 +228,24 @@ def test_imagined_episodes_stop_at_the_kept_length():
         )
     kept = trajs.select([1, 2])
     assert kept.lengths().tolist() == [2, 3]
+
+
+def test_cause_rates_reach_the_provider_metrics_and_the_report(calibrated):
+    from moedream.platform.model_based import gate_cause_rates
+    from moedream.platform.report import _cause_rates
+
+    norm, view = calibrated
+    config = GateConfig()
+    whole = np.flatnonzero(judge(view, norm, config).h7 == 1.0)[:20]
+    rows = view.select(whole)
+    reward = rows.reward.copy()
+    reward[:10] += 5.0 * norm.reward_std  # 10 hallucinate rewards from the start: rejected
+    reward[10:, 2:] += 5.0 * norm.reward_std  # 10 from step 2 on: truncated to 2 steps
+    bad = dataclasses.replace(rows, reward=reward)
+    result, _ = truncate(judge(bad, norm, config), bad, config)
+    rates = gate_cause_rates(result)
+    assert rates["gate_cause_reward_rate"] == 1.0 and rates["gate_truncated_rate"] == 0.5
+    assert all(rates[f"gate_cause_{c}_rate"] == 0.0 for c in CAUSES if c != "reward")
+    last = {f"provider/{k}": v for k, v in rates.items()}
+    assert _cause_rates(last) == "drift 0, reward 1, disagreement 0, support 0, stall 0"
+    assert _cause_rates({}) == "n/a"
