@@ -167,3 +167,11 @@ def test_world_model_and_coherence_kernel_never_import_ray(module):
     loaded = reachable(module, MODULE_EDGES)  # what loading it loads, inside moedream
     via = sorted(m for m in loaded if "ray@module" in EXTERNALS[m])
     assert not via, f"{module} imports ray through {via}"
+
+
+def test_diffusers_is_imported_only_where_a_scheduler_is_built():
+    """diffusers takes seconds to import: a module-level import would charge it to every Ray
+    worker that loads the world model's modules, most of which never build a scheduler."""
+    eager = sorted(m for m in MODULES if "diffusers@module" in EXTERNALS[m])
+    assert not eager, f"import diffusers inside the function that needs it, not in {eager}"
+    assert "diffusers@function" in EXTERNALS[f"{PACKAGE}.world_model.diffusion.denoiser"]

@@ -1,11 +1,22 @@
 """Diffusion head of the world model: the denoiser (network + loss) apart from the sampler
-(a diffusers scheduler loop over any ``predict_fn``)."""
+(a diffusers scheduler loop over any ``predict_fn``).
 
-from moedream.world_model.diffusion.denoiser import Denoiser, DiffusionConfig
-from moedream.world_model.diffusion.sampler import (
-    DiffusionSampler,
-    SamplerConfig,
-    check_compatible,
-)
+diffusers itself is imported only where a scheduler is built (``training_scheduler``,
+``build_scheduler``): it costs every Ray worker that loads these modules ~1.5 s otherwise.
+"""
 
-__all__ = ["Denoiser", "DiffusionConfig", "DiffusionSampler", "SamplerConfig", "check_compatible"]
+from __future__ import annotations
+
+from moedream.lazy import lazy_getattr
+
+_EXPORTS = {
+    "Denoiser": "denoiser",
+    "DiffusionConfig": "denoiser",
+    "DiffusionSampler": "sampler",
+    "SamplerConfig": "sampler",
+    "check_compatible": "sampler",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

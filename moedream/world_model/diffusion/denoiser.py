@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor, nn
 
 from moedream.config import ConfigBase, check, check_choice
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 OBJECTIVES = ("eps", "v", "flow")
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
@@ -89,6 +91,11 @@ def ddpm_schedule_kwargs(cfg: DiffusionConfig) -> dict[str, Any]:
 
 def training_scheduler(cfg: DiffusionConfig) -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:
     """The diffusers scheduler whose forward process defines x_t during training."""
+    # Imported here, not at module level: diffusers takes seconds to import, and most Ray
+    # workers that load the world model's modules (env runners, learners, drivers reading
+    # configs) never build a denoiser.
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
     if cfg.objective == "flow":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps)
     return DDPMScheduler(**ddpm_schedule_kwargs(cfg), clip_sample=False)

@@ -15,11 +15,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
 from moedream.config import ConfigBase, ConfigError, check, check_choice, check_positive
@@ -28,6 +27,9 @@ from moedream.world_model.diffusion.denoiser import (
     check_int,
     ddpm_schedule_kwargs,
 )
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 PredictFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 SCHEDULERS = ("ddpm", "ddim", "flow_euler")
@@ -88,6 +90,9 @@ def build_scheduler(
     diffusion_cfg: DiffusionConfig, cfg: SamplerConfig
 ) -> DDPMScheduler | DDIMScheduler | FlowMatchEulerDiscreteScheduler:
     """A diffusers scheduler configured exactly as the denoiser was trained."""
+    # Imported on first use, as in denoiser.training_scheduler (seconds per process).
+    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
     if cfg.scheduler == "flow_euler":
         return FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=diffusion_cfg.num_train_timesteps
