@@ -4,6 +4,10 @@ The cluster is started with more logical CPUs than the machine has cores (8 on 2
 one way moedream fits Train workers, Serve replicas, env runners and the gate at once on a
 laptop (see configs/quickstart.yaml). It is stopped at the end of the session: never `ray stop`,
 which would stop every Ray process on the machine.
+
+Serve is shut down around every test module, except between modules that ask for
+`serve_on_loopback` (Serve with its HTTP proxy on 127.0.0.1 at one port for the session): those
+run last, back to back, and share one Serve controller and proxy.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import sys
 import pytest
 
 from moedream.platform.ray_setup import TRAIN_HEALTH_CHECK_INTERVAL_S
+from tests.ray_head import free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -60,17 +65,57 @@ def ray_cluster(tmp_path_factory):
     ray.shutdown()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_serve_left_to_the_next_module():
-    """Shuts Serve down after each test module that leaves it running: `serve.start` on a
-    running Serve keeps the first caller's settings, so a module that starts it without an
-    HTTP proxy (or on another port) would leave the next one with no proxy on its port."""
-    yield
+SHARED_SERVE = "serve_on_loopback"
+SHARING_MODULES = pytest.StashKey[set]()  # names of the modules whose tests share Serve
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules that share Serve run last and back to back, so it starts once for all of them
+    (a stable sort: the order within each group stays)."""
+    sharing = {_module_name(item) for item in items if SHARED_SERVE in item.fixturenames}
+    config.stash[SHARING_MODULES] = sharing
+    items.sort(key=lambda item: _module_name(item) in sharing)
+
+
+def _module_name(item) -> str | None:
+    module = getattr(item, "module", None)  # None for items that are not Python functions
+    return module.__name__ if module is not None else None
+
+
+def _shutdown_serve() -> None:
     ray = sys.modules.get("ray")  # never imported: no cluster, nothing to stop
     if ray is not None and ray.is_initialized():
         from ray import serve
 
         serve.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_serve_left_to_the_next_module(request):
+    """Shuts Serve down before and after each test module that does not share it: `serve.start`
+    on a running Serve keeps the first caller's settings, so a module that starts it without
+    an HTTP proxy (or on another port) would leave the next one with no proxy on its port."""
+    shares = request.module.__name__ in request.config.stash.get(SHARING_MODULES, set())
+    if not shares:
+        _shutdown_serve()  # left running by a module that shares it
+    yield
+    if not shares:
+        _shutdown_serve()
+
+
+@pytest.fixture(scope="session")
+def serve_http_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def serve_on_loopback(ray_cluster, serve_http_port) -> int:
+    """Serve with its HTTP proxy on 127.0.0.1 at the session's port (returned). Modules asking
+    for it leave Serve running for the next one: each deletes the apps it deployed."""
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": serve_http_port})  # no-op if up
+    return serve_http_port
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -40,10 +39,9 @@ USER_CONFIG = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Serve notices a dead replica at its next health check (default every 10 s): checking
+# every second lets the killed-replica test see the recovery without waiting that out.
+HEALTH_CHECK_PERIOD_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +72,7 @@ def deploy_config(checkpoint: str, port: int, args_checkpoint: str | None = None
     (app,) = config["applications"]
     app["args"]["checkpoint"] = args_checkpoint or checkpoint  # args changes rebuild the app
     (deployment,) = app["deployments"]
+    deployment["health_check_period_s"] = HEALTH_CHECK_PERIOD_S
     deployment["user_config"] = {
         **deployment["user_config"],
         **USER_CONFIG,
@@ -92,13 +91,12 @@ def wait_running(serve, app_name: str, timeout: float = 120.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, checkpoints):
+def served(serve_on_loopback, checkpoints):
     from ray import serve
 
     from moedream.platform.serve import APP_NAME, DEPLOYMENT_NAME
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_on_loopback
     deploy_config(checkpoints["a"], port)
     wait_running(serve, APP_NAME)
     url = f"http://127.0.0.1:{port}"

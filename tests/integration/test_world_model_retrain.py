@@ -18,7 +18,6 @@ from moedream.policies.algorithm import METRICS, STATE_KEY
 from moedream.world_model.evaluation import eval_windows, prediction_scores
 from moedream.world_model.model import WorldModel
 from moedream.world_model.train_local import TrainConfig, train_local
-from tests.ray_head import free_port
 from tests.world_models import served_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -28,7 +27,7 @@ ENV_OPTIONS = {"layout": "cramped_room", "horizon": 100, "shaped_reward_weight":
 
 
 @pytest.fixture(scope="module")
-def served_world_model(ray_cluster, tmp_path_factory):
+def served_world_model(serve_on_loopback, tmp_path_factory):
     """A tiny world model trained on 3 random-policy episodes, served with ``serve.run`` as the
     quickstart does (imperative: the first push converts the app to a config deploy)."""
     from ray import serve
@@ -43,7 +42,6 @@ def served_world_model(ray_cluster, tmp_path_factory):
     train_local(train, data, root / "base_model", model_config=served_config(),
                 progress=False)  # fmt: skip
     checkpoint = str(root / "base_model" / "world_model.safetensors")
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     args = {"checkpoint": checkpoint, "num_threads": 1, "max_batch": 256, "max_horizon": 8}
     serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
     yield {"root": root, "data": data, "checkpoint": checkpoint}
