@@ -369,8 +369,8 @@ def test_overcooked_imagination_then_save_restore_continue(ray_cluster, storage_
 # 20k steps and 12 evaluation episodes.
 LEARNING_BUDGET = {
     "num_env_runners": 0,
-    # 4 envs stepped as one batch: the same 1000 steps per iteration for half the sampling time
-    # (one policy forward and connector pass per 4 env steps; sampling is most of an iteration)
+    # 4 envs stepped as one batch: the same real steps per iteration with one policy forward
+    # and connector pass per 4 env steps (sampling is most of an iteration's time)
     "num_envs_per_env_runner": 4,
     "train_batch_size": 1000,
     "minibatch_size": 250,
