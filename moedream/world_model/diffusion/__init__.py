@@ -2,7 +2,8 @@
 (a diffusers scheduler loop over any ``predict_fn``).
 
 diffusers itself is imported only where a scheduler is built (``training_scheduler``,
-``build_scheduler``): it costs every Ray worker that loads these modules ~1.5 s otherwise.
+``build_scheduler``): its import takes seconds, which every Ray worker that loads these
+modules without building a denoiser or sampler would pay otherwise.
 """
 
 from __future__ import annotations
