@@ -122,6 +122,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, nested mappings key by key (overrides of a YAML)."""
+    out = dict(base)
+    for key, value in extra.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = merged(base[key], value) if nested else value
+    return out
+
+
 def _coerce(hint: Any, value: Any, field: str) -> Any:
     """Turn YAML values into the annotated type (nested configs, tuples, floats from ints)."""
     origin = typing.get_origin(hint)

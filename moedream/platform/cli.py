@@ -10,8 +10,9 @@ import sys
 
 # subcommand -> module under moedream.platform.commands
 COMMANDS: dict[str, str] = {
-    "collect": "collect",
+    "train": "train",
     "quickstart": "quickstart",
+    "collect": "collect",
     "train-world-model": "train_world_model",
     "serve": "serve",
     "calibrate-gate": "calibrate_gate",
@@ -20,8 +21,9 @@ COMMANDS: dict[str, str] = {
 }
 
 HELPS: dict[str, str] = {
+    "train": "the pipeline: collect, train the world model, serve, gate, train the team, report",
+    "quickstart": "the main job: the whole pipeline on the embedded default config",
     "collect": "collect episodes in parallel on Ray into Parquet shards",
-    "quickstart": "the main job: collect, train the world model, serve, learn, report",
     "train-world-model": "train the MoE-diffusion world model (locally or with Ray Train)",
     "serve": "serve a world-model checkpoint with Ray Serve over HTTP",
     "calibrate-gate": "fit the coherence gate on episode data and report its approval rate",

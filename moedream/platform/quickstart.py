@@ -1,19 +1,21 @@
-"""The main job (`make run` -> `moedream quickstart`), end to end on a local Ray cluster:
+"""The pipeline's config and its stages (moedream/platform/pipeline.py runs them, resumably):
 
-1. collect real episodes (Ray tasks) into Parquet shards;
-2. train the MoE-diffusion world model with Ray Train (2 workers, expert parallel);
-3. deploy it with Ray Serve (127.0.0.1);
-4. fit the coherence gate on the real data and start the central gate actor;
-5. train the team (MBMAPPO: perceiver/planner/reflector) on real + gated imagined rollouts;
-6. evaluate the team against the random team on the real env;
-7. write runs/<name>/report.md with PNG plots, next to the TensorBoard logs.
+1. collect: real episodes (Ray tasks) into Parquet shards;
+2. world_model: train the MoE-diffusion world model with Ray Train (expert parallel);
+3. serve: deploy it with Ray Serve (127.0.0.1);
+4. gate: fit the coherence gate on the real data and start the central gate actor;
+5. agents: train the team (MBMAPPO: perceiver/planner/reflector) on real + gated imagined rollouts;
+6. report: evaluate the team against the random team on the real env, then write
+   runs/<name>/report.md with PNG plots, next to the TensorBoard logs.
+
+`moedream train --config X` runs it on any config of this shape; the main job (`make run` ->
+`moedream quickstart`) runs it on the embedded default, configs/quickstart.yaml.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,6 @@ ENV_CONFIGS = {
     "overcooked": DEFAULT_CONFIG,
     "mamujoco": REPO_ROOT / "configs" / "quickstart_mamujoco.yaml",
 }
-STAGES = 7
 
 
 @dataclasses.dataclass
@@ -151,68 +152,35 @@ def _section(cls, data: dict[str, Any], name: str):
     return cfg
 
 
-def _stage(k: int, text: str) -> float:
-    print(f"\n[{k}/{STAGES}] {text}", flush=True)
-    return time.perf_counter()
-
-
 def prepare_imagination(cfg: QuickstartConfig) -> dict[str, Any]:
-    """Stages 1-4: real data, the world model (Ray Train), its Serve deployment and the gate
-    actor: everything a `provider: world_model` agent run needs. Also used by
-    benchmarks/sample_efficiency.py."""
-    from moedream.platform.ray_setup import init_ray
+    """Stages collect, world_model, serve and gate of the pipeline (resumed from the run
+    folder like any pipeline run): everything a `provider: world_model` agent run needs.
+    Also used by benchmarks/sample_efficiency.py and model-based Tune sweeps."""
+    from moedream.platform.pipeline import IMAGINATION_STAGES, run_pipeline
 
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t0 = _stage(1, f"collect {cfg.collect.episodes} episodes of {cfg.collect.env} on Ray")
-    init_ray()
-    spec, summary, steps = _collect(cfg)
-    timings["collect"] = time.perf_counter() - t0
-
-    t0 = _stage(2, "train the MoE-diffusion world model with Ray Train (expert parallel)")
-    wm = _train_world_model(cfg)
-    timings["world_model"] = time.perf_counter() - t0
-
-    t0 = _stage(3, f"deploy the world model with Ray Serve on http://127.0.0.1:{cfg.http_port}")
-    _deploy(cfg, wm["checkpoint"])
-    timings["serve"] = time.perf_counter() - t0
-
-    t0 = _stage(4, "fit the coherence gate on real data and start the gate actor")
-    gate = _start_gate(cfg, wm["checkpoint"])
-    timings["gate"] = time.perf_counter() - t0
-    return {"spec": spec, "summary": summary, "collect_env_steps": steps, "world_model": wm,
-            "gate": gate, "timings_s": timings}  # fmt: skip
+    records = run_pipeline(cfg, IMAGINATION_STAGES)
+    return {"summary": records["collect"]["summary"],
+            "collect_env_steps": records["collect"]["env_steps"],
+            "world_model": records["world_model"], "gate": records["gate"],
+            "timings_s": {name: records[name]["seconds"] for name in IMAGINATION_STAGES}}  # fmt: skip
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
-    """Run the main job; returns the figures the report shows."""
-    prepared = prepare_imagination(cfg)
-    timings = prepared["timings_s"]
+    """Run the main job (every pipeline stage); returns the figures the report shows."""
+    from moedream.platform.pipeline import run_pipeline
 
-    t0 = _stage(5, "train the team (MBMAPPO) on real + gated imagined rollouts")
-    agents = _train_agents(cfg)
-    timings["agents"] = time.perf_counter() - t0
-
-    t0 = _stage(6, f"evaluate the team against the random team ({cfg.eval_episodes} episodes)")
-    evaluation = _evaluate(cfg, agents["checkpoint"])
-    timings["evaluate"] = time.perf_counter() - t0
-
-    _stage(7, "write the report")
-    figures = {"summary": prepared["summary"], "world_model": prepared["world_model"],
-               "gate": {**prepared["gate"], **_gate_stats(cfg)}, "agents": agents,
-               "evaluation": evaluation, "timings_s": timings}  # fmt: skip
-    from moedream.platform.report import write_report
-
-    report = write_report(cfg.run_dir, cfg, figures)
-    _shutdown_serve()
-    print(f"\nreport: {report}\nTensorBoard: tensorboard --logdir {cfg.run_dir}")
-    return {"run_dir": str(cfg.run_dir), "report": str(report), **figures}
+    records = run_pipeline(cfg)
+    return {"run_dir": str(cfg.run_dir), **records["report"]["figures"],
+            "report": records["report"]["report"]}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ stages
+# Each stage takes the config and the records of the stages before it (their returned dicts,
+# read back from the run folder's stages.json on a resumed run) and returns its own record: a
+# JSON-able dict of what it made.
 
 
-def _collect(cfg: QuickstartConfig):
+def collect_stage(cfg: QuickstartConfig, records: dict[str, Any]) -> dict[str, Any]:
     from moedream.data import read_episodes
     from moedream.platform.collect import collect_parallel
     from moedream.platform.commands.collect import summarize
@@ -225,10 +193,10 @@ def _collect(cfg: QuickstartConfig):
     summary = summarize(spec, episodes)
     print(summary)
     (cfg.run_dir / "summary.txt").write_text(summary + "\n")
-    return spec, summary, sum(ep.length for ep in episodes)
+    return {"summary": summary, "env_steps": sum(ep.length for ep in episodes)}
 
 
-def _train_world_model(cfg: QuickstartConfig) -> dict[str, Any]:
+def world_model_stage(cfg: QuickstartConfig, records: dict[str, Any]) -> dict[str, Any]:
     from moedream.platform.train import run_distributed
 
     result = run_distributed(cfg.world_model_config())
@@ -240,17 +208,34 @@ def _train_world_model(cfg: QuickstartConfig) -> dict[str, Any]:
     return {"checkpoint": str(checkpoint), "final": final, "history": history}
 
 
-def _deploy(cfg: QuickstartConfig, checkpoint: str) -> None:
+def serve_stage(cfg: QuickstartConfig, records: dict[str, Any]) -> dict[str, Any]:
     from ray import serve
 
     from moedream.platform.serve import APP_NAME, build_app
 
+    checkpoint = records["world_model"]["checkpoint"]
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port})
     args = {**cfg.serve_config().to_dict(), "checkpoint": checkpoint}
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    return {"checkpoint": checkpoint, "url": f"http://127.0.0.1:{cfg.http_port}"}
 
 
-def _start_gate(cfg: QuickstartConfig, checkpoint: str) -> dict[str, Any]:
+def serve_is_running(cfg: QuickstartConfig, record: dict[str, Any]) -> bool:
+    """Whether the Serve app of this run is up and serving the recorded checkpoint (then a
+    resumed run reuses it; a retrained checkpoint pushed by an earlier agents stage, or no
+    app at all, means it is deployed again)."""
+    from moedream.platform.serve.deploy import served_checkpoint
+    from moedream.platform.serve.names import APP_NAME, DEPLOYMENT_NAME
+    from moedream.platform.serve.runner import checkpoint_fingerprint
+
+    try:
+        served = served_checkpoint(APP_NAME, DEPLOYMENT_NAME)
+    except Exception:  # no Serve, no app, or a replica that does not answer: deploy anew
+        return False
+    return served.get("id") == checkpoint_fingerprint(record["checkpoint"])[0]
+
+
+def gate_stage(cfg: QuickstartConfig, records: dict[str, Any]) -> dict[str, Any]:
     from moedream.coherence.gate import get_or_create_gate
     from moedream.coherence.kernel import Normalizer, judge
     from moedream.data import load_windows
@@ -260,10 +245,11 @@ def _start_gate(cfg: QuickstartConfig, checkpoint: str) -> dict[str, Any]:
     _, train, hold = load_windows(cfg.run_dir / "data", horizon, holdout=0.25, seed=0)
     normalizer = Normalizer.fit(train["obs"], gate_cfg.kernel)
     if hold:  # the model terms: the served model's one-step view of held-out real windows
-        _calibrate_model_terms(normalizer, checkpoint, hold, gate_cfg.kernel)
-    normalizer.save(cfg.run_dir / "gate_normalizer.json")
-    state_dir = cfg.run_dir / "gate_state"
-    state_dir.mkdir(exist_ok=True)
+        _calibrate_model_terms(
+            normalizer, records["world_model"]["checkpoint"], hold, gate_cfg.kernel
+        )
+    normalizer.save(_gate_normalizer_path(cfg))
+    state_dir = _gate_state_dir(cfg)
     for old in state_dir.glob("*.json"):  # counters of this run only
         old.unlink()
     _kill_existing_gate(gate_cfg)
@@ -298,6 +284,37 @@ def _calibrate_model_terms(normalizer, checkpoint: str, hold: dict, kernel_cfg) 
           + ", ".join(f"{k} {v:.3g}" for k, v in fitted.items()))  # fmt: skip
 
 
+def gate_is_running(cfg: QuickstartConfig, record: dict[str, Any]) -> bool:
+    import ray
+
+    gate_cfg = cfg.gate_actor_config()
+    try:
+        ray.get_actor(gate_cfg.actor_name, namespace=gate_cfg.namespace)
+    except ValueError:
+        return False
+    return True
+
+
+def restart_gate(cfg: QuickstartConfig, records: dict[str, Any]) -> None:
+    """Start the gate actor again from the run folder: the normaliser the gate stage fitted
+    and the counters it persisted (they survive restarts)."""
+    from moedream.coherence.gate import get_or_create_gate
+    from moedream.coherence.kernel import Normalizer
+
+    normalizer = Normalizer.load(_gate_normalizer_path(cfg))
+    get_or_create_gate(cfg.gate_actor_config(), normalizer, _gate_state_dir(cfg))
+
+
+def _gate_normalizer_path(cfg: QuickstartConfig) -> Path:
+    return cfg.run_dir / "gate_normalizer.json"
+
+
+def _gate_state_dir(cfg: QuickstartConfig) -> Path:
+    state_dir = cfg.run_dir / "gate_state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return state_dir
+
+
 def _kill_existing_gate(gate_cfg) -> None:
     import ray
 
@@ -307,12 +324,28 @@ def _kill_existing_gate(gate_cfg) -> None:
         pass  # none yet
 
 
-def _train_agents(cfg: QuickstartConfig) -> dict[str, Any]:
+def agents_stage(cfg: QuickstartConfig, records: dict[str, Any]) -> dict[str, Any]:
     from moedream.platform.agents import train
 
     agents_cfg = cfg.agents_config()
     result = train(agents_cfg, cfg.run_dir / "agents", run_name="team")
     return {"history": result.history, "checkpoint": result.checkpoint, "run_dir": result.run_dir}
+
+
+def report_stage(cfg: QuickstartConfig, records: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the team against the random team, then write report.md with its plots."""
+    from moedream.platform.report import write_report
+
+    print(f"evaluate the team against the random team ({cfg.eval_episodes} episodes)")
+    evaluation = _evaluate(cfg, records["agents"]["checkpoint"])
+    timings = {name: record["seconds"] for name, record in records.items()}
+    figures = {"summary": records["collect"]["summary"], "world_model": records["world_model"],
+               "gate": {**records["gate"], **_gate_stats(cfg)}, "agents": records["agents"],
+               "evaluation": evaluation, "timings_s": timings}  # fmt: skip
+    report = write_report(cfg.run_dir, cfg, figures)
+    _shutdown_serve()
+    print(f"\nreport: {report}\nTensorBoard: tensorboard --logdir {cfg.run_dir}")
+    return {"report": str(report), "figures": figures}
 
 
 def _evaluate(cfg: QuickstartConfig, checkpoint: str) -> dict[str, Any]:

@@ -1,47 +1,46 @@
-"""The main job end to end on the shared local cluster, with tiny budgets: collect -> Ray Train
-(2 workers, expert parallel) -> Serve -> gate -> MBMAPPO with gated imagination -> report."""
+"""The pipeline end to end on the shared local cluster, with tiny budgets: collect -> Ray Train
+(2 workers, expert parallel) -> Serve -> gate -> MBMAPPO with gated imagination -> report; and
+a run interrupted after the world model resumes from its run folder, skipping what finished."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from moedream.config import load_yaml
-from moedream.platform.quickstart import ENV_CONFIGS, QuickstartConfig, run_quickstart
+from moedream.config import ConfigError
+from moedream.platform.pipeline import run_pipeline
+from moedream.platform.quickstart import QuickstartConfig, run_quickstart
+from tests.pipelines import tiny_pipeline
 from tests.ray_head import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# Tiny budgets: every stage runs, and the world model is retrained once (the config retrains
-# every 2 iterations) and hot-swapped, each with a few optimiser steps: that they learn is
-# tested in test_train_distributed.py and test_world_model_retrain.py.
-TINY = {
-    "collect": {"episodes": 4, "episodes_per_shard": 2},
-    "world_model": {"checkpoint_every": 10, "train": {"steps": 10, "log_every": 5, "eval_every": 10}},
-    "agents": {"train_batch_size": 800, "minibatch_size": 200, "num_epochs": 2, "iterations": 2,
-               "num_env_runners": 1, "imagination": {"horizon": 5, "imagined_ratio": 0.5,
-                                                     "world_model": {"retrain_steps": 8}}},
-    "eval_episodes": 1,
-}  # fmt: skip
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
 
 @pytest.mark.parametrize("env", ["overcooked", "mamujoco"])
-def test_quickstart_runs_every_stage_and_writes_its_report(ray_cluster, tmp_path, env):
-    data = _merge(load_yaml(ENV_CONFIGS[env]), TINY)
-    data.update(name=f"qs_{env}", out=str(tmp_path), http_port=free_port())
-    if env == "overcooked":
-        data["collect"]["env_options"]["horizon"] = 100
-    else:
-        data["collect"]["env_options"]["max_episode_steps"] = 100
-    out = run_quickstart(QuickstartConfig.from_dict(data))
-
+def test_pipeline_resumes_runs_every_stage_and_writes_its_report(
+    ray_cluster, tmp_path, env, capsys
+):
+    cfg = QuickstartConfig.from_dict(
+        tiny_pipeline(env, name=f"qs_{env}", out=str(tmp_path), http_port=free_port())
+    )
     run_dir = tmp_path / f"qs_{env}"
+    with pytest.raises(ConfigError, match="stage `collect` .* has not run"):
+        run_pipeline(cfg, ["agents"])  # nothing to train agents from yet
+    # an interrupted run: it got as far as the world model
+    first = run_pipeline(cfg, ["collect", "world_model"])
+    shards = {p.name: p.stat().st_mtime_ns for p in (run_dir / "data").glob("*.parquet")}
+    capsys.readouterr()
+
+    out = run_quickstart(cfg)  # the whole pipeline on the same run folder: resumes
+    log = capsys.readouterr().out
+    assert log.count("finished earlier") == 2, log[:3000]
+    assert "[1/6] collect" in log and "[2/6] world_model" in log
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "data").glob("*.parquet")} == shards
+    assert out["world_model"]["checkpoint"] == first["world_model"]["checkpoint"]
+    ledger = json.loads((run_dir / "stages.json").read_text())
+    assert list(ledger) == ["collect", "world_model", "serve", "gate", "agents", "report"]
+
     report = (run_dir / "report.md").read_text()
     for png in ("return_vs_real_steps.png", "gate_rates.png", "expert_load.png"):
         assert (run_dir / png).stat().st_size > 1000, png
@@ -66,3 +65,9 @@ def test_quickstart_runs_every_stage_and_writes_its_report(ray_cluster, tmp_path
     assert history[-1].get("provider/wm_checkpoint_version") == 1, "no retrain was served"
     assert (run_dir / "world_model_retrain" / "retrain_1" / "world_model.safetensors").is_file()
     assert (run_dir / "agents" / "team" / "tensorboard").is_dir()
+
+    # Everything finished: a third run skips every stage and trains nothing.
+    capsys.readouterr()
+    again = run_pipeline(cfg)
+    assert capsys.readouterr().out.count("finished earlier") == 6
+    assert again["agents"]["checkpoint"] == out["agents"]["checkpoint"]
