@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from moedream.config import (
     ConfigBase,
@@ -45,8 +45,19 @@ class TeamConfig(ConfigBase):
     """Size of the agent-id embedding of the shared planner and the reflector."""
     shared_planner: bool = True
     """One planner for all agents (with agent-id embedding) or one planner per agent."""
-    mode: Literal["policy", "mpc"] = "policy"
-    """Acting at inference: 'policy' samples the planner; 'mpc' plans through a world model."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, prefix: str = "") -> TeamConfig:
+        if isinstance(data, dict) and "mode" in data:
+            # Teams act with their planner's policy everywhere (training, evaluation, reports):
+            # no entry point plans at decision time, so an `mpc` setting would do nothing.
+            raise ConfigError(
+                f"config field `{prefix}mode` = {data['mode']!r} was removed: teams always "
+                "act with their planner's policy (decision-time planning, "
+                "moedream.policies.mpc.MPCPlanner, is not wired into evaluation or serving); "
+                "delete the field"
+            )
+        return super().from_dict(data, prefix=prefix)
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
@@ -66,7 +77,6 @@ class TeamConfig(ConfigBase):
                 sizes,
                 "must be a list of positive layer sizes, e.g. [128, 128]",
             )
-        check_choice(f"{prefix}mode", self.mode, ("policy", "mpc"))
 
 
 @dataclasses.dataclass
@@ -176,11 +186,28 @@ class AgentsConfig(ConfigBase):
         )
 
 
+ENV_REPLAY_LABEL = (
+    "imagination provider env_replay is a TEST STAND-IN: its 'imagined' steps are real env "
+    "steps of env copies, not a world model's (provider: world_model is the model-based path)"
+)
+
+
+def imagination_label(imagination: ImaginationConfig) -> str:
+    """How logs and summaries name a run's imagination: model-free, model-based, or the test
+    stand-in (never reported as imagination)."""
+    if not imagination.enabled:
+        return "model-free"
+    if imagination.provider == "env_replay":
+        return "env_replay (test stand-in)"
+    return "model-based"
+
+
 def provider_factory(cfg: AgentsConfig):
     """The imagination provider factory named by ``cfg.imagination.provider``."""
     from moedream.policies.imagination import EnvReplayImaginerFactory
 
     if cfg.imagination.provider == "env_replay":
+        print(f"moedream: {ENV_REPLAY_LABEL}", flush=True)
         return EnvReplayImaginerFactory(cfg.env, dict(cfg.env_options))
     if cfg.imagination.provider == "world_model":
         from moedream.platform.model_based import ServedWorldModelImaginerFactory

@@ -23,10 +23,11 @@ class ImaginationConfig(ConfigBase):
 
     enabled: bool = False
     """Learn from imagined rollouts too (false = the model-free MAPPO baseline)."""
-    provider: str = "env_replay"
+    provider: str = "world_model"
     """Who imagines: 'world_model' (the Serve application `serve_app_name`, gated by the
-    coherence gate actor) or 'env_replay' (steps real env copies: a test stand-in, NOT a world
-    model)."""
+    coherence gate actor; `moedream train` starts both) or, only when asked for by name,
+    'env_replay' (steps real env copies: a test stand-in, NOT a world model, labelled as such
+    in logs and summaries)."""
     horizon: int = 10
     """Steps per imagined rollout (H)."""
     imagined_ratio: float = 1.0

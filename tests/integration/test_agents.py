@@ -38,7 +38,9 @@ def tiny_config(env: str, *, imagine: bool = True, **changes) -> AgentsConfig:
             "planner_hidden": [32],
             "reflector_hidden": [32],
         },
-        "imagination": {"enabled": imagine, "horizon": 5, "imagined_ratio": 0.5},
+        # the test stand-in (real env copies), named: the default provider is the world model
+        "imagination": {"enabled": imagine, "provider": "env_replay", "horizon": 5,
+                        "imagined_ratio": 0.5},
     }
     data.update(changes)
     return AgentsConfig.from_dict(data)
@@ -257,8 +259,8 @@ def test_imagination_rounds_update_on_fresh_imagination_only(ray_cluster, storag
 
     cfg = tiny_config(
         "overcooked",
-        imagination={"enabled": True, "horizon": 5, "imagined_ratio": 0.5, "updates": 3,
-                     "start_iteration": 1},
+        imagination={"enabled": True, "provider": "env_replay", "horizon": 5,
+                     "imagined_ratio": 0.5, "updates": 3, "start_iteration": 1},
     )  # fmt: skip
     algo = build_algo_config(cfg, logdir_root=storage_path).build_algo()
     try:
@@ -307,8 +309,8 @@ def test_real_batch_anchors_every_imagination_update(ray_cluster, storage_path):
 
     cfg = tiny_config(
         "overcooked",
-        imagination={"enabled": True, "horizon": 5, "imagined_ratio": 0.5, "updates": 3,
-                     "real_every_update": True},
+        imagination={"enabled": True, "provider": "env_replay", "horizon": 5,
+                     "imagined_ratio": 0.5, "updates": 3, "real_every_update": True},
     )  # fmt: skip
     algo = build_algo_config(cfg, logdir_root=storage_path).build_algo()
     try:

@@ -41,12 +41,43 @@ def load_config(args: argparse.Namespace):
     return AgentsConfig.from_dict(data)
 
 
+def check_imagination_services(cfg) -> None:
+    """A `provider: world_model` run needs the Serve app and the gate actor up: say how to
+    get them before RLlib builds anything."""
+    import ray
+    from ray import serve
+
+    from moedream.config import ConfigError
+    from moedream.platform.agents import provider_factory
+
+    if not (cfg.imagination.enabled and cfg.imagination.provider == "world_model"):
+        return
+    factory = provider_factory(cfg)
+    missing = []
+    try:
+        serve.get_app_handle(factory.app_name)
+    except Exception:  # Serve not started, or no such app
+        missing.append(f"the Serve app {factory.app_name!r}")
+    try:
+        ray.get_actor(factory.gate_actor_name, namespace=factory.gate_namespace)
+    except ValueError:
+        missing.append(f"the gate actor {factory.gate_actor_name!r}")
+    if missing:
+        raise ConfigError(
+            f"imagination.provider world_model needs {' and '.join(missing)} running on this "
+            "cluster: `moedream train --config configs/quickstart.yaml` runs the whole pipeline "
+            "(it deploys both, then trains the team as its `agents` stage), or set "
+            "imagination.enabled: false (`--imagination off`) for the model-free baseline"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
-    from moedream.platform.agents import train
+    from moedream.platform.agents import imagination_label, train
     from moedream.platform.ray_setup import init_ray
 
     cfg = load_config(args)
     init_ray()
+    check_imagination_services(cfg)
     result = train(
         cfg,
         args.storage_path,
@@ -56,10 +87,15 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     last = result.history[-1]
-    print(f"run: {result.run_dir}\ncheckpoint: {result.checkpoint}")
+    label = imagination_label(cfg.imagination)
+    print(f"run ({label}): {result.run_dir}\ncheckpoint: {result.checkpoint}")
+    imagined = (
+        f"env copies' steps (stand-in) {int(last['charts/provider_env_steps'])}"
+        if label.startswith("env_replay")
+        else f"imagined env steps {int(last['charts/imagined_env_steps'])}"
+    )
     print(
-        f"real env steps {int(last['charts/real_env_steps'])}, imagined env steps "
-        f"{int(last['charts/imagined_env_steps'])}, team return {last['charts/team_return']:.2f}, "
-        f"soups/episode {last['charts/soups_per_episode']:.2f}"
+        f"real env steps {int(last['charts/real_env_steps'])}, {imagined}, team return "
+        f"{last['charts/team_return']:.2f}, soups/episode {last['charts/soups_per_episode']:.2f}"
     )
     return 0
