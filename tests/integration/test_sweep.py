@@ -109,9 +109,8 @@ def test_two_tiny_trials_and_summary_table(ray_cluster, tmp_path, storage_path, 
         "imagination.horizon": {"type": "choice", "values": [3]},
     }
     config = write_sweep_yaml(tmp_path, storage_path, search_space=search)
-    args = argparse.Namespace(
-        config=config, resume=False, storage_path=None, num_samples=None, max_iterations=None
-    )
+    args = argparse.Namespace(config=config, resume=False, storage_path=None, num_samples=None,
+                              max_iterations=None, max_real_env_steps=None)  # fmt: skip
     assert sweep.run(args) == 0
     out = capsys.readouterr().out
     assert "best trials of tiny" in out and "lr" in out and "TERMINATED" in out
@@ -124,15 +123,15 @@ def test_two_tiny_trials_and_summary_table(ray_cluster, tmp_path, storage_path, 
     assert len(results) == 2 and not results.errors
     headers, rows = sweep.summary_rows(results, cfg)
     # the YAML was written with sorted keys: the searched columns come in that order
-    assert headers[:4] == ["trial", "status", "imagination.horizon", "lr"]
-    assert sorted(r[3] for r in rows) == [0.0003, 0.001]
+    assert headers[:5] == ["trial", "status", "imagination", "imagination.horizon", "lr"]
+    assert sorted(r[4] for r in rows) == [0.0003, 0.001]
     for row in rows:
-        assert row[2] == 3
+        assert row[2] == "model-free" and row[3] == 3  # imagination off: horizon unused
         # no statuses given: OK / ERROR; ASHA (grace period 1) may stop one early
-        assert row[1] == "OK" and row[5] in (1, 2)
-        assert math.isfinite(row[4])  # team return of finished 100-step episodes
-        assert row[6] == 200 * row[5]  # real env steps
-    assert max(row[5] for row in rows) == 2
+        assert row[1] == "OK" and row[6] in (1, 2)
+        assert math.isfinite(row[5])  # team return of finished 100-step episodes
+        assert row[7] == 200 * row[6]  # real env steps
+    assert max(row[6] for row in rows) == 2
     # each trial's algorithm turned the searched dict back into its ImaginationConfig
     assert {type(r.config["imagination"]).__name__ for r in results} == {"ImaginationConfig"}
 
@@ -144,6 +143,7 @@ def test_resume_without_a_sweep_and_new_sweep_over_one_fail_clearly(tmp_path, st
         storage_path=None,
         num_samples=None,
         max_iterations=None,
+        max_real_env_steps=None,
     )
     with pytest.raises(ConfigError, match=r"--resume: no sweep to resume in .*tiny"):
         sweep.run(args)  # fails before starting Ray
@@ -256,3 +256,86 @@ def test_interrupted_sweep_resumes_where_it_stopped(ray_cluster, tmp_path, stora
     assert new == list(range(new[0], RESUME_ITERATIONS + 1))
     cfg = sweep.load_config(argparse.Namespace(config=config))
     assert set(sweep.trial_statuses(cfg).values()) == {"TERMINATED"}
+
+
+# ---------------------------------------------------------------------------------------------
+# A model-based sweep: two trials imagine through one served world model and one gate actor
+
+
+@pytest.mark.slow
+def test_model_based_sweep_trials_share_one_served_world_model(
+    ray_cluster, tmp_path, storage_path, capsys
+):
+    from moedream.coherence.gate import get_gate
+    from moedream.platform.quickstart import QuickstartConfig
+    from moedream.platform.serve.deploy import served_checkpoint
+    from moedream.platform.serve.names import APP_NAME, DEPLOYMENT_NAME
+    from moedream.platform.serve.runner import checkpoint_fingerprint
+    from tests.pipelines import tiny_pipeline
+    from tests.ray_head import free_port
+
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline_data = tiny_pipeline("overcooked", name="mb", out=str(tmp_path), http_port=free_port())
+    pipeline.write_text(yaml.safe_dump(pipeline_data))
+    overrides = {"num_env_runners": 0, "train_batch_size": 200, "minibatch_size": 100,
+                 "num_epochs": 1, "imagination": {"world_model_retrain_every": 0}}  # fmt: skip
+    config = write_sweep_yaml(
+        tmp_path, storage_path, name="mb_sweep", agents="", pipeline=str(pipeline),
+        agents_overrides=overrides, budget="real_env_steps", max_real_env_steps=400,
+        grace_period=200, search_space={"imagination.horizon": {"type": "grid", "values": [3, 5]}},
+    )  # fmt: skip
+    args = argparse.Namespace(config=config, resume=False, storage_path=None, num_samples=None,
+                              max_iterations=None, max_real_env_steps=None)  # fmt: skip
+    assert sweep.run(args) == 0
+    out = capsys.readouterr().out
+    with capsys.disabled():
+        print(out[out.index("best trials of mb_sweep") - 40 :])  # the summary, for the log
+    assert "one served world model for every trial" in out
+
+    cfg = sweep.load_config(args)
+    results = sweep.build_tuner(cfg, resume=True).get_results()
+    assert len(results) == 2 and not results.errors
+    ledger = json.loads((tmp_path / "mb" / "stages.json").read_text())
+    assert list(ledger) == ["collect", "world_model", "serve", "gate"]  # no agents stage
+    collected = ledger["collect"]["record"]["env_steps"]
+    headers, rows = sweep.summary_rows(results, cfg, shared_real_steps=collected)
+    assert headers[:4] == ["trial", "status", "imagination", "imagination.horizon"]
+    assert sorted(r[3] for r in rows) == [3, 5]
+    for row in rows:
+        assert row[2] == "model-based"
+        assert row[-1] == 400 + collected  # the trial's real steps + the shared collection
+    for result in results:
+        assert result.metrics["moedream"]["imagined_env_steps_lifetime"] > 0
+        assert result.metrics["moedream"]["real_env_steps_lifetime"] == 400  # 2 x 200: budget
+    # one Serve app, still serving the pipeline's world model (no trial swapped it) ...
+    world_model = ledger["world_model"]["record"]["checkpoint"]
+    served = served_checkpoint(APP_NAME, DEPLOYMENT_NAME)
+    assert served["id"] == checkpoint_fingerprint(world_model)[0]
+    # ... and one gate actor, which judged both trials' imagination
+    gate_cfg = QuickstartConfig.from_yaml(pipeline).gate_actor_config()
+    stats = ray_cluster.get(get_gate(gate_cfg).stats.remote())
+    judged = sum(v for k, v in stats.items() if k.endswith("/judged"))
+    imagined = sum(r.metrics["moedream"]["imagined_env_steps_lifetime"] for r in results)
+    assert judged > 0 and imagined > 0, stats
+
+
+def test_pipeline_sweep_rejects_what_trials_cannot_share(tmp_path, storage_path):
+    from moedream.platform.quickstart import DEFAULT_CONFIG
+
+    retrain = write_sweep_yaml(tmp_path, storage_path, agents="", pipeline=str(DEFAULT_CONFIG))
+    with pytest.raises(ConfigError, match="world_model_retrain_every.*hot-swap"):
+        sweep.base_agents_config(sweep.load_config(argparse.Namespace(config=retrain)))
+    overrides = {"imagination": {"world_model_retrain_every": 0}}
+    for key in ("gate.approve_h7", "imagination.provider"):
+        shared = write_sweep_yaml(
+            tmp_path, storage_path, agents="", pipeline=str(DEFAULT_CONFIG),
+            agents_overrides=overrides, search_space={key: {"type": "choice", "values": [1]}},
+        )  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"search_space\.{key}.*share one served"):
+            sweep.base_agents_config(sweep.load_config(argparse.Namespace(config=shared)))
+    both = write_sweep_yaml(tmp_path, storage_path, pipeline=str(DEFAULT_CONFIG))
+    with pytest.raises(ConfigError, match="exactly one of `agents`"):
+        sweep.load_config(argparse.Namespace(config=both))
+    no_budget = write_sweep_yaml(tmp_path, storage_path, budget="real_env_steps")
+    with pytest.raises(ConfigError, match="max_real_env_steps"):
+        sweep.load_config(argparse.Namespace(config=no_budget))
