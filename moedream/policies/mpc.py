@@ -1,4 +1,8 @@
-"""Planner mode ``mpc``: decide by imagining candidate action sequences (inference only).
+"""Decision-time planning through a world model: a building block, not yet an entry point.
+
+No config option, evaluation or Serve client acts with it (teams act with their planner's
+policy; the former ``team.mode: mpc`` setting was removed because nothing used it), and no
+benchmark has measured it against the policy alone.
 
 At each decision the planner samples ``n_candidates`` joint action sequences of length H from
 its policy, imagines them through ``imagine_fn`` (the world model, injected: any callable
