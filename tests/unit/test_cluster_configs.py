@@ -227,10 +227,17 @@ def test_rayjob_runs_world_model_training_on_the_raycluster():
     spec = job["spec"]
     cluster = load(KUBERAY / "raycluster.yaml")
     assert spec["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
-    assert re.match(
-        r"python -m moedream\.platform\.jobs\.train_world_model --config \S+world_model\.yaml$",
+    match = re.match(
+        r"python -m moedream\.platform\.jobs\.train_world_model --config \S+/configs/(\S+\.yaml)$",
         spec["entrypoint"],
     )
+    assert match, spec["entrypoint"]
+    from moedream.platform.train import DistributedTrainConfig
+
+    # the image holds the repository: the config it names exists and asks for the GPU role
+    train = DistributedTrainConfig.load(ROOT / "configs" / match.group(1))
+    assert train.use_gpu and train.resources_per_worker == {TRAIN_RESOURCE: 1}
+    assert train.storage_path.startswith("/mnt/moedream") and train.data.startswith("/mnt/moedream")
     assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["RAY_AUTH_MODE"] == "token"
     (submitter,) = spec["submitterPodTemplate"]["spec"]["containers"]
     assert {e["name"] for e in submitter["env"]} >= {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
@@ -322,6 +329,7 @@ def test_docs_name_every_cluster_file_and_resource():
     for command in [
         "ray job submit",
         "moedream.platform.jobs.train_world_model",
+        "moedream.platform.jobs.train ",
         "moedream.platform.jobs.train_agents",
         "serve deploy cluster/serve/world_model.yaml",
         "moedream sweep",
@@ -330,3 +338,71 @@ def test_docs_name_every_cluster_file_and_resource():
         "RAY_AUTH_MODE=disabled",
     ]:
         assert command in docs, command
+
+
+# ---------------------------------------------------------------- every command the docs show
+
+DOCS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
+
+
+def shell_commands(markdown: str) -> list[str]:
+    """The commands of the ```bash blocks (backslash continuations joined, comments dropped)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def moedream_invocations(command: str) -> list[tuple[str, list[str]]]:
+    """(module of the entry point, its arguments) for each moedream entry point a shell line
+    runs: `moedream <sub> ...`, `python -m moedream.x ...`, also after `ray job submit ... --`."""
+    import shlex
+
+    from moedream.platform.cli import COMMANDS
+
+    tokens = shlex.split(command)
+    if "--" in tokens:  # ray job submit [options] -- <entry point>
+        tokens = tokens[tokens.index("--") + 1 :]
+    if tokens[:1] == ["moedream"]:
+        assert len(tokens) > 1 and tokens[1] in COMMANDS, f"no moedream subcommand: {command}"
+        return [(f"moedream.platform.commands.{COMMANDS[tokens[1]]}", tokens[2:])]
+    if tokens[:1] and tokens[0].endswith("python") and tokens[1:2] == ["-m"] and tokens[2].startswith("moedream."):
+        return [(tokens[2], tokens[3:])]
+    return []
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_moedream_command_in_the_docs_parses_and_names_files_that_exist(doc):
+    """A docs check: each moedream command of README.md and docs/ parses with its entry
+    point's own argument parser, and every repository file it names exists."""
+    import argparse
+    import importlib
+    import shlex
+
+    commands = shell_commands((ROOT / doc).read_text())
+    checked = 0
+    for command in commands:
+        for module_name, args in moedream_invocations(command):
+            module = importlib.import_module(module_name)
+            parser = argparse.ArgumentParser(prog=module_name, exit_on_error=False)
+            module.add_arguments(parser)
+            try:
+                parser.parse_args(args)
+            except (argparse.ArgumentError, SystemExit) as err:
+                pytest.fail(f"{doc}: `{command}` does not parse: {err}")
+            checked += 1
+        for token in shlex.split(command):
+            if re.match(r"(configs|cluster|docs|benchmarks)/", token):
+                assert (ROOT / token).exists(), f"{doc}: `{command}` names a missing {token}"
+    if doc == "README.md":
+        assert checked >= 5, commands
+
+
+def test_make_targets_the_readme_names_exist():
+    readme = (ROOT / "README.md").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    for target in set(re.findall(r"\bmake ([a-z][a-z-]*)", readme)):
+        assert re.search(rf"^{target}:", makefile, flags=re.M), f"make {target}"

@@ -15,6 +15,8 @@ import sys
 
 from moedream.platform.commands import train
 
+add_arguments = train.add_arguments  # the job takes the command's arguments
+
 
 def main(argv: list[str] | None = None) -> int:
     from moedream.config import ConfigError

@@ -14,6 +14,8 @@ import sys
 
 from moedream.platform.commands import train_agents
 
+add_arguments = train_agents.add_arguments  # the job takes the command's arguments
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
