@@ -120,9 +120,9 @@ def run_pipeline(cfg: Any, stages: Iterable[str] = STAGES) -> dict[str, dict[str
     """
     from moedream.platform.ray_setup import init_ray
 
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     ledger, prints = StageLedger(cfg.run_dir), fingerprints(cfg)
     plan = plan_stages(ledger, prints, stages, cfg.run_dir)  # errors before Ray starts
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     print(f"pipeline {cfg.name}: run folder {cfg.run_dir} (finished stages: {ledger.path})")
     init_ray()
     records: dict[str, dict[str, Any]] = {}

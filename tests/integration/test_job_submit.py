@@ -1,7 +1,8 @@
-"""`ray job submit` of distributed world-model training to a local head.
+"""`ray job submit` to a local head: distributed world-model training, and the whole pipeline
+(`python -m moedream.platform.jobs.train`) on tiny budgets.
 
-The shared `ray_cluster` fixture has no dashboard (no job server), so this test starts its own
-head: `ray start --head --include-dashboard true --block` in a new session with a private temp
+The shared `ray_cluster` fixture has no dashboard (no job server), so this module starts its own
+head (one for both tests): `ray start --head --include-dashboard true --block` in a new session with a private temp
 dir, submits the job over the dashboard's HTTP address, and stops only that head: SIGTERM to
 its `ray start --block`, then SIGKILL to the leftovers of that process group / temp dir (tests/ray_head.py,
 shared with test_fake_autoscaling.py). Never `ray stop`: it would stop every Ray on the machine.
@@ -9,6 +10,7 @@ shared with test_fake_autoscaling.py). Never `ray stop`: it would stop every Ray
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import pytest
 import yaml
 
 from moedream.data import collect_episodes
+from tests.pipelines import tiny_pipeline
 from tests.ray_head import RAY_BIN, check_head_alive, free_port, running_head, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -41,7 +44,7 @@ def head_env() -> dict[str, str]:
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def local_head():
     """A private head with a dashboard (job server); yields its HTTP address; always stopped."""
     temp_dir = tempfile.mkdtemp(prefix="mdj", dir="/tmp")  # short: unix socket paths <= 107 B
@@ -122,3 +125,30 @@ def test_ray_job_submit_trains_and_leaves_a_checkpoint(local_head, tmp_path):
     assert checkpoints, f"no checkpoint under {storage / 'job'}"
     assert (checkpoints[-1] / "world_model.safetensors").is_file()
     assert (checkpoints[-1] / "trainer_state.json").is_file()
+
+
+def test_ray_job_submit_runs_the_whole_pipeline(local_head, tmp_path):
+    config = tmp_path / "pipeline.yaml"
+    data = tiny_pipeline(
+        "overcooked", name="job", out=str(tmp_path / "runs"), http_port=free_port()
+    )
+    config.write_text(yaml.safe_dump(data))
+    submit = [
+        str(RAY_BIN), "job", "submit", "--address", local_head, "--working-dir", ".", "--",
+        "python", "-m", "moedream.platform.jobs.train", "--config", str(config),
+    ]  # fmt: skip
+    job = submit_when_an_agent_is_up(submit)
+    logs = job.stdout[-6000:] + job.stderr[-4000:]
+    assert job.returncode == 0, f"`ray job submit` failed; output:\n{logs}"
+    for k, stage in enumerate(["collect", "world_model", "serve", "gate", "agents", "report"], 1):
+        assert f"[{k}/6] {stage}" in job.stdout, logs
+    run_dir = tmp_path / "runs" / "job"
+    ledger = json.loads((run_dir / "stages.json").read_text())
+    assert list(ledger) == ["collect", "world_model", "serve", "gate", "agents", "report"]
+    assert len(ledger["agents"]["record"]["history"]) == 2
+    assert "team return, trained (eval)" in (run_dir / "report.md").read_text()
+
+    # the same job again: every stage is recorded, nothing runs
+    again = submit_when_an_agent_is_up(submit)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("finished earlier") == 6, again.stdout[-3000:]

@@ -81,7 +81,9 @@ def test_plan_skips_recorded_stages_and_reruns_from_the_first_changed_config(tmp
 
     # a changed world-model section: that stage and every later one are stale
     changed = fingerprints(_pipeline_config(tmp_path, world_model={"train": {"steps": 7}}))
-    assert changed["collect"] == prints["collect"] and changed["world_model"] != prints["world_model"]
+    assert (
+        changed["collect"] == prints["collect"] and changed["world_model"] != prints["world_model"]
+    )
     plan = plan_stages(reloaded, changed, STAGES, cfg.run_dir)
     assert [s for s, done in plan if done] == ["collect"]
     with pytest.raises(ConfigError, match="stage `world_model` .* config .* changed"):
@@ -116,3 +118,13 @@ def test_imagination_defaults_to_the_world_model_and_team_mode_is_gone():
     assert imagination_label(stand_in) == "env_replay (test stand-in)"
     with pytest.raises(ConfigError, match=r"`team\.mode` = 'mpc' was removed.*delete the field"):
         AgentsConfig.from_dict({"team": {"mode": "mpc"}})
+
+
+def test_pipeline_command_reports_config_errors_with_status_2(tmp_path, capsys):
+    from moedream.platform.jobs import train as job
+
+    assert main(["train", "--stages", "collect,agent"]) == 2
+    assert "unknown stage(s) ['agent']" in capsys.readouterr().err
+    # before Ray: agents needs the stages before it, and this run folder has none of them
+    assert job.main(["--stages", "agents", "--out", str(tmp_path)]) == 2
+    assert "stage `collect` is needed" in capsys.readouterr().err

@@ -369,7 +369,12 @@ def moedream_invocations(command: str) -> list[tuple[str, list[str]]]:
     if tokens[:1] == ["moedream"]:
         assert len(tokens) > 1 and tokens[1] in COMMANDS, f"no moedream subcommand: {command}"
         return [(f"moedream.platform.commands.{COMMANDS[tokens[1]]}", tokens[2:])]
-    if tokens[:1] and tokens[0].endswith("python") and tokens[1:2] == ["-m"] and tokens[2].startswith("moedream."):
+    if (
+        tokens[:1]
+        and tokens[0].endswith("python")
+        and tokens[1:2] == ["-m"]
+        and tokens[2].startswith("moedream.")
+    ):
         return [(tokens[2], tokens[3:])]
     return []
 

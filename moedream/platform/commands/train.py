@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "the pipeline: collect, train the world model, serve, gate, train the team, report"
 
@@ -38,10 +39,16 @@ def load_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status 0 on success, 2 on a config error (printed: it names the field and the fix)."""
+    from moedream.config import ConfigError
     from moedream.platform.pipeline import parse_stages, run_pipeline
 
-    stages = parse_stages(args.stages)  # a typo fails before the config loads or Ray starts
-    cfg = load_config(args)
-    records = run_pipeline(cfg, stages)
+    try:
+        stages = parse_stages(args.stages)  # a typo fails before the config loads or Ray starts
+        cfg = load_config(args)
+        records = run_pipeline(cfg, stages)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"\npipeline {cfg.name}: finished {', '.join(records)} in {cfg.run_dir}")
     return 0

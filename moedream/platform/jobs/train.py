@@ -19,16 +19,10 @@ add_arguments = train.add_arguments  # the job takes the command's arguments
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moedream.config import ConfigError
-
     parser = argparse.ArgumentParser(prog="python -m moedream.platform.jobs.train",
                                      description=train.HELP)  # fmt: skip
     train.add_arguments(parser)
-    try:
-        return train.run(parser.parse_args(argv))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return train.run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
