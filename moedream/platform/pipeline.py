@@ -139,8 +139,8 @@ def run_pipeline(cfg: Any, stages: Iterable[str] = STAGES) -> dict[str, dict[str
         seconds = time.perf_counter() - start
         ledger.record(stage, prints[stage], seconds, made)
         records[stage] = {**made, "seconds": seconds}
-    if plan[-1][0] in SERVICES:  # the services are what was asked for: they must be up
-        _ensure_services(cfg, [s for s in SERVICES if s in records], records)
+    if plan[-1][0] in SERVICES:  # the services are what was asked for: skipped ones must be up
+        _ensure_services(cfg, [s for s, done in plan if s in SERVICES and done], records)
     return records
 
 

@@ -147,8 +147,4 @@ def test_ray_job_submit_runs_the_whole_pipeline(local_head, tmp_path):
     assert list(ledger) == ["collect", "world_model", "serve", "gate", "agents", "report"]
     assert len(ledger["agents"]["record"]["history"]) == 2
     assert "team return, trained (eval)" in (run_dir / "report.md").read_text()
-
-    # the same job again: every stage is recorded, nothing runs
-    again = submit_when_an_agent_is_up(submit)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("finished earlier") == 6, again.stdout[-3000:]
+    # resuming (skipping recorded stages) is shown locally: tests/integration/test_quickstart.py
