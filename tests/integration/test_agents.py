@@ -39,8 +39,12 @@ def tiny_config(env: str, *, imagine: bool = True, **changes) -> AgentsConfig:
             "reflector_hidden": [32],
         },
         # the test stand-in (real env copies), named: the default provider is the world model
-        "imagination": {"enabled": imagine, "provider": "env_replay", "horizon": 5,
-                        "imagined_ratio": 0.5},
+        "imagination": {
+            "enabled": imagine,
+            "provider": "env_replay",
+            "horizon": 5,
+            "imagined_ratio": 0.5,
+        },
     }
     data.update(changes)
     return AgentsConfig.from_dict(data)

@@ -132,6 +132,9 @@ def test_ray_job_submit_runs_the_whole_pipeline(local_head, tmp_path):
     data = tiny_pipeline(
         "overcooked", name="job", out=str(tmp_path / "runs"), http_port=free_port()
     )
+    # one iteration, no retrain (tested locally): the job only has to run every stage
+    data["agents"].update(iterations=1)
+    data["agents"]["imagination"]["world_model_retrain_every"] = 0
     config.write_text(yaml.safe_dump(data))
     submit = [
         str(RAY_BIN), "job", "submit", "--address", local_head, "--working-dir", ".", "--",
@@ -145,6 +148,6 @@ def test_ray_job_submit_runs_the_whole_pipeline(local_head, tmp_path):
     run_dir = tmp_path / "runs" / "job"
     ledger = json.loads((run_dir / "stages.json").read_text())
     assert list(ledger) == ["collect", "world_model", "serve", "gate", "agents", "report"]
-    assert len(ledger["agents"]["record"]["history"]) == 2
+    assert len(ledger["agents"]["record"]["history"]) == 1
     assert "team return, trained (eval)" in (run_dir / "report.md").read_text()
     # resuming (skipping recorded stages) is shown locally: tests/integration/test_quickstart.py

@@ -281,7 +281,7 @@ def test_model_based_sweep_trials_share_one_served_world_model(
                  "num_epochs": 1, "imagination": {"world_model_retrain_every": 0}}  # fmt: skip
     config = write_sweep_yaml(
         tmp_path, storage_path, name="mb_sweep", agents="", pipeline=str(pipeline),
-        agents_overrides=overrides, budget="real_env_steps", max_real_env_steps=400,
+        agents_overrides=overrides, budget="real_env_steps", max_real_env_steps=200,
         grace_period=200, search_space={"imagination.horizon": {"type": "grid", "values": [3, 5]}},
     )  # fmt: skip
     args = argparse.Namespace(config=config, resume=False, storage_path=None, num_samples=None,
@@ -303,10 +303,11 @@ def test_model_based_sweep_trials_share_one_served_world_model(
     assert sorted(r[3] for r in rows) == [3, 5]
     for row in rows:
         assert row[2] == "model-based"
-        assert row[-1] == 400 + collected  # the trial's real steps + the shared collection
+        assert row[-1] == 200 + collected  # the trial's real steps + the shared collection
     for result in results:
         assert result.metrics["moedream"]["imagined_env_steps_lifetime"] > 0
-        assert result.metrics["moedream"]["real_env_steps_lifetime"] == 400  # 2 x 200: budget
+        assert result.metrics["training_iteration"] == 1  # stopped by the real-step budget
+        assert result.metrics["moedream"]["real_env_steps_lifetime"] == 200
     # one Serve app, still serving the pipeline's world model (no trial swapped it) ...
     world_model = ledger["world_model"]["record"]["checkpoint"]
     served = served_checkpoint(APP_NAME, DEPLOYMENT_NAME)
