@@ -69,6 +69,9 @@ class Args:
     imagination_updates: int = 4
     """PPO updates per real batch that use imagination (1 = one mixed real + imagined update;
     K > 1 adds K - 1 updates on fresh imagination under the updated planner)."""
+    later_epochs: int = 0
+    """Model-based run: PPO epochs of each imagination update after the first
+    (imagination.later_epochs; 0 = --num-epochs, as the first)."""
     real_every_update: str = "config"
     """Model-based run: does every imagination update also learn from the real batch
     (imagination.real_every_update)? 'config' (each env's agents config), 'true' or 'false'."""
@@ -90,6 +93,9 @@ class Args:
     retrain_every: int = 1
     """Fine-tune the served world model on the new real episodes every this many iterations
     (provider world_model; 0 = never)."""
+    retrain_in_background: bool = False
+    """Model-based run: fine-tune the world model in a Ray task while the team samples and
+    learns, served from the next iteration (imagination.world_model.retrain_in_background)."""
     gate_refit: bool = True
     """Model-based run: refit the gate's φ on the team's real episodes every iteration
     (imagination.world_model.gate_refit; --no-gate-refit keeps the random collection's)."""
@@ -145,6 +151,7 @@ def run_config(args: Args, env: str, seed: int, imagination: bool):
         "imagined_ratio": args.imagined_ratio,
         "updates": args.imagination_updates,
         "start_iteration": args.start_iteration,
+        "later_epochs": args.later_epochs,
     }
     if args.horizon:
         data["imagination"]["horizon"] = args.horizon
@@ -160,6 +167,7 @@ def run_config(args: Args, env: str, seed: int, imagination: bool):
             "base_data_path": str(run_dir / "data"),
             "retrain_steps": args.retrain_steps,
             "gate_refit": args.gate_refit,
+            "retrain_in_background": args.retrain_in_background,
         }
     return AgentsConfig.from_dict(data)
 
@@ -174,6 +182,16 @@ def clip_text(args: Args) -> str:
         f"{both} (model-free: the same config with imagination off and grad_clip "
         f"{name(args.mf_grad_clip)}, its best in benchmarks/baseline_grad_clip.py)"
     )
+
+
+def speed_text(args: Args) -> str:
+    """The model-based run's speed settings, as the RESULTS block states them ('' = none)."""
+    text = " in a background Ray task (served from the next iteration)" * bool(
+        args.retrain_in_background
+    )
+    if args.later_epochs:
+        text += f", {args.later_epochs} PPO epoch(s) in each update after the first"
+    return text
 
 
 def horizons(args: Args) -> str:
@@ -472,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.world_model_steps} Ray Train steps on random-policy episodes of "
         f"{args.collect_steps} real steps (rounded up to whole episodes), "
         f"fine-tuned {args.retrain_steps} steps every {args.retrain_every} iteration(s) on the "
-        f"real episodes so far; budget {args.env_steps} real env steps per run, batch "
+        f"real episodes so far{speed_text(args)}; budget {args.env_steps} real env steps per run, batch "
         f"{args.train_batch_size}, minibatch {args.minibatch_size}, {args.num_epochs} epochs"
         f"{clip_text(args)}. MB real steps include the "
         "random episodes the world model was first trained on. Returns are smoothed alike for "

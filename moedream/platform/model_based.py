@@ -18,7 +18,8 @@
   (moedream.platform.retrain.RealEpisodeStore; optionally also Parquet shards);
 - ``retrain``: on MBMAPPO's ``world_model_retrain_every`` schedule, the served checkpoint is
   fine-tuned on the original + new real windows and hot-swapped into the deployment
-  (moedream.platform.served_retrain.ServedModelRetrainer).
+  (moedream.platform.served_retrain.ServedModelRetrainer); with ``retrain_in_background`` the
+  fine-tune runs in a Ray task and ``swap_retrained`` serves it at the next iteration's start.
 
 Every request to the deployment is built by moedream.platform.serve.request.imagine_request.
 """
@@ -88,6 +89,12 @@ class ServedWorldModelImaginerFactory(ConfigBase):
     """Fraction of each batch drawn from the new real windows when base data is set."""
     retrain_device: str | None = None
     """Torch device of the fine-tune (None: cuda if visible, else cpu)."""
+    retrain_in_background: bool = False
+    """Fine-tune in a Ray task while the team samples and learns, and serve the result at the
+    start of the next iteration (waiting for it if needed); false = fine-tune in the algorithm
+    process and serve it before this iteration imagines."""
+    retrain_num_cpus: float = 1.0
+    """Ray CPUs the background fine-tune asks for."""
     swap_timeout_s: float = 180.0
     """How long to wait for the deployment to serve a new checkpoint."""
     progress: bool = False
@@ -118,8 +125,10 @@ class ServedWorldModelImaginerFactory(ConfigBase):
             value = getattr(self, name)
             check(is_int(value) and value >= 0, f"{prefix}{name}", value,
                   "must be an integer >= 0")  # fmt: skip
-        check(isinstance(self.gate_refit, bool), f"{prefix}gate_refit", self.gate_refit,
-              "must be true or false")  # fmt: skip
+        for name in ("gate_refit", "retrain_in_background"):
+            value = getattr(self, name)
+            check(isinstance(value, bool), f"{prefix}{name}", value, "must be true or false")
+        check_positive(f"{prefix}retrain_num_cpus", self.retrain_num_cpus)
         check_positive(f"{prefix}retrain_lr", self.retrain_lr)
         check_positive(f"{prefix}swap_timeout_s", self.swap_timeout_s)
         check(
@@ -408,6 +417,13 @@ class ServedWorldModelImaginer:
         metrics = self.retrainer.retrain(iteration)
         self._last.update(metrics)
         return {} if metrics["wm_retrain_skipped"] else dict(self._last)
+
+    def swap_retrained(self) -> dict[str, float]:
+        """Serve the checkpoint of a background fine-tune (MBMAPPO calls it every iteration,
+        first): waits for it if it still runs; {} when none was pending."""
+        metrics = self.retrainer.swap_retrained()
+        self._last.update(metrics)
+        return metrics
 
     # --------------------------------------------------------------------- bookkeeping
 

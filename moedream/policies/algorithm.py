@@ -8,9 +8,10 @@
    trajectories into episodes (:func:`build_imagined_episodes`);
 3. one PPO update on real + kept imagined episodes (``learner_group.update(episodes=...)``);
 3b. with ``imagination.updates`` = K > 1: K - 1 more rounds of (imagine under the UPDATED
-   planner from real start states -> gate -> PPO update on the kept imagined episodes only),
+   planner from real start states -> gate -> PPO update of ``imagination.later_epochs`` epochs
+   on the kept imagined episodes, plus the real batch if ``imagination.real_every_update``),
    the Dyna/ME-TRPO lever: many policy updates per real step, each on fresh on-policy
-   imagined data (real episodes are never reused: after an update they are off-policy);
+   imagined data;
 4. sync ALL modules (perceiver and reflector have no loss of their own, so PPO's
    "modules in the learner results" would miss them) to the env runners.
 
@@ -317,13 +318,14 @@ class MBMAPPO(PPO):
         # later rounds branch from (and re-learn) an untouched copy of the real batch.
         with self._stage("copy"):
             pristine = copy.deepcopy(episodes) if rounds > 1 else episodes
-        self._update(episodes + imagined)
+        self._update(episodes + imagined, self.config.num_epochs)
+        later_epochs = im.epochs_of_later_updates(self.config.num_epochs)
         for _ in range(1, rounds):  # more updates, each on fresh imagination under the new policy
             imagined = self._imagine(pristine)
             with self._stage("copy"):
                 anchor = copy.deepcopy(pristine) if im.real_every_update else []
             if imagined:
-                self._update(anchor + imagined)
+                self._update(anchor + imagined, later_epochs)
         self.metrics.log_value((METRICS, "imagination_rounds"), rounds, window=1)
         with self._stage("sync"), self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             self.env_runner_group.sync_weights(
@@ -350,7 +352,7 @@ class MBMAPPO(PPO):
             self.metrics.log_value((METRICS, f"time_{name}_s"), value, window=1)
         self.metrics.log_value((METRICS, "time_training_step_s"), total, window=1)
 
-    def _update(self, episodes: list) -> None:
+    def _update(self, episodes: list, num_epochs: int) -> None:
         """One PPO update (num_epochs x minibatches) on ``episodes``."""
         with self._stage("learn"), self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
             learner_results = self.learner_group.update(
@@ -363,7 +365,7 @@ class MBMAPPO(PPO):
                         (LEARNER_RESULTS, ALL_MODULES, NUM_MODULE_STEPS_TRAINED_LIFETIME), default=0
                     ),
                 },
-                num_epochs=self.config.num_epochs,
+                num_epochs=num_epochs,
                 minibatch_size=self.config.minibatch_size,
                 shuffle_batch_per_epoch=self.config.shuffle_batch_per_epoch,
             )
@@ -391,9 +393,12 @@ class MBMAPPO(PPO):
         return episodes
 
     def _prepare_imagination(self, episodes: list) -> None:
-        """Once per iteration, before any imagination: the provider scores its model on the
-        NEW real episodes (held out: it has not seen them), stores them, and retrains on
-        schedule."""
+        """Once per iteration, before any imagination: the provider serves the model a
+        background retrain made last iteration, scores its model on the NEW real episodes
+        (held out: it has not seen them), stores them, and retrains on schedule."""
+        if hasattr(self.provider, "swap_retrained"):
+            with self._stage("wm_retrain"):
+                self.provider.swap_retrained()
         if hasattr(self.provider, "evaluate"):
             with self._stage("wm_evaluate"):
                 self.provider.evaluate(episodes)

@@ -37,6 +37,10 @@ class ImaginationConfig(ConfigBase):
     """PPO updates per real batch that learn from imagination: the first on real + imagined
     episodes, each further one on freshly imagined episodes under the just-updated planner
     (many policy updates per real step: the model-based lever). 1 = one mixed update."""
+    later_epochs: int = 0
+    """PPO epochs of each of the ``updates - 1`` updates after the first (those on fresh
+    imagination, with the real batch too when real_every_update); 0 = the algorithm's
+    num_epochs, as in the first update. The learner's time grows with the epochs."""
     start_iteration: int = 0
     """Iterations before this one (0-based) update on real episodes only, while the world
     model already observes (and retrains on) them."""
@@ -86,6 +90,12 @@ class ImaginationConfig(ConfigBase):
             "update on real + imagined episodes)",
         )
         check(
+            is_int(self.later_epochs) and self.later_epochs >= 0,
+            f"{prefix}later_epochs",
+            self.later_epochs,
+            "must be an integer >= 0 (PPO epochs of the updates after the first; 0 = num_epochs)",
+        )
+        check(
             is_int(self.start_iteration) and self.start_iteration >= 0,
             f"{prefix}start_iteration",
             self.start_iteration,
@@ -110,3 +120,15 @@ class ImaginationConfig(ConfigBase):
             self.world_model,
             "must be a mapping of world-model provider options",
         )
+
+    def epochs_of_later_updates(self, num_epochs: int) -> int:
+        """PPO epochs of each update after the first, given the algorithm's ``num_epochs``."""
+        return self.later_epochs or num_epochs
+
+    def real_batch_passes(self, num_epochs: int) -> int:
+        """Passes PPO makes over each real batch in an imagining iteration: the first update's
+        ``num_epochs``, plus every later update's epochs when real_every_update (the count a
+        replay-matched model-free control repeats; without imagination it is num_epochs)."""
+        if not (self.enabled and self.real_every_update):
+            return num_epochs
+        return num_epochs + (self.updates - 1) * self.epochs_of_later_updates(num_epochs)

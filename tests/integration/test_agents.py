@@ -308,23 +308,35 @@ def assert_profile_adds_up(metrics: dict[str, float], *, imagined: bool) -> None
 
 
 def test_real_batch_anchors_every_imagination_update(ray_cluster, storage_path):
-    """imagination.real_every_update: each of the 3 updates learns from the real batch too."""
+    """imagination.real_every_update: each of the 3 updates learns from the real batch too;
+    later_epochs: the 2nd and 3rd updates make 1 pass over their batch, the first num_epochs."""
+    from ray.rllib.utils.metrics import NUM_MODULE_STEPS_TRAINED
+
     from moedream.policies.metrics import iteration_metrics
+    from moedream.policies.names import planner_id
 
     cfg = tiny_config(
         "overcooked",
         imagination={"enabled": True, "provider": "env_replay", "horizon": 5,
-                     "imagined_ratio": 0.5, "updates": 3, "real_every_update": True},
+                     "imagined_ratio": 0.5, "updates": 3, "real_every_update": True,
+                     "later_epochs": 1},
     )  # fmt: skip
     algo = build_algo_config(cfg, logdir_root=storage_path).build_algo()
     try:
-        metrics = iteration_metrics(algo.train())
+        result = algo.train()
+        metrics = iteration_metrics(result)
         assert metrics["imagination/rounds"] == 3
         real = metrics["charts/real_env_steps_iter"]
         assert real >= 400
         assert metrics["learner/real_agent_steps"] == 3 * 2 * real  # the real batch, 3 times
         # three rounds of 0.5 x the real steps at horizon 5 (rounded up to whole rollouts)
         assert metrics["learner/imagined_agent_steps"] == 2 * 3 * 5 * math.ceil(0.5 * real / 5)
+        # rows the planner trained on: (2 + 1 + 1) passes over 3 equal batches, not 2 + 2 + 2
+        # (plus the learner's bootstrap rows and minibatch round-up)
+        rows = metrics["learner/real_agent_steps"] + metrics["learner/imagined_agent_steps"]
+        trained = result["learners"][planner_id("agent_0", True)][NUM_MODULE_STEPS_TRAINED]
+        assert 4 / 3 * rows <= trained < 2 * rows
+        assert cfg.imagination.real_batch_passes(cfg.num_epochs) == 2 + 1 + 1
     finally:
         algo.stop()
     with pytest.raises(ConfigError, match="imagination.real_every_update"):

@@ -48,7 +48,7 @@ def served_world_model(serve_on_loopback, tmp_path_factory):
     serve.delete(APP)
 
 
-def algo_config(root, data, retrain_every: int, gate: str | None = None):
+def algo_config(root, data, retrain_every: int, gate: str | None = None, **factory_options):
     cfg = AgentsConfig.from_dict(
         {
             "env": "overcooked",
@@ -76,6 +76,7 @@ def algo_config(root, data, retrain_every: int, gate: str | None = None):
         retrain_warmup=0,
         swap_timeout_s=240.0,
         **({"gate_actor_name": gate, "gate_namespace": "moedream_test"} if gate else {}),
+        **factory_options,
     )
     config = build_algo_config(cfg, logdir_root=str(root / "rllib"))
     return config.model_based(
@@ -198,6 +199,56 @@ def test_the_gate_is_refit_on_the_teams_real_episodes_and_restored(served_world_
         Normalizer.from_dict(ray.get(gate.get_normalizer.remote())).delta_std, refit.delta_std
     )
     ray.kill(gate, no_restart=True)
+
+
+@pytest.mark.slow
+def test_a_background_retrain_serves_the_same_checkpoint_one_swap_later(served_world_model):
+    """retrain_in_background: the fine-tune runs in a Ray task and is served only by
+    swap_retrained; its weights equal the in-process fine-tune's (same source, data, seed).
+    In MBMAPPO the retrain started in iteration i is served from iteration i + 1 on."""
+    import torch
+
+    root, data = served_world_model["root"], served_world_model["data"]
+    base = served_world_model["checkpoint"]
+    _, episodes = read_episodes(data)
+    weights = {}
+    for background in (False, True):
+        push_checkpoint(base, app_name=APP, deployment_name=DEPLOYMENT)
+        sub = root / f"background_{background}"
+        config = algo_config(sub, data, 1, retrain_in_background=background)
+        provider = config.imagination_provider(config)
+        provider.store.add(episodes)
+        first = provider.retrain(5)
+        served = served_checkpoint(APP, DEPLOYMENT)["path"]
+        if background:  # still the base model, until the swap
+            assert served == base and provider.metrics()["wm_checkpoint_version"] == 0
+            assert provider.swap_retrained()["wm_retrain_wait_seconds"] >= 0
+            assert provider.swap_retrained() == {}  # nothing pending any more
+            served = served_checkpoint(APP, DEPLOYMENT)["path"]
+        else:
+            assert first["wm_retrain_wait_seconds"] == 0.0
+        path = sub / "world_model" / "retrain_5" / "world_model.safetensors"
+        assert served == str(path) and provider.metrics()["wm_checkpoint_version"] == 1
+        assert math.isfinite(provider.metrics()["wm_retrain_loss"])
+        assert _retrain_info(path)["base_windows"] > 0
+        weights[background] = WorldModel.load(path).state_dict()
+    for name, tensor in weights[False].items():
+        assert torch.equal(tensor, weights[True][name]), name
+
+    push_checkpoint(base, app_name=APP, deployment_name=DEPLOYMENT)
+    sub = root / "background_mbmappo"
+    algo = algo_config(sub, data, 1, retrain_in_background=True).build_algo()
+    try:
+        versions = [algo.train()[METRICS]["provider_wm_checkpoint_version"] for _ in range(2)]
+        served = [served_checkpoint(APP, DEPLOYMENT)["path"]]
+        algo.provider.swap_retrained()  # iteration 1's fine-tune, as iteration 2 would
+        served.append(served_checkpoint(APP, DEPLOYMENT)["path"])
+    finally:
+        algo.stop()
+    assert versions == [0, 1]  # iteration 0's fine-tune serves from iteration 1 on
+    assert served == [str(sub / "world_model" / f"retrain_{i}" / "world_model.safetensors")
+                      for i in (0, 1)]  # fmt: skip
+    push_checkpoint(base, app_name=APP, deployment_name=DEPLOYMENT)
 
 
 def _replica_id() -> str:

@@ -27,6 +27,8 @@ BAD_VALUES = [
     ("updates", 0, "integer >= 1"),
     ("updates", True, "integer >= 1"),
     ("start_iteration", -1, "integer >= 0"),
+    ("later_epochs", -1, "integer >= 0"),
+    ("later_epochs", 1.5, "integer >= 0"),
     ("real_every_update", 1, "true or false"),
     ("uncertainty_penalty", -0.5, ">= 0"),
     ("world_model_retrain_every", -2, "integer >= 0"),
@@ -41,6 +43,16 @@ def test_validate_names_the_field_and_the_fix(field, value, fix):
     bad = dataclasses.replace(ImaginationConfig(), **{field: value})  # replace skips validate
     with pytest.raises(ConfigError, match=rf"`imagination\.{field}` = .* is invalid: .*{fix}"):
         bad.validate(prefix="imagination.")
+
+
+def test_real_batch_passes_count_every_update_that_learns_from_the_real_batch():
+    anchored = ImaginationConfig(enabled=True, updates=16, real_every_update=True)
+    assert anchored.real_batch_passes(6) == 6 * 16
+    assert anchored.replace(later_epochs=2).real_batch_passes(6) == 6 + 15 * 2
+    assert anchored.replace(later_epochs=2).epochs_of_later_updates(6) == 2
+    assert anchored.epochs_of_later_updates(6) == 6  # 0: the first update's num_epochs
+    assert anchored.replace(real_every_update=False).real_batch_passes(6) == 6
+    assert anchored.replace(enabled=False).real_batch_passes(6) == 6  # model-free
 
 
 def test_imagination_on_needs_imagined_steps():
