@@ -425,6 +425,10 @@ class ServedWorldModelImaginer:
         self._last.update(metrics)
         return metrics
 
+    def close(self) -> None:
+        """The run ends (MBMAPPO.stop): cancel a background fine-tune still running."""
+        self.retrainer.cancel()
+
     # --------------------------------------------------------------------- bookkeeping
 
     def metrics(self) -> dict[str, float]:

@@ -151,6 +151,15 @@ class ServedModelRetrainer:
         waited = time.perf_counter() - waited
         return self._serve(path, info, time.perf_counter() - pending.started, wait=waited)
 
+    def cancel(self) -> None:
+        """Stop a background fine-tune that will never be served (the run ends)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            import ray
+
+            ray.cancel(pending.ref, force=True)
+            logger.info("world model retrain @ iteration %d cancelled", pending.iteration)
+
     def _job(self, iteration: int) -> FineTuneJob | None:
         """The next fine-tune of the served checkpoint, or None while no window is stored."""
         s = self.settings

@@ -495,6 +495,13 @@ class MBMAPPO(PPO):
         self._imagination_module.set_state(state[COMPONENT_LEARNER][COMPONENT_RL_MODULE])
 
     @override(PPO)
+    def stop(self) -> None:
+        provider = getattr(self, "provider", None)  # None: setup did not get that far
+        if provider is not None and hasattr(provider, "close"):
+            provider.close()  # e.g. a background world-model fine-tune nobody will serve
+        super().stop()
+
+    @override(PPO)
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict:
         state = super().get_state(components, not_components=not_components, **kwargs)
         if components is None and self.provider is not None and hasattr(self.provider, "get_state"):

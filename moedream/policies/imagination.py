@@ -61,6 +61,7 @@ class ImaginationProvider(Protocol):
     real episodes, e.g. for the episode store), ``retrain(iteration)`` (on the
     ``world_model_retrain_every`` schedule, e.g. train + Serve ``reconfigure``),
     ``swap_retrained()`` (every iteration, first: serve what a background retrain made),
+    ``close()`` (on ``stop``),
     ``metrics() -> dict[str, float]`` (logged as ``moedream/provider_<key>``, e.g. the world-model loss),
     ``get_state()``/``set_state(state)`` (saved in algorithm checkpoints, e.g. the checkpoint
     reference and the gate calibration).

@@ -232,6 +232,11 @@ def test_a_background_retrain_serves_the_same_checkpoint_one_swap_later(served_w
         assert math.isfinite(provider.metrics()["wm_retrain_loss"])
         assert _retrain_info(path)["base_windows"] > 0
         weights[background] = WorldModel.load(path).state_dict()
+        if background:  # the run ends while a fine-tune runs: it is cancelled, never served
+            provider.retrain(6)
+            provider.close()
+            assert provider.swap_retrained() == {}
+            assert served_checkpoint(APP, DEPLOYMENT)["path"] == str(path)
     for name, tensor in weights[False].items():
         assert torch.equal(tensor, weights[True][name]), name
 
