@@ -514,7 +514,8 @@ def main(argv: list[str] | None = None) -> None:
         + markdown_table(DIAGNOSTIC_HEADERS, diagnostics)
         + "\n\nWhere the wall-clock goes (mean seconds per iteration over every seed; the "
         "stages of MBMAPPO.training_step, `time/<stage>_s` in TensorBoard; the first world "
-        "model's preparation is not in these rows):\n\n"
+        "model's preparation is not in these rows; load average at the end "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} logical CPUs):\n\n"
         + markdown_table(PROFILE_HEADERS, profiles)
         + "\n\n"
         + "\n".join(f"![{p.stem}]({os.path.relpath(p, 'benchmarks')})" for p in plots)

@@ -90,7 +90,6 @@ class _Pending:
 
     ref: Any  # ObjectRef of run_fine_tune's (path, info)
     iteration: int
-    started: float
 
 
 class ServedModelRetrainer:
@@ -133,7 +132,7 @@ class ServedModelRetrainer:
         if job is None:
             return {**metrics, "wm_retrain_skipped": 1.0}
         if self.settings.retrain_in_background:
-            self._pending = _Pending(self._submit(job), iteration, start)
+            self._pending = _Pending(self._submit(job), iteration)
             return {**metrics, "wm_retrain_skipped": 0.0}
         path, info = run_fine_tune(job)
         return self._serve(path, info, time.perf_counter() - start, wait=0.0)
@@ -149,7 +148,8 @@ class ServedModelRetrainer:
         waited = time.perf_counter()
         path, info = ray.get(pending.ref)
         waited = time.perf_counter() - waited
-        return self._serve(path, info, time.perf_counter() - pending.started, wait=waited)
+        # its own fine-tune seconds (the time since its start includes a whole iteration)
+        return self._serve(path, info, info["seconds"], wait=waited)
 
     def cancel(self) -> None:
         """Stop a background fine-tune that will never be served (the run ends)."""
