@@ -2,9 +2,10 @@
 model-based sweep): configs/quickstart*.yaml with every budget cut so each stage runs in
 seconds.
 
-Every stage runs, and the world model is retrained once (the configs retrain every 2
-iterations) and hot-swapped, each with a few optimiser steps: that they learn is tested in
-test_train_distributed.py and test_world_model_retrain.py.
+Every stage runs, and the world model is retrained every iteration (in the background, as the
+configs say: iteration 0's fine-tune is served from iteration 1 on) and hot-swapped, each with
+a few optimiser steps: that they learn is tested in test_train_distributed.py and
+test_world_model_retrain.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ TINY: dict[str, Any] = {
     "world_model": {"checkpoint_every": 10, "train": {"steps": 10, "log_every": 5, "eval_every": 10}},
     "agents": {"train_batch_size": 800, "minibatch_size": 200, "num_epochs": 2, "iterations": 2,
                "num_env_runners": 1, "imagination": {"horizon": 5, "imagined_ratio": 0.5,
+                                                     "world_model_retrain_every": 1,
                                                      "world_model": {"retrain_steps": 8}}},
     "eval_episodes": 1,
 }  # fmt: skip
