@@ -5,21 +5,27 @@ HTTP routes and DeploymentHandle methods share one ``@serve.batch`` queue in the
 
     POST /v1/imagine   ImagineRequest -> ImagineResponse     handle: .imagine.remote(dict)
     POST /v1/step      StepRequest    -> StepResponse        handle: .step.remote(dict)
+    POST /v1/episodes  EpisodeRequest -> EpisodeResponse     handle: .remember_episode.remote(dict)
+    GET  /v1/episodes  this replica's episode memories: capacity, counts, evictions
     GET  /v1/info      env spaces, agent ids, model config, checkpoint, limits
     GET  /healthz      200 when the model is loaded
     GET  /openapi.json the schema of all of the above (FastAPI)
 
 Bad input gets 422 (413 for a body over ``max_body_bytes``, 400 for a body that is not JSON)
-with ``{"error": "<field>: <problem and fix>", "field": ...}``; the replica keeps serving.
+with ``{"error": "<field>: <problem and fix>", "field": ...}``; the replica keeps serving. An
+``episode_id`` this replica holds no memory for (never posted, evicted) gets 404 (see
+:mod:`.episodes`).
 JSON only: nothing is ever unpickled from a request.
 """
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
 import ray
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,6 +33,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from moedream.platform.serve.episodes import EpisodeCache
 from moedream.platform.serve.names import DEPLOYMENT_NAME
 from moedream.platform.serve.runner import (
     BatchStats,
@@ -38,6 +45,8 @@ from moedream.platform.serve.runner import (
     smoke_test,
 )
 from moedream.platform.serve.schemas import (
+    EpisodeRequest,
+    EpisodeResponse,
     ErrorResponse,
     ImagineRequest,
     ImagineResponse,
@@ -46,13 +55,16 @@ from moedream.platform.serve.schemas import (
     StepRequest,
     StepResponse,
     json_ready,
+    parse_episode,
     parse_imagine,
     parse_step,
     spec_info,
 )
 
+logger = logging.getLogger(__name__)
 DEFAULT_MAX_ONGOING_REQUESTS = 32  # >= max_batch_size, else batches cap at that number
 ERRORS = {
+    404: {"model": ErrorResponse, "description": "Unknown or evicted episode_id"},
     413: {"model": ErrorResponse, "description": "Body over user_config.max_body_bytes"},
     422: {"model": ErrorResponse, "description": "A field is invalid (named in `error`)"},
 }
@@ -140,7 +152,7 @@ async def on_validation_error(_: Request, err: RequestValidationError) -> JSONRe
 
 
 async def on_request_error(_: Request, err: RequestError) -> JSONResponse:
-    return error_response(422, err.field, str(err))
+    return error_response(getattr(err, "status", 422), err.field, str(err))
 
 
 app = FastAPI(
@@ -172,10 +184,12 @@ class WorldModelDeployment:
     def __init__(self, checkpoint: str | None = None) -> None:
         self._config = ServeConfig.from_dict({"checkpoint": checkpoint or ""})
         self._loaded: LoadedModel | None = None
+        self._episodes: EpisodeCache | None = None
         self._stats = BatchStats()
         self._swap_lock = asyncio.Lock()
         if checkpoint:
             self._loaded = load_checkpoint(checkpoint, self._config.device)
+            self._reset_episodes()
         self._apply_settings()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -184,11 +198,29 @@ class WorldModelDeployment:
         base = {"checkpoint": self._config.checkpoint}
         config = ServeConfig.from_dict({**base, **(user_config or {})})
         async with self._swap_lock:
-            if config.checkpoint and self._needs_load(config):
+            swapped = bool(config.checkpoint) and self._needs_load(config)
+            if swapped:
                 loaded = await asyncio.to_thread(load_checkpoint, config.checkpoint, config.device)
                 self._loaded = loaded  # atomic: in-flight batches keep their snapshot
+            memory_changed = config.memory != self._config.memory
             self._config = config
+            if swapped or memory_changed:
+                self._reset_episodes()
             self._apply_settings()
+
+    def _reset_episodes(self) -> None:
+        """A new, empty episode cache for the loaded model: memories are per checkpoint (the
+        LoRA adapters copy its denoiser) and per memory config."""
+        old = self._episodes
+        if old is not None and old.entries:
+            logger.info("episode memory: dropped %d episodes (new checkpoint or memory config)",
+                        len(old.entries))  # fmt: skip
+        loaded = self._loaded
+        self._episodes = (
+            None
+            if loaded is None
+            else EpisodeCache(loaded.model, self._config.memory, loaded.checkpoint_id)
+        )
 
     def _needs_load(self, config: ServeConfig) -> bool:
         current = self._loaded
@@ -217,7 +249,9 @@ class WorldModelDeployment:
     async def _run_batch(self, jobs: list[Any]) -> list[Any]:
         loaded = self._model()  # one snapshot for the whole batch (hot swap safe)
         start = time.perf_counter()
-        results = await asyncio.to_thread(execute_batch, loaded, jobs, self._config.num_threads)
+        results = await asyncio.to_thread(
+            execute_batch, loaded, jobs, self._config.num_threads, self._episodes
+        )
         failed = sum(isinstance(r, Failure) for r in results)
         rows = sum(job.rows for job in jobs)
         self._stats.record(len(jobs), rows, failed, time.perf_counter() - start)
@@ -237,7 +271,26 @@ class WorldModelDeployment:
         agent_ids, checkpoint_id, seed); ``Trajectories.from_dict`` takes it as is."""
         loaded = self._model()
         job = parse_imagine(request, loaded.model.spec, loaded.model.config, self._config)
+        if job.episode_id is not None:
+            self._episode_cache().check(job.episode_id)  # 404 before queueing; again at run
         return await self._submit(job)
+
+    async def remember_episode(self, request: dict[str, Any]) -> dict[str, Any]:
+        """{"episode_id", "obs" [L+1, N, D], "actions" [L, N, A] | [L, N], "seed"} -> the
+        episode's steps, created, evicted ids, LoRA logs: builds or continues its memory."""
+        loaded = self._model()
+        job = parse_episode(request, loaded.model.spec)
+        cache, threads = self._episode_cache(), self._config.num_threads
+        return await asyncio.to_thread(_remember, cache, job, threads)
+
+    def _episode_cache(self) -> EpisodeCache:
+        self._model()  # no model: the same error as every other route
+        assert self._episodes is not None  # built with every loaded model
+        return self._episodes
+
+    def episodes(self) -> dict[str, Any]:
+        """This replica's episode memories (a handle call reaches one replica)."""
+        return self._episode_cache().summary()
 
     async def step(self, request: dict[str, Any]) -> dict[str, Any]:
         """{"obs", "action", "seed", "noise_scale", "sampler"} -> next_obs, reward, terminated,
@@ -269,6 +322,7 @@ class WorldModelDeployment:
         summary["actor_name"] = runtime.get_actor_name()
         summary["actor_id"] = runtime.get_actor_id()
         summary["checkpoint_id"] = self._loaded.checkpoint_id if self._loaded else None
+        summary["episodes"] = self._episodes.summary() if self._episodes else None
         return summary
 
     async def check_health(self) -> None:
@@ -285,6 +339,14 @@ class WorldModelDeployment:
     async def http_step(self, body: StepRequest) -> JSONResponse:
         return JSONResponse(json_ready(await self.step(body)))
 
+    @app.post("/v1/episodes", response_model=EpisodeResponse, responses=ERRORS)
+    async def http_remember_episode(self, body: EpisodeRequest) -> JSONResponse:
+        return JSONResponse(await self.remember_episode(body))
+
+    @app.get("/v1/episodes")
+    async def http_episodes(self) -> dict[str, Any]:
+        return self.episodes()
+
     @app.get("/v1/info")
     async def http_info(self) -> dict[str, Any]:
         return self.info()
@@ -295,6 +357,13 @@ class WorldModelDeployment:
         if loaded is None:
             return error_response(503, "checkpoint", "checkpoint: no world model is loaded")
         return {"status": "ok", "checkpoint_id": loaded.checkpoint_id}
+
+
+def _remember(cache: EpisodeCache, job: Any, num_threads: int | None) -> dict[str, Any]:
+    """Runs in a worker thread (LoRA finetuning); thread count set here, as in execute_batch."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    return cache.remember(job.episode_id, job.obs, job.action, job.seed)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from moedream.platform.serve.episodes import EpisodeCache, EpisodeError
 from moedream.platform.serve.schemas import ImagineJob, StepJob
-from moedream.world_model.model import WEIGHTS_FILE, WorldModel
+from moedream.world_model.model import WEIGHTS_FILE, WorldModel, WorldModelState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +110,11 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def run_imagine(loaded: LoadedModel, job: ImagineJob) -> dict[str, Any]:
+def run_imagine(
+    loaded: LoadedModel, job: ImagineJob, episodes: EpisodeCache | None = None
+) -> dict[str, Any]:
+    if job.episode_id is not None:
+        return _run_imagine_with_memory(loaded, job, episodes)
     traj = loaded.model.imagine(
         job.start,
         job.plan,
@@ -121,6 +126,45 @@ def run_imagine(loaded: LoadedModel, job: ImagineJob) -> dict[str, Any]:
     )
     out = dataclasses.asdict(traj)  # numpy arrays (Trajectories fields)
     return _tag(out, loaded, job.seed)
+
+
+def _run_imagine_with_memory(
+    loaded: LoadedModel, job: ImagineJob, episodes: EpisodeCache | None
+) -> dict[str, Any]:
+    """Every row composes the memory of ``job.episode_id``; the start is the episode's step
+    ``entry.steps`` (its latest posted observation), so memory answers only from real
+    transitions the short context does not already hold."""
+    if episodes is None:
+        raise EpisodeError("episode_id", "this replica has no episode memory (no model loaded)")
+    model = loaded.model
+    with episodes.reading(job.episode_id, model) as (memory, entry):
+        state = start_state(model, job.start, job.context, entry.steps)
+        traj = model.imagine(
+            state,
+            job.plan,
+            job.horizon,
+            sampler=job.sampler,
+            noise_scale=job.noise_scale,
+            generator=_generator(job.seed, loaded.device),
+            memory=memory.recall([job.episode_id] * job.rows),
+        )
+    out = dataclasses.asdict(traj)
+    return _tag(out, loaded, job.seed)
+
+
+def start_state(
+    model: WorldModel, start: np.ndarray, context: dict[str, np.ndarray] | None, step: int
+) -> WorldModelState:
+    """The state ``model.imagine`` would build from start [B, N, D] after ``context``, with
+    the current observation at episode step ``step`` (what the memory experts read)."""
+    obs = torch.as_tensor(start, device=model.obs_mean.device)[:, None]  # [B, 1, N, D]
+    action = None
+    if context is not None:
+        ctx_obs = torch.as_tensor(context["obs"], device=obs.device)  # [B, T, N, D]
+        obs, action = torch.cat([ctx_obs, obs], 1), context["action"]
+    state = model.observe(obs, action)
+    step_tensor = torch.full((state.batch_size,), step, dtype=torch.long, device=obs.device)
+    return dataclasses.replace(state, step=step_tensor)
 
 
 def run_step(loaded: LoadedModel, job: StepJob) -> dict[str, Any]:
@@ -150,7 +194,10 @@ class Failure:
 
 
 def execute_batch(
-    loaded: LoadedModel, jobs: list[ImagineJob | StepJob], num_threads: int | None = None
+    loaded: LoadedModel,
+    jobs: list[ImagineJob | StepJob],
+    num_threads: int | None = None,
+    episodes: EpisodeCache | None = None,
 ) -> list[Any]:
     """Run every job on the same model snapshot; one job's error never fails the others.
 
@@ -161,8 +208,10 @@ def execute_batch(
     results: list[Any] = []
     for job in fuse_imagine_jobs(jobs):
         try:
-            run = run_imagine if isinstance(job, ImagineJob) else run_step
-            results.append(run(loaded, job))
+            if isinstance(job, ImagineJob):
+                results.append(run_imagine(loaded, job, episodes))
+            else:
+                results.append(run_step(loaded, job))
         except Exception as err:  # noqa: BLE001 - returned to that request's caller only
             results.append(Failure(err))
     return results

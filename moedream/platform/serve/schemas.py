@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 from moedream.config import ConfigBase, ConfigError, check, check_positive
 from moedream.envs.spec import EnvSpec
 from moedream.world_model.diffusion import SamplerConfig, check_compatible
+from moedream.world_model.memory.config import MemoryConfig
 from moedream.world_model.model import WorldModelConfig
 
 MAX_SEED = 2**63 - 1
@@ -55,6 +56,9 @@ class ServeConfig(ConfigBase):
     """torch intra-op threads in the replica (None: leave Ray's default, OMP_NUM_THREADS)."""
     device: str | None = None
     """Where the model runs (None: cuda if the replica has a GPU, else cpu)."""
+    memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
+    """Memory experts of episodes posted to /v1/episodes; ``memory.max_adapters`` is how many
+    episodes one replica holds (the least recently used is evicted beyond it)."""
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
@@ -184,6 +188,36 @@ class Context(_Strict):
     actions: _array_field("Context actions [B, T, N, A] or indices [B, T, N].", 4, None)
 
 
+EpisodeId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+
+class EpisodeRequest(_Strict):
+    """An episode's real steps: builds (or continues) its memory in the replica."""
+
+    episode_id: EpisodeId
+    obs: _array_field(
+        "Real observations [L+1, N, D] (or {agent_id: [L+1, D_i]}); a known episode continues: "
+        "obs[0] must be its latest posted observation.",
+        3,
+        2,
+    )
+    actions: _array_field(
+        "The L actions between them: [L, N, A] encoded, [L, N] indices (discrete) or "
+        "{agent_id: [L] | [L, A_i]}.",
+        3,
+        2,
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the LoRA finetuning.")
+
+
+class EpisodeResponse(BaseModel):
+    episode_id: str
+    steps: int = Field(description="Real transitions posted for this episode so far")
+    created: bool = Field(description="False when the post continued a known episode")
+    evicted: list[str] = Field(description="Episodes evicted to make room (least recently used)")
+    lora: dict = Field(description="LoRA finetuning logs (loss, kept, seconds)")
+
+
 class ImagineRequest(_Strict):
     """Imagine ``horizon`` steps from ``start_obs`` under an action plan or a policy spec."""
 
@@ -200,6 +234,12 @@ class ImagineRequest(_Strict):
     noise_scale: FiniteFloat | None = Field(None, ge=0.0)
     sampler: SamplerOptions | None = None
     context: Context | None = None
+    episode_id: EpisodeId | None = Field(
+        None,
+        description="Compose the memory experts of this episode (posted to /v1/episodes) into "
+        "every step; start_obs is taken as the episode's latest posted observation. Unknown or "
+        "evicted: 404. Absent: the plain model.",
+    )
 
 
 class StepRequest(_Strict):
@@ -272,10 +312,20 @@ class ImagineJob:
     noise_scale: float | None = None
     sampler: SamplerConfig | None = None
     context: dict[str, np.ndarray] | None = None
+    episode_id: str | None = None
+    """Rows compose this episode's memory (``memory=`` MemoryExperts.recall) when set."""
 
     @property
     def rows(self) -> int:
         return int(self.start.shape[0])
+
+
+@dataclasses.dataclass
+class EpisodeJob:
+    episode_id: str
+    obs: np.ndarray  # [L+1, N, D] float32
+    action: np.ndarray  # [L, N, A] float32 or [L, N] int64
+    seed: int
 
 
 @dataclasses.dataclass
@@ -322,7 +372,19 @@ def parse_imagine(
         noise_scale=req.noise_scale,
         sampler=parse_sampler(req.sampler, model, config),
         context=context,
+        episode_id=req.episode_id,
     )
+
+
+def parse_episode(request: EpisodeRequest | dict, spec: EnvSpec) -> EpisodeJob:
+    """An episode's real history -> arrays; at least one transition."""
+    req = _model(EpisodeRequest, request)
+    obs = parse_obs(req.obs, spec, "obs")  # [L+1, N, D]
+    if obs.shape[0] < 2:
+        raise RequestError("obs", f"has {obs.shape[0]} observation; send L+1 >= 2 (L >= 1 steps)")
+    steps = obs.shape[0] - 1
+    action = parse_actions(req.actions, spec, "actions", lead=(steps,), time_axis=None)
+    return EpisodeJob(episode_id=req.episode_id, obs=obs, action=action, seed=req.seed)
 
 
 def parse_step(
