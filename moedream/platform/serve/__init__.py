@@ -1,6 +1,6 @@
 """Serving the world model with Ray Serve: deployment + FastAPI ingress (``app``), request
 schemas (``schemas``), building the requests (``request``), job execution without ray
-(``runner``), an HTTP client (``client``), hot-swapping the served checkpoint (``deploy``) and
+(``runner``), per-episode memory experts in a bounded LRU cache (``episodes``), an HTTP client (``client``), hot-swapping the served checkpoint (``deploy``) and
 the app's names (``names``).
 
 ``build_app`` is the ``serve run`` / ``serve deploy`` entry (import_path
@@ -21,6 +21,7 @@ _EXPORTS = {
     "RequestError": "schemas",
     "random_plan": "schemas",
     "imagine_request": "request",
+    "episode_request": "request",
     "push_checkpoint": "deploy",
     "served_checkpoint": "deploy",
     "WorldModelClient": "client",

@@ -280,8 +280,14 @@ class WorldModelDeployment:
         episode's steps, created, evicted ids, LoRA logs: builds or continues its memory."""
         loaded = self._model()
         job = parse_episode(request, loaded.model.spec)
-        cache, threads = self._episode_cache(), self._config.num_threads
-        return await asyncio.to_thread(_remember, cache, job, threads)
+        return await asyncio.to_thread(self._remember, self._episode_cache(), job)
+
+    def _remember(self, cache: EpisodeCache, job: Any) -> dict[str, Any]:
+        """Runs in a worker thread (LoRA finetuning); the torch thread count is set here, in
+        the thread that runs the model, as in execute_batch."""
+        if self._config.num_threads:
+            torch.set_num_threads(self._config.num_threads)
+        return cache.remember(job.episode_id, job.obs, job.action, job.seed)
 
     def _episode_cache(self) -> EpisodeCache:
         self._model()  # no model: the same error as every other route
@@ -357,13 +363,6 @@ class WorldModelDeployment:
         if loaded is None:
             return error_response(503, "checkpoint", "checkpoint: no world model is loaded")
         return {"status": "ok", "checkpoint_id": loaded.checkpoint_id}
-
-
-def _remember(cache: EpisodeCache, job: Any, num_threads: int | None) -> dict[str, Any]:
-    """Runs in a worker thread (LoRA finetuning); thread count set here, as in execute_batch."""
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    return cache.remember(job.episode_id, job.obs, job.action, job.seed)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

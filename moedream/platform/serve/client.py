@@ -3,6 +3,8 @@
     client = WorldModelClient("http://127.0.0.1:8000")
     traj = client.imagine(start_obs, actions=plan, horizon=10, seed=0)   # Trajectories
     out = client.step(obs, action, seed=0)                                # dict of numpy arrays
+    client.post_episode("ep-7", obs_history, action_history)              # build its memory
+    traj = client.imagine(last_obs, actions=plan, horizon=40, episode_id="ep-7")
 
 A 4xx answer raises :class:`ServeRequestError` carrying the server's message, which names the
 offending field (``start_obs[0][1][3]: is nan: send finite numbers``).
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 import requests
 
-from moedream.platform.serve.request import imagine_request, jsonable
+from moedream.platform.serve.request import episode_request, imagine_request, jsonable
 from moedream.world_model.trajectory import Trajectories
 
 JSON = dict[str, Any]
@@ -74,15 +76,26 @@ class WorldModelClient:
         sampler: JSON | None = None,
         context_obs: Any = None,
         context_actions: Any = None,
+        episode_id: str | None = None,
     ) -> Trajectories:
         """Imagined rollouts as :class:`Trajectories` (float32 numpy arrays; null -> NaN).
         The arguments are :func:`~moedream.platform.serve.request.imagine_request`'s."""
         body = imagine_request(
             start_obs, actions, horizon=horizon, seed=seed, context_obs=context_obs,
             context_actions=context_actions, noise_scale=noise_scale, num_samples=num_samples,
-            policy=policy, sampler=sampler, as_lists=True,
+            policy=policy, sampler=sampler, episode_id=episode_id, as_lists=True,
         )  # fmt: skip
         return Trajectories.from_dict(self.imagine_json(body))
+
+    def post_episode(self, episode_id: str, obs: Any, actions: Any, *, seed: int = 0) -> JSON:
+        """Build (or continue) an episode's memory on the server from its real steps; returns
+        its steps, whether it was new, the episodes evicted for it and the LoRA logs."""
+        body = episode_request(episode_id, obs, actions, seed=seed, as_lists=True)
+        return self.request("POST", "/v1/episodes", body)
+
+    def episodes(self) -> JSON:
+        """The answering replica's episode memories: capacity, counts, cached ids."""
+        return self.request("GET", "/v1/episodes")
 
     def step(
         self,

@@ -24,6 +24,7 @@ def imagine_request(
     num_samples: int | None = None,
     policy: str | None = None,
     sampler: dict[str, Any] | None = None,
+    episode_id: str | None = None,
     as_lists: bool = False,
 ) -> dict[str, Any]:
     """An ``ImagineRequest`` (schemas.py) body.
@@ -34,16 +35,27 @@ def imagine_request(
     seed             int             sampling seed
     context_obs      [B, T, N, D]    the steps before ``start_obs`` the model conditions on ...
     context_actions  [B, T, N, A]    ... and the actions taken after each of them
+    episode_id       str             compose this posted episode's memory (see episode_request)
 
     The other fields go in only when given, so the server's defaults apply otherwise. Values
     are passed as they are (the server validates them); ``as_lists`` turns numpy arrays into
     nested lists (JSON over HTTP, or a deployment that expects JSON)."""
     body: dict[str, Any] = {"start_obs": start_obs, "horizon": horizon, "seed": seed}
     optional = {"actions": actions, "policy": policy, "num_samples": num_samples,
-                "noise_scale": noise_scale, "sampler": sampler}  # fmt: skip
+                "noise_scale": noise_scale, "sampler": sampler,
+                "episode_id": episode_id}  # fmt: skip
     body.update({k: v for k, v in optional.items() if v is not None})
     if context_obs is not None or context_actions is not None:
         body["context"] = {"obs": context_obs, "actions": context_actions}
+    return jsonable(body) if as_lists else body
+
+
+def episode_request(
+    episode_id: str, obs: Any, actions: Any, *, seed: int = 0, as_lists: bool = False
+) -> dict[str, Any]:
+    """An ``EpisodeRequest`` (schemas.py) body: an episode's real obs [L+1, N, D] and the
+    actions [L, N, A] (or [L, N] indices) between them, to build or continue its memory."""
+    body = {"episode_id": episode_id, "obs": obs, "actions": actions, "seed": seed}
     return jsonable(body) if as_lists else body
 
 
