@@ -116,16 +116,17 @@ class EpisodeCache:
         return evicted
 
     def check(self, episode_id: str) -> EpisodeEntry:
-        """The entry of ``episode_id`` (marked recently used), or EpisodeError (404)."""
+        """The entry of ``episode_id`` (marked recently used), or EpisodeError (404): the
+        early check of a request, before it queues; its hit is counted when it runs."""
         with self.lock:
-            return self._entry(episode_id)
+            return self._entry(episode_id, count_hit=False)
 
-    def _entry(self, episode_id: str) -> EpisodeEntry:
+    def _entry(self, episode_id: str, *, count_hit: bool = True) -> EpisodeEntry:
         entry = self.entries.get(episode_id)
         if entry is None:
-            self.counts["misses"] += 1
+            self.counts["misses"] += 1  # a refused request: counted where it is refused
             raise EpisodeError("episode_id", self._why_unknown(episode_id))
-        self.counts["hits"] += 1
+        self.counts["hits"] += int(count_hit)
         self.entries.move_to_end(episode_id)
         return entry
 

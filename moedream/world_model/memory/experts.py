@@ -451,11 +451,17 @@ class MemoryExperts:
         b, n = cells.shape[:2]
         value = cells.new_zeros(b, n, self.model.spec.obs_dim)
         hit = torch.zeros(b, n, dtype=torch.bool, device=cells.device)
-        for row, episode_id in enumerate(episode_ids):
-            store = self.spatial_stores.get(episode_id) if episode_id is not None else None
-            if store is not None:
-                before = int(step[row]) - self.recent_gap
-                value[row], hit[row] = store.lookup_transition(cells[row], action[row], before)
+        # one lookup per (episode, step) group: a served batch is many rows of one episode
+        groups: dict[tuple[str, int], list[int]] = {}
+        for row, (episode_id, row_step) in enumerate(zip(episode_ids, step.tolist())):
+            if episode_id is not None and episode_id in self.spatial_stores:
+                groups.setdefault((episode_id, row_step - self.recent_gap), []).append(row)
+        for (episode_id, before), rows in groups.items():
+            idx = torch.tensor(rows, device=cells.device)  # [G]
+            found, found_hit = self.spatial_stores[episode_id].lookup_transition(
+                cells[idx].flatten(0, 1), action[idx].flatten(0, 1), before
+            )  # [G * N, D], [G * N]
+            value[idx], hit[idx] = found.view(len(rows), n, -1), found_hit.view(len(rows), n)
         return value, hit
 
     @torch.no_grad()
