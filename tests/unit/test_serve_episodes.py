@@ -149,7 +149,9 @@ def _imagine_job(episode_id: str | None, model: WorldModel):
 def test_imagine_with_an_episode_is_the_memory_composed_model(model, cache):
     obs, action = _episode(5)
     cache.remember("ep", obs, action, seed=1)
+    cache.check("ep")  # the deployment's early check before queueing: not a second hit
     served = run_imagine(_loaded(model), _imagine_job("ep", model), cache)
+    assert cache.summary()["hits"] == 1
     # the same memory built in-process, imagined from the episode's step 6
     memory = MemoryExperts(model, MEMORY)
     with torch.random.fork_rng(devices=[]):
