@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,6 +119,40 @@ class OvercookedParallelEnv(ParallelEnv):
 
     def close(self) -> None:
         pass
+
+    def scripted_team(self, epsilon: float = 0.1, seed: int = 0) -> Callable[[Any], dict]:
+        """A competent scripted team (overcooked_ai's GreedyHumanModel for both cooks: fetch
+        onions, cook, plate, serve) as a policy ``obs -> {agent: action index}`` for
+        ``moedream.data.rollout_episode``; each action is replaced by a random one with
+        probability ``epsilon`` (varied episodes, states off the greedy path). Seeded: the
+        same ``seed`` gives the same episodes."""
+        from overcooked_ai_py.agents.agent import AgentPair, GreedyHumanModel
+        from overcooked_ai_py.planning.planners import (
+            NO_COUNTERS_PARAMS,
+            MediumLevelActionManager,
+        )
+
+        check(0.0 <= epsilon <= 1.0, "epsilon", epsilon, "must be a probability in [0, 1]")
+        mlam = MediumLevelActionManager.from_pickle_or_compute(
+            self._env.mdp, NO_COUNTERS_PARAMS, force_compute=False
+        )
+        team = AgentPair(GreedyHumanModel(mlam), GreedyHumanModel(mlam))
+        team.set_mdp(self._env.mdp)
+        rng = np.random.default_rng(seed)
+        n_actions = len(Action.ALL_ACTIONS)
+
+        def policy(obs: Any) -> dict[str, int]:
+            # GreedyHumanModel breaks ties with numpy's global generator: seed it from ours
+            np.random.seed(int(rng.integers(2**31)))
+            joint = team.joint_action(self._env.state)
+            return {
+                agent: int(rng.integers(n_actions))
+                if rng.random() < epsilon
+                else Action.ACTION_TO_INDEX[joint[i][0]]
+                for i, agent in enumerate(self.possible_agents)
+            }
+
+        return policy
 
     def _encode(self, state) -> list[np.ndarray]:
         if self.config.encoding == "featurized":

@@ -38,7 +38,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moedream.config import ConfigBase, ConfigError, check, check_positive, check_positive_ints
+from moedream.config import (
+    ConfigBase,
+    ConfigError,
+    check,
+    check_choice,
+    check_positive,
+    check_positive_ints,
+)
 from moedream.envs.spec import EnvSpec
 from moedream.world_model.backbone import Backbone, BackboneConfig
 from moedream.world_model.diffusion import (
@@ -49,6 +56,7 @@ from moedream.world_model.diffusion import (
     check_compatible,
 )
 from moedream.world_model.diffusion.sampler import PredictFn
+from moedream.world_model.discrete_head import DiscreteObsHead, nearest_index, value_vocabulary
 from moedream.world_model.heads import (
     AgentScalarHead,
     Ensemble,
@@ -62,10 +70,15 @@ from moedream.world_model.safetensors_file import (
     read_checkpoint,
     write_checkpoint,
 )
+from moedream.world_model.tokenizers import TOKENIZER_KINDS, TokenizerKind, tokenizer_for
 from moedream.world_model.trajectory import WINDOW_KEYS, Trajectories
 
 FORMAT = "moedream.world_model"
-FORMAT_VERSION = "3"  # 2: support bounds (obs_low/obs_high); 3: obs/action skip into heads
+FORMAT_VERSION = "4"  # 2: support bounds (obs_low/obs_high); 3: obs/action skip into heads;
+# 4: the backbone's token embeddings live in backbone.tokenizer (version 3 is read, renamed)
+READABLE_VERSIONS = ("3", FORMAT_VERSION)
+RENAMED_IN_4 = {"backbone.obs_embed.": "backbone.tokenizer.obs_embed.",
+                "backbone.action_embed.": "backbone.tokenizer.action_embed."}  # fmt: skip
 WEIGHTS_FILE = "world_model.safetensors"
 
 
@@ -88,6 +101,8 @@ class LossWeights(ConfigBase):
     """Multiplies the MoE layers' aux losses (already weighted by moe.balance_loss_weight and
     moe.z_loss_weight)."""
     ensemble: float = 1.0
+    discrete: float = 1.0
+    """Cross-entropy of the discrete next-observation head (obs_head 'discrete')."""
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
@@ -128,6 +143,15 @@ class WorldModelConfig(ConfigBase):
     """Lower bound of each feature's delta std as a fraction of the mean delta std over
     features: rarely changing features (std near 0) would otherwise get huge normalised
     targets that dominate the loss."""
+    tokenizer: TokenizerKind = "flat"
+    """How an agent-step becomes tokens (tokenizers.py): flat (one token), grid (Overcooked
+    grid cells + agent-state + action tokens) or auto (chosen by the env spec)."""
+    obs_head: Literal["diffusion", "discrete"] = "diffusion"
+    """diffusion: every next-observation feature from the diffusion head; discrete: features
+    with at most ``discrete_values`` distinct values in the fitted data (one-hots, counts,
+    grid positions) from a categorical head (discrete_head.py), the others from diffusion."""
+    discrete_values: int = 24
+    """Vocabulary size per feature of the discrete head."""
     support_margin: float | None = 0.0
     """Imagined observations are clamped to the per-feature [min, max] of the data the
     normalisation was fitted on, widened by this many feature stds (None: no clamp). Sampled
@@ -159,7 +183,9 @@ class WorldModelConfig(ConfigBase):
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
-        check_positive_ints(self, prefix, ("d_model", "cond_dim"))
+        check_positive_ints(self, prefix, ("d_model", "cond_dim", "discrete_values"))
+        check_choice(f"{prefix}tokenizer", self.tokenizer, TOKENIZER_KINDS)
+        check_choice(f"{prefix}obs_head", self.obs_head, ("diffusion", "discrete"))
         check(
             self.d_model % self.backbone.num_heads == 0,
             f"{prefix}d_model",
@@ -262,8 +288,9 @@ class WorldModel(nn.Module):
         config.validate()
         self.config, self.spec = config, spec
         n, d_obs, d_act = spec.n_agents, spec.obs_dim, spec.action_dim
+        tokenizer = tokenizer_for(config.tokenizer, spec, config.d_model)
         self.backbone = Backbone(
-            cfg=config.backbone, moe=config.moe, obs_dim=d_obs, action_dim=d_act, n_agents=n,
+            cfg=config.backbone, moe=config.moe, tokenizer=tokenizer, n_agents=n,
             ep_group=ep_group,
         )  # fmt: skip
         self.rssm = RSSM(cfg=config.rssm, embed_dim=n * config.d_model, action_dim=n * d_act)
@@ -279,6 +306,18 @@ class WorldModel(nn.Module):
         self.scale_head = (
             mlp(config.cond_dim, config.heads.hidden, n * d_obs)
             if config.diffusion_target == "scaled_residual"
+            else None
+        )
+        self.discrete_head = (
+            DiscreteObsHead(
+                d_model=config.d_model,
+                latent_dim=self.rssm.feature_dim,
+                per_token=d_obs // tokenizer.obs_tokens,
+                action_dim=d_act,
+                hidden=config.heads.hidden,
+                values=config.discrete_values,
+            )
+            if config.obs_head == "discrete"
             else None
         )
         self.reward_head = AgentScalarHead(feature_dim, config.heads.hidden)
@@ -306,6 +345,11 @@ class WorldModel(nn.Module):
         self.register_buffer("obs_low", torch.full((n, d), -torch.inf))  # [N, D] support
         self.register_buffer("obs_high", torch.full((n, d), torch.inf))
         self.register_buffer("normalization_fitted", torch.zeros((), dtype=torch.bool))
+        if self.config.obs_head == "discrete":  # the discrete head's value vocabulary
+            size = self.config.discrete_values
+            self.register_buffer("obs_values", torch.zeros(n, d, size))  # [N, D, V]
+            # distinct values per feature, V + 1 = continuous (until fitted: all continuous)
+            self.register_buffer("obs_value_count", torch.full((n, d), size + 1))
 
     @torch.no_grad()
     def fit_normalization(self, windows: dict[str, Any]) -> None:
@@ -329,6 +373,10 @@ class WorldModel(nn.Module):
         self.obs_low.fill_(torch.inf)  # the support of these windows alone
         self.obs_high.fill_(-torch.inf)
         self.widen_support({"obs": obs})
+        if self.discrete_head is not None:
+            vocab, counts = value_vocabulary(flat_obs, self.config.discrete_values)
+            self.obs_values.copy_(vocab)
+            self.obs_value_count.copy_(counts)
         self.normalization_fitted.fill_(True)
 
     @torch.no_grad()
@@ -418,7 +466,8 @@ class WorldModel(nn.Module):
         obs, action = batch["obs"], batch["action"]  # [B, T+1, N, D], [B, T, N, A]
         b, t, n, d = obs.shape[0], action.shape[1], obs.shape[2], obs.shape[3]
         obs_norm = self.normalize_obs(obs[:, :t])  # [B, T, N, D]
-        features, stats = self.backbone(obs=obs_norm, action=action)  # [B, T, N, d]
+        out = self.backbone.encode(obs=obs_norm, action=action)
+        features, stats = out.features, out.stats  # [B, T, N, d], per layer
         latent = self.rssm.observe(
             embed=features.flatten(-2),
             action=action.flatten(-2),
@@ -429,9 +478,19 @@ class WorldModel(nn.Module):
             features, latent["h"], latent["z"], obs_norm, action
         )  # [B, T, N, F], [B, T, C]
         m = b * t
+        discrete = None
+        if self.discrete_head is not None:
+            discrete = self._discrete_logits(
+                out.tokens.reshape(m, n, *out.tokens.shape[3:]),
+                torch.cat([latent["h"], latent["z"]], -1).reshape(m, -1),
+                obs_norm.reshape(m, n, d),
+                action.reshape(m, n, -1),
+                obs[:, :t].reshape(m, n, d),
+            )  # [M, N, D, V]
         return {
             "latent": latent,
             "stats": stats,
+            "discrete_logits": discrete,
             "per_agent": per_agent.reshape(m, n, -1),  # [M, N, F]
             "cond": cond.reshape(m, -1),  # [M, C]
             "ensemble_in": self._ensemble_input(
@@ -466,6 +525,10 @@ class WorldModel(nn.Module):
             terms["scale"] = (0.5 * x0.pow(2) * torch.exp(-2 * log_std) + log_std).mean()
             x0 = x0 / self._residual_std(log_std).detach()
         terms["diffusion"], diff_logs = self.denoiser.loss(x0, cond, generator=generator)
+        if enc["discrete_logits"] is not None:
+            terms["discrete"] = self._discrete_loss(
+                enc["discrete_logits"], obs[:, 1:].reshape(b * t, n, d)
+            )
         terms["reward"] = F.mse_loss(self.reward_head(per_agent), reward)  # [M, N] vs [M, N]
         terms["termination"] = F.binary_cross_entropy_with_logits(
             self.termination_head(per_agent), batch["terminated"].reshape(b * t, n)
@@ -516,9 +579,14 @@ class WorldModel(nn.Module):
             (current + x.view(b, t, n, d) * self.delta_std + self.delta_mean) * self.obs_mask
         )  # noqa: E731
         ensemble = self._ensemble_outputs(ens, current.reshape(b * t, n, d))
+        next_obs, next_mean = to_obs(x0), to_obs(mean)
+        if enc["discrete_logits"] is not None:
+            logits = enc["discrete_logits"].view(b, t, n, d, -1)  # [B, T, N, D, V]
+            next_obs = self._with_discrete(next_obs, logits, noise_scale, generator)
+            next_mean = self._with_discrete(next_mean, logits, 0.0, None)
         return {
-            "next_obs": to_obs(x0),
-            "next_obs_mean": to_obs(mean),
+            "next_obs": next_obs,
+            "next_obs_mean": next_mean,
             "reward": reward.view(b, t, n),
             "terminated": term.view(b, t, n),
             **{k: v.view(b, t, *v.shape[1:]) for k, v in ensemble.items()},
@@ -575,6 +643,53 @@ class WorldModel(nn.Module):
     def _residual_std(self, log_std: Tensor) -> Tensor:
         # exp(log_std) floored (bounds x0 when over-confident) and capped (a finite sample)
         return torch.exp(log_std.clamp(max=4.0)).clamp_min(self.config.residual_std_floor)
+
+    # ----------------------------------------------------------------------- discrete head
+
+    def discrete_features(self) -> Tensor:
+        """[N, D] bool: the features the discrete head predicts (at most ``discrete_values``
+        distinct values in the fitted data, not padding); none without a discrete head."""
+        if self.discrete_head is None:
+            return torch.zeros_like(self.obs_mask, dtype=torch.bool)
+        return (self.obs_value_count <= self.config.discrete_values) & self.obs_mask.bool()
+
+    def _discrete_logits(
+        self, tokens: Tensor, latent: Tensor, obs_norm: Tensor, action: Tensor, current: Tensor
+    ) -> Tensor:
+        """tokens [M, N, S, d] (backbone outputs of one step), latent [M, H+Z], obs_norm and
+        raw current obs [M, N, D], action [M, N, A] -> logits [M, N, D, V]."""
+        obs_tokens = tokens[:, :, : self.backbone.tokenizer.obs_tokens]  # [M, N, C, d]
+        index = nearest_index(current, self.obs_values)  # [M, N, D]
+        return self.discrete_head(obs_tokens, latent, obs_norm, action, index)
+
+    def _discrete_loss(self, logits: Tensor, next_obs: Tensor) -> Tensor:
+        """Cross-entropy of the next values' indices over the discrete features: logits
+        [M, N, D, V], next_obs [M, N, D] raw."""
+        chosen = self.discrete_features()  # [N, D]
+        if not bool(chosen.any()):
+            return logits.sum() * 0.0
+        target = nearest_index(next_obs, self.obs_values)  # [M, N, D]
+        return F.cross_entropy(logits[:, chosen].flatten(0, 1), target[:, chosen].flatten())
+
+    def _with_discrete(
+        self,
+        next_obs: Tensor,
+        logits: Tensor,
+        noise_scale: float | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """next_obs [..., N, D] with its discrete features replaced by the head's values:
+        the mode at ``noise_scale`` 0, else a sample at temperature ``noise_scale`` (None:
+        the sampler's default, 1)."""
+        temperature = 1.0 if noise_scale is None else float(noise_scale)
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, -1)  # [..., N, D, V]
+            flat = probs.reshape(-1, probs.shape[-1])
+            index = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+        else:
+            index = logits.argmax(-1)  # [..., N, D]
+        values = self.obs_values.expand(*index.shape, -1).gather(-1, index.unsqueeze(-1))
+        return torch.where(self.discrete_features(), values.squeeze(-1), next_obs)
 
     def _batch_tensors(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         missing = [k for k in WINDOW_KEYS if k not in batch]
@@ -681,9 +796,8 @@ class WorldModel(nn.Module):
         ctx_act = torch.cat(
             [state.action[:, state.action.shape[1] - (ctx_obs.shape[1] - 1) :], action[:, None]], 1
         )
-        features, stats = self.backbone(
-            obs=self.normalize_obs(ctx_obs), action=ctx_act
-        )  # [B, c, N, d]
+        encoded = self.backbone.encode(obs=self.normalize_obs(ctx_obs), action=ctx_act)
+        features, stats = encoded.features, encoded.stats  # [B, c, N, d], per layer
         f_t = features[:, -1]  # [B, N, d]
         h, z, _, _ = self.rssm.step(prev=state.rssm, embed=f_t.flatten(-2), generator=generator)
         current = state.obs[:, -1]  # [B, N, D]
@@ -696,6 +810,12 @@ class WorldModel(nn.Module):
         delta = x0.view(b, n, d) * self.delta_std + self.delta_mean  # [B, N, D]
         next_obs = torch.maximum(torch.minimum(current + delta, self.obs_high), self.obs_low)
         next_obs = next_obs * self.obs_mask  # [B, N, D], inside the data's support
+        if self.discrete_head is not None:
+            logits = self._discrete_logits(
+                encoded.tokens[:, -1], torch.cat([h, z], -1), self.normalize_obs(current),
+                action, current,
+            )  # fmt: skip
+            next_obs = self._with_discrete(next_obs, logits, noise_scale, generator)
         ens = self.ensemble(
             self._ensemble_input(cond, self.normalize_obs(current), action)
         )  # [K, B, O]
@@ -847,10 +967,10 @@ class WorldModel(nn.Module):
             raise CheckpointError(
                 f"{source} is not a moedream world-model checkpoint (no format {FORMAT!r})"
             )
-        if state.get("format_version") != FORMAT_VERSION:
+        if state.get("format_version") not in READABLE_VERSIONS:
             raise CheckpointError(
                 f"{source} has world-model format version {state.get('format_version')!r}; this "
-                f"moedream reads version {FORMAT_VERSION}: retrain or convert it"
+                f"moedream reads versions {list(READABLE_VERSIONS)}: retrain or convert it"
             )
         try:
             config = WorldModelConfig.from_dict(json.loads(state["config"]))
@@ -862,8 +982,11 @@ class WorldModel(nn.Module):
         if expected_config is not None:
             _check_same_config(config, expected_config, source)
         model = cls(config, spec)
+        weights = state["state_dict"]
+        if state.get("format_version") == "3":
+            weights = _renamed(weights, RENAMED_IN_4)
         try:
-            model.load_state_dict(state["state_dict"], strict=True)
+            model.load_state_dict(weights, strict=True)
         except (RuntimeError, KeyError) as err:
             raise CheckpointError(
                 f"{source}: weights do not fit the stored config ({err})"
@@ -937,6 +1060,15 @@ def _check_same_config(found: WorldModelConfig, expected: WorldModelConfig, sour
             f"{source} was saved with a different world-model config ({len(diff)} field(s) differ: "
             f"{shown}); load it without expected_config or use the matching config"
         )
+
+
+def _renamed(weights: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
+    """``weights`` with every key starting with an old prefix moved to its new prefix."""
+    out = {}
+    for key, value in weights.items():
+        old = next((p for p in renames if key.startswith(p)), None)
+        out[key if old is None else renames[old] + key[len(old) :]] = value
+    return out
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

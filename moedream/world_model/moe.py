@@ -100,6 +100,8 @@ class MoEStats:
                     counted before capacity dropping
     dropped_tokens  int64 scalar: (token, expert) assignments dropped at capacity
     tokens          number of tokens in the batch
+    assignments     [t, k] long, detached: each token's chosen experts, in the input's token
+                    order (native backend; None otherwise), for specialisation analysis
     """
 
     aux_loss: Tensor
@@ -108,6 +110,7 @@ class MoEStats:
     expert_load: Tensor
     dropped_tokens: Tensor
     tokens: int
+    assignments: Tensor | None = None
 
     @classmethod
     def zeros(cls, num_experts: int, tokens: int, device: torch.device) -> MoEStats:
@@ -207,6 +210,27 @@ def load_balancing_loss(router_probs: Tensor, expert_mask: Tensor) -> Tensor:
     mask = expert_mask.to(router_probs.dtype)
     fraction_routed = mask.sum(0) / mask.sum().clamp_min(1.0)  # f_e [e]
     mean_prob = router_probs.mean(0)  # P_e [e]
+    return num_experts * torch.sum(fraction_routed * mean_prob)
+
+
+def grouped_balancing_loss(router_probs: Tensor, expert_mask: Tensor, groups: Tensor) -> Tensor:
+    """The load-balancing loss with every group weighted equally: E * sum_e f_e * P_e where
+    f_e and P_e are the means over the groups present of each group's own routed fraction and
+    mean probability. router_probs [t, e], expert_mask float [t, e], groups [t] long (e.g.
+    token modality).
+
+    Balancing inside each group would push every modality to use every expert (no
+    specialisation is then possible); balancing the plain token pool lets the most numerous
+    modality (a grid's cells) decide the balance. Weighting the groups equally lets modalities
+    own different experts while no expert goes idle across them."""
+    num_experts = router_probs.shape[-1]
+    one_hot = F.one_hot(groups.long()).to(router_probs.dtype)  # [t, g]
+    present = one_hot.sum(0) > 0  # [g]
+    one_hot = one_hot[:, present]  # [t, g'], the groups present
+    mask = expert_mask.to(router_probs.dtype)
+    routed = one_hot.t() @ mask  # [g', e] routes per group and expert
+    fraction_routed = (routed / routed.sum(-1, keepdim=True).clamp_min(1.0)).mean(0)  # f_e [e]
+    mean_prob = ((one_hot.t() @ router_probs) / one_hot.sum(0)[:, None]).mean(0)  # P_e [e]
     return num_experts * torch.sum(fraction_routed * mean_prob)
 
 
@@ -403,15 +427,27 @@ class MoEFeedForward(nn.Module):
         else:
             self.deepspeed = DeepSpeedMoE(cfg, ep_group)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
+    def forward(
+        self, x: Tensor, *, route_input: Tensor | None = None, groups: Tensor | None = None
+    ) -> tuple[Tensor, MoEStats]:
+        """x [..., d] -> (y [..., d], stats). ``route_input`` [..., d] (native backend) is
+        added to the router's input only (e.g. a modality embedding); ``groups`` [...] long
+        makes the balance loss the mean of per-group balance losses (e.g. per modality)."""
         if x.shape[-1] != self.cfg.d_model:
             raise ValueError(
                 f"MoEFeedForward got input of shape {tuple(x.shape)}; the last dim must be "
                 f"moe.d_model={self.cfg.d_model}"
             )
+        if (route_input is not None or groups is not None) and self.cfg.backend != "native":
+            raise ValueError(
+                f"modality-aware routing needs moe.backend 'native', not {self.cfg.backend!r}; "
+                "set backbone.modality_routing: false or use the native backend"
+            )
         flat = x.reshape(-1, self.cfg.d_model)  # [t, d]
         if self.cfg.backend == "native":
-            y, stats = self._forward_native(flat)
+            route = None if route_input is None else route_input.reshape(-1, self.cfg.d_model)
+            group = None if groups is None else groups.reshape(-1)
+            y, stats = self._forward_native(flat, route, group)
         elif self.cfg.backend == "dense":
             y = self.dense(flat)
             stats = MoEStats.zeros(self.cfg.num_experts, flat.shape[0], x.device)
@@ -419,10 +455,12 @@ class MoEFeedForward(nn.Module):
             y, stats = self.deepspeed(flat)
         return y.to(x.dtype).reshape(x.shape), stats
 
-    def _forward_native(self, x: Tensor) -> tuple[Tensor, MoEStats]:
+    def _forward_native(
+        self, x: Tensor, route_input: Tensor | None = None, groups: Tensor | None = None
+    ) -> tuple[Tensor, MoEStats]:
         cfg = self.cfg
         tokens = x.shape[0]
-        logits = self.router(x)  # [t, e] fp32
+        logits = self.router(x if route_input is None else x + route_input)  # [t, e] fp32
         probs, weights, experts = top_k_routing(logits, cfg.top_k)  # [t, e], [t, k], [t, k]
         position = slot_positions(experts, cfg.num_experts)  # [k, t]
         capacity = self._capacity(tokens, position)
@@ -439,7 +477,11 @@ class MoEFeedForward(nn.Module):
             y = combine(expert_out, slots, weights)  # [t, d] fp32
 
         counts = expert_counts(experts, cfg.num_experts)  # [t, e]
-        balance = load_balancing_loss(probs, counts)
+        balance = (
+            load_balancing_loss(probs, counts)
+            if groups is None
+            else grouped_balancing_loss(probs, counts, groups)
+        )
         z_loss = router_z_loss(logits)
         stats = MoEStats(
             aux_loss=cfg.balance_loss_weight * balance + cfg.z_loss_weight * z_loss,
@@ -448,6 +490,7 @@ class MoEFeedForward(nn.Module):
             expert_load=(counts.sum(0) / max(1, tokens * cfg.top_k)).detach(),
             dropped_tokens=(position >= capacity).sum(),
             tokens=tokens,
+            assignments=experts.detach(),
         )
         return y, stats
 
@@ -611,6 +654,7 @@ __all__ = [
     "DeepSpeedMoE",
     "top_k_routing",
     "load_balancing_loss",
+    "grouped_balancing_loss",
     "router_z_loss",
     "expert_capacity",
     "merge_stats",

@@ -1,0 +1,306 @@
+"""Does the world model get Overcooked right? Today's model vs the modality-tokenised one.
+
+On Overcooked cramped_room episodes of a competent scripted team (overcooked_ai's
+GreedyHumanModel for both cooks, 10% random actions; sparse reward: 20 per soup), trains each
+model variant on the same training episodes with the same step budget, for each seed, and
+measures on held-out episodes (other seeds of the same team):
+
+- one-step relative next-observation error RMS(pred - next) / RMS(next - obs) over every
+  held-out transition (1.0 = "nothing changes"), with the deterministic prediction (the
+  regressed mean for the diffusion head, the categorical mode for the discrete head);
+- reward MAE vs the constant predictor's (the held-out mean reward);
+- open-loop rollouts of ``--horizon`` steps under the real actions from held-out states: the
+  fraction whose imagined soup count (predicted reward / 20, rounded) equals the real one,
+  over all rollouts and over those with at least one real soup;
+- expert specialisation per MoE layer: P(expert | modality / agent / object type) and the
+  mutual information I(expert; label) in bits, with a heatmap PNG per variant;
+- training throughput: agent-steps per CPU-second of the whole fit (process time, so load
+  from other processes on a shared machine does not count; the benchmark's own threads do).
+
+Variants (``--variants``): old-featurized (today's served model: one token per agent-step,
+diffusion head, featurized observations), old-grid (the same on the lossless grid encoding),
+new (grid tokens: cells + agent-state + action, discrete head, modality-aware routing),
+new-no-modality-routing (the same without the router's modality embedding).
+
+    .venv/bin/python benchmarks/world_model_overcooked.py --record   # RESULTS.md figures
+    .venv/bin/python benchmarks/world_model_overcooked.py --steps 20 --seeds 0 --train-episodes 2 --test-episodes 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import markdown_table, parse_args, publish  # noqa: E402
+from moedream.data import read_episodes  # noqa: E402
+from moedream.data.episodes import collect_episodes, episode_windows  # noqa: E402
+from moedream.envs.overcooked import SOUP_REWARD  # noqa: E402
+from moedream.world_model.evaluation import prediction_scores  # noqa: E402
+from moedream.world_model.model import WorldModel, WorldModelConfig  # noqa: E402
+from moedream.world_model.specialisation import (  # noqa: E402
+    normalised_mi,
+    routing_counts,
+    routing_distribution,
+)
+from moedream.world_model.tokenizers import GRID_PLANES, MODALITIES  # noqa: E402
+from moedream.world_model.train_local import TrainConfig, fit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_MODEL: dict[str, Any] = {  # the quickstart's world-model sizes
+    "d_model": 64,
+    "cond_dim": 128,
+    "backbone": {"num_layers": 2, "num_heads": 4},
+    "moe": {"d_hidden": 128, "num_experts": 4, "top_k": 2, "capacity_factor": 1.25},
+    "diffusion": {"objective": "flow", "hidden": 128, "layers": 2},
+    "sampler": {"scheduler": "flow_euler", "num_steps": 4},
+    "heads": {"hidden": 128, "ensemble_size": 4, "ensemble_hidden": 64},
+}
+# name -> (encoding, model config changes)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "old-featurized": ("featurized", {}),
+    "old-grid": ("grid", {}),
+    "new": ("grid", {"tokenizer": "grid", "obs_head": "discrete", "modality_routing": True}),
+    "new-no-modality-routing": ("grid", {"tokenizer": "grid", "obs_head": "discrete"}),
+}
+# object types of a grid cell, by the first plane set (player planes 0-1 first)
+OBJECT_TYPES = ("player", "pot", "onion dispenser", "dish dispenser", "serving", "counter",
+                "floor", "agent token", "action token")  # fmt: skip
+OBJECT_PLANES = {"player": (0, 1), "pot": (10,), "onion dispenser": (12,),
+                 "dish dispenser": (14,), "serving": (15,), "counter": (11,)}  # fmt: skip
+
+
+@dataclasses.dataclass
+class Args:
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    seeds: tuple[int, ...] = (0, 1)
+    steps: int = 300
+    batch_size: int = 32
+    window: int = 4
+    lr: float = 0.002
+    train_episodes: int = 12
+    test_episodes: int = 4
+    episode_steps: int = 400
+    epsilon: float = 0.1
+    horizon: int = 20
+    rollouts: int = 64
+    out: str = "runs/bench_world_model_overcooked"
+    record: bool = False
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def team_policy_factory(epsilon: float, seed: int):
+    return lambda env: env.scripted_team(epsilon=epsilon, seed=seed)
+
+
+def episodes(args: Args, encoding: str, split: str) -> tuple[Any, list[Any]]:
+    """The cached episodes of ``split`` (train: seed 0, test: seed 1), collected once."""
+    path = Path(args.out) / "data" / f"{encoding}_{split}_{args.epsilon}.parquet"
+    count = args.train_episodes if split == "train" else args.test_episodes
+    seed = 0 if split == "train" else 1
+    if path.exists():
+        spec, eps = read_episodes(path)
+        if len(eps) >= count:
+            return spec, eps[:count]
+    options = {"layout": "cramped_room", "encoding": encoding, "horizon": args.episode_steps}
+    start = time.perf_counter()
+    collect_episodes("overcooked", options, count, path, seed=seed, run_id=split,
+                     policy_factory=team_policy_factory(args.epsilon, seed))  # fmt: skip
+    spec, eps = read_episodes(path)
+    soups = sum(float(e.reward[:, 0].sum()) for e in eps) / SOUP_REWARD
+    print(f"collected {count} {encoding} {split} episodes ({soups:.0f} soups) in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+    return spec, eps
+
+
+def windows_of(eps: list[Any], spec: Any, window: int) -> dict[str, np.ndarray]:
+    parts = [episode_windows(e, spec, window) for e in eps]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# ------------------------------------------------------------------------------- training
+
+
+def model_config(changes: dict[str, Any], window: int) -> WorldModelConfig:
+    data = json.loads(json.dumps(BASE_MODEL))
+    data["backbone"]["max_context"] = window
+    routing = changes.pop("modality_routing", False) if changes else False
+    data.update(changes)
+    data["backbone"]["modality_routing"] = routing
+    return WorldModelConfig.from_dict(data)
+
+
+def train(name: str, seed: int, args: Args) -> tuple[WorldModel, float, dict]:
+    encoding, changes = VARIANTS[name]
+    spec, train_eps = episodes(args, encoding, "train")
+    torch.manual_seed(seed)
+    model = WorldModel(model_config(dict(changes), args.window), spec)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, window=args.window,
+                      lr=args.lr, warmup=min(50, args.steps // 10), seed=seed,
+                      eval_every=args.steps, log_every=args.steps)  # fmt: skip
+    start = time.process_time()
+    out = Path(args.out) / "runs" / f"{name}_seed{seed}"
+    logs = fit(model, windows_of(train_eps, spec, args.window), cfg, out_dir=out, progress=False)
+    cpu = time.process_time() - start
+    return model, cpu, logs
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def one_step(model: WorldModel, test: dict[str, np.ndarray]) -> dict[str, float]:
+    pred = model.predict_windows(test, noise_scale=0.0)
+    obs = test["obs"]
+    return prediction_scores(
+        pred_obs=pred["next_obs_mean"].numpy(),
+        pred_reward=pred["reward"].numpy()[..., 0],
+        obs=obs[:, :-1],
+        next_obs=obs[:, 1:],
+        reward=test["reward"][..., 0],
+    )
+
+
+def open_loop(model: WorldModel, eps: list[Any], spec: Any, args: Args) -> dict[str, float]:
+    """Imagined vs real soups over ``args.horizon`` steps under the real actions."""
+    rng = np.random.default_rng(0)
+    context, h = args.window - 1, args.horizon
+    picks = [(e, int(rng.integers(context, e.length - h + 1)))
+             for e in (eps[int(i)] for i in rng.integers(len(eps), size=args.rollouts))]  # fmt: skip
+    ctx_obs = np.stack([e.obs[s - context : s] for e, s in picks])  # [R, c, N, D]
+    ctx_act = np.stack([spec.encode_actions(e.action[s - context : s]) for e, s in picks])
+    start = np.stack([e.obs[s] for e, s in picks])  # [R, N, D]
+    plan = np.stack([spec.encode_actions(e.action[s : s + h]) for e, s in picks])
+    real = np.array([e.reward[s : s + h, 0].sum() for e, s in picks]) / SOUP_REWARD
+    traj = model.imagine(start, plan, h, context={"obs": ctx_obs, "action": ctx_act},
+                         noise_scale=0.0)  # fmt: skip
+    imagined = np.round(traj.reward[..., 0].sum(1) / SOUP_REWARD)
+    match = imagined == np.round(real)
+    with_soup = real > 0
+    return {
+        "soup_match": float(match.mean()),
+        "soup_match_with_soup": float(match[with_soup].mean()) if with_soup.any() else float("nan"),
+        "rollouts_with_soup": float(with_soup.sum()),
+    }
+
+
+def token_labels(model: WorldModel, obs: np.ndarray) -> dict[str, np.ndarray]:
+    """Labels of every backbone token of windows obs [B, T, N, D] (time-major, as the
+    backbone orders them): modality, agent, object type."""
+    tok = model.backbone.tokenizer
+    b, t, n, _ = obs.shape
+    s = len(tok.modality)
+    modality = np.broadcast_to(tok.modality.numpy(), (b, t, n, s))
+    agent = np.broadcast_to(np.arange(n)[:, None], (b, t, n, s))
+    labels = {"modality": modality, "agent": agent}
+    if tok.obs_tokens > 1:  # grid cells: the object in each cell
+        cells = obs.reshape(b, t, n, tok.obs_tokens, GRID_PLANES)
+        kind = np.full((b, t, n, s), OBJECT_TYPES.index("floor"))
+        for name in reversed(list(OBJECT_PLANES)):  # the first listed wins
+            present = cells[..., list(OBJECT_PLANES[name])].max(-1) > 0
+            kind[..., : tok.obs_tokens][present] = OBJECT_TYPES.index(name)
+        kind[..., tok.obs_tokens] = OBJECT_TYPES.index("agent token")
+        kind[..., tok.obs_tokens + 1] = OBJECT_TYPES.index("action token")
+        labels["object"] = kind
+    return {k: np.ascontiguousarray(v).reshape(-1) for k, v in labels.items()}
+
+
+@torch.no_grad()
+def specialisation(model: WorldModel, test: dict[str, np.ndarray]) -> dict[str, Any]:
+    obs = test["obs"][:256, :-1]
+    action = test["action"][:256]
+    model.eval()
+    out = model.backbone.encode(obs=model.normalize_obs(torch.as_tensor(obs)),
+                                action=torch.as_tensor(action))  # fmt: skip
+    labels = token_labels(model, obs)
+    sizes = {"modality": len(MODALITIES), "agent": obs.shape[2], "object": len(OBJECT_TYPES)}
+    e = model.config.moe.num_experts
+    result: dict[str, Any] = {}
+    for layer, stats in enumerate(out.stats):
+        experts = stats.assignments.numpy()
+        for key, values in labels.items():
+            counts = routing_counts(experts, values, e, sizes[key])
+            result[f"l{layer}/{key}"] = counts
+    return result
+
+
+def heatmap(tables: dict[str, np.ndarray], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in tables if not k.endswith("/agent")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        counts = tables[key]
+        names = MODALITIES if key.endswith("modality") else OBJECT_TYPES
+        rows = counts.sum(1) > 0
+        ax.imshow(routing_distribution(counts)[rows], vmin=0, vmax=1, cmap="viridis")
+        ax.set_yticks(range(int(rows.sum())), [n for n, r in zip(names, rows) if r], fontsize=7)
+        ax.set_xticks(range(counts.shape[1]))
+        ax.set_xlabel("expert")
+        ax.set_title(f"{key}  NMI {normalised_mi(counts):.2f}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def run(args: Args) -> None:
+    rows, spec_rows = [], []
+    for name in args.variants:
+        encoding = VARIANTS[name][0]
+        spec, test_eps = episodes(args, encoding, "test")
+        test = windows_of(test_eps, spec, args.window)
+        for seed in args.seeds:
+            model, cpu, logs = train(name, seed, args)
+            agent_steps = args.steps * args.batch_size * args.window * spec.n_agents
+            scores = one_step(model, test)
+            soups = open_loop(model, test_eps, spec, args)
+            tables = specialisation(model, test)
+            heatmap(tables, f"{name} seed {seed}", ROOT / "benchmarks" / "plots" /
+                    f"world_model_overcooked_{name}_seed{seed}.png")  # fmt: skip
+            mi = {k: normalised_mi(v) for k, v in tables.items()}
+            rows.append([name, seed, scores["wm_eval_obs_rel_err"], scores["wm_eval_reward_mae"],
+                         scores["wm_eval_reward_mae_const"],
+                         scores["wm_eval_reward_mae"] / scores["wm_eval_reward_mae_const"],
+                         soups["soup_match"], soups["soup_match_with_soup"],
+                         agent_steps / cpu, cpu])  # fmt: skip
+            spec_rows.append([name, seed] + [mi[k] for k in sorted(mi)])
+            spec_keys = sorted(mi)
+            print(rows[-1], spec_rows[-1], flush=True)
+    body = markdown_table(
+        ["variant", "seed", "one-step rel. obs error", "reward MAE", "const MAE",
+         "MAE / const", f"{args.horizon}-step soups match", "... with a real soup",
+         "train agent-steps per CPU-s", "train CPU s"],
+        rows,
+    )  # fmt: skip
+    body += "\n\nNormalised mutual information I(expert; label) / H(label) per MoE layer:\n\n"
+    body += markdown_table(["variant", "seed"] + spec_keys, spec_rows)
+    body += (
+        f"\n\nData: cramped_room, {args.train_episodes} training and {args.test_episodes} "
+        f"held-out episodes of {args.episode_steps} steps of the scripted team (epsilon "
+        f"{args.epsilon}); {args.steps} steps of batch {args.batch_size}, window {args.window}. "
+        "Heatmaps: benchmarks/plots/world_model_overcooked_<variant>_seed<seed>.png. The "
+        "machine was shared with other jobs: throughput figures are loaded-machine figures."
+    )
+    publish("world_model_overcooked", "World model on Overcooked: old vs modality tokens",
+            body, args.record)  # fmt: skip
+
+
+if __name__ == "__main__":
+    run(parse_args(Args, __doc__))
