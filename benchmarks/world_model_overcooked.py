@@ -14,8 +14,8 @@ measures on held-out episodes (other seeds of the same team):
   over all rollouts and over those with at least one real soup;
 - expert specialisation per MoE layer: P(expert | modality / agent / object type) and the
   mutual information I(expert; label) in bits, with a heatmap PNG per variant;
-- training throughput: agent-steps per CPU-second of the whole fit (process time, so load
-  from other processes on a shared machine does not count; the benchmark's own threads do).
+- training throughput: agent-steps per CPU-second of a training step, each variant timed
+  side by side (process time: load from other processes on a shared machine does not count).
 
 Variants (``--variants``): old-featurized (today's served model: one token per agent-step,
 diffusion head, featurized observations), old-grid (the same on the lossless grid encoding),
@@ -47,9 +47,11 @@ from moedream.envs.overcooked import SOUP_REWARD  # noqa: E402
 from moedream.world_model.evaluation import prediction_scores  # noqa: E402
 from moedream.world_model.model import WorldModel, WorldModelConfig  # noqa: E402
 from moedream.world_model.specialisation import (  # noqa: E402
+    layer_routes,
     normalised_mi,
     routing_counts,
     routing_distribution,
+    token_labels,
 )
 from moedream.world_model.tokenizers import GRID_PLANES, MODALITIES  # noqa: E402
 from moedream.world_model.train_local import TrainConfig, fit  # noqa: E402
@@ -92,6 +94,10 @@ class Args:
     epsilon: float = 0.1
     horizon: int = 20
     rollouts: int = 64
+    speed_steps: int = 5
+    """training steps timed per variant for the throughput table"""
+    threads: int = 1
+    """torch threads (1: CPU seconds then measure work, not a shared machine's contention)"""
     out: str = "runs/bench_world_model_overcooked"
     record: bool = False
 
@@ -140,19 +146,48 @@ def model_config(changes: dict[str, Any], window: int) -> WorldModelConfig:
     return WorldModelConfig.from_dict(data)
 
 
-def train(name: str, seed: int, args: Args) -> tuple[WorldModel, float, dict]:
+def train(name: str, seed: int, args: Args) -> WorldModel:
+    """The variant's model trained on the training episodes; a run folder that already holds
+    the final model (an interrupted benchmark) is loaded instead of trained again."""
     encoding, changes = VARIANTS[name]
+    out = Path(args.out) / "runs" / f"{name}_seed{seed}_steps{args.steps}"
+    if (out / "world_model.safetensors").exists():
+        return WorldModel.load(out / "world_model.safetensors")
     spec, train_eps = episodes(args, encoding, "train")
     torch.manual_seed(seed)
     model = WorldModel(model_config(dict(changes), args.window), spec)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, window=args.window,
                       lr=args.lr, warmup=min(50, args.steps // 10), seed=seed,
                       eval_every=args.steps, log_every=args.steps)  # fmt: skip
-    start = time.process_time()
-    out = Path(args.out) / "runs" / f"{name}_seed{seed}"
-    logs = fit(model, windows_of(train_eps, spec, args.window), cfg, out_dir=out, progress=False)
-    cpu = time.process_time() - start
-    return model, cpu, logs
+    fit(model, windows_of(train_eps, spec, args.window), cfg, out_dir=out, progress=False)
+    return model
+
+
+def step_cpu_seconds(args: Args) -> dict[str, float]:
+    """CPU seconds of one training step of each variant, timed side by side (interleaved,
+    process time: load from other processes does not count)."""
+    from moedream.world_model.train_local import make_optimizer, sample_batch, train_step
+
+    steps = {}
+    for name in args.variants:
+        encoding, changes = VARIANTS[name]
+        spec, train_eps = episodes(args, encoding, "train")
+        windows = windows_of(train_eps, spec, args.window)
+        model = WorldModel(model_config(dict(changes), args.window), spec)
+        model.fit_normalization(windows)
+        optimizer = make_optimizer(model.parameters(), TrainConfig(lr=args.lr))
+        rng = np.random.default_rng(0)
+        steps[name] = lambda m=model, o=optimizer, w=windows, r=rng: train_step(
+            m, o, sample_batch(w, args.batch_size, r)
+        )
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(1 + args.speed_steps):
+        for name, step in steps.items():
+            start = time.process_time()
+            step()
+            if i > 0:  # the first step warms up
+                cpu[name].append(time.process_time() - start)
+    return {name: float(np.median(v)) for name, v in cpu.items()}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -193,44 +228,35 @@ def open_loop(model: WorldModel, eps: list[Any], spec: Any, args: Args) -> dict[
     }
 
 
-def token_labels(model: WorldModel, obs: np.ndarray) -> dict[str, np.ndarray]:
-    """Labels of every backbone token of windows obs [B, T, N, D] (time-major, as the
-    backbone orders them): modality, agent, object type."""
+def object_labels(model: WorldModel, obs: np.ndarray) -> np.ndarray:
+    """The object type of every backbone token of windows obs [B, T, N, D] of a grid
+    tokenizer (time-major): the object in a cell token's cell, or the token's kind."""
     tok = model.backbone.tokenizer
     b, t, n, _ = obs.shape
-    s = len(tok.modality)
-    modality = np.broadcast_to(tok.modality.numpy(), (b, t, n, s))
-    agent = np.broadcast_to(np.arange(n)[:, None], (b, t, n, s))
-    labels = {"modality": modality, "agent": agent}
-    if tok.obs_tokens > 1:  # grid cells: the object in each cell
-        cells = obs.reshape(b, t, n, tok.obs_tokens, GRID_PLANES)
-        kind = np.full((b, t, n, s), OBJECT_TYPES.index("floor"))
-        for name in reversed(list(OBJECT_PLANES)):  # the first listed wins
-            present = cells[..., list(OBJECT_PLANES[name])].max(-1) > 0
-            kind[..., : tok.obs_tokens][present] = OBJECT_TYPES.index(name)
-        kind[..., tok.obs_tokens] = OBJECT_TYPES.index("agent token")
-        kind[..., tok.obs_tokens + 1] = OBJECT_TYPES.index("action token")
-        labels["object"] = kind
-    return {k: np.ascontiguousarray(v).reshape(-1) for k, v in labels.items()}
+    cells = obs.reshape(b, t, n, tok.obs_tokens, GRID_PLANES)
+    kind = np.full((b, t, n, len(tok.modality)), OBJECT_TYPES.index("floor"))
+    for name in reversed(list(OBJECT_PLANES)):  # the first listed wins
+        present = cells[..., list(OBJECT_PLANES[name])].max(-1) > 0
+        kind[..., : tok.obs_tokens][present] = OBJECT_TYPES.index(name)
+    kind[..., tok.obs_tokens] = OBJECT_TYPES.index("agent token")
+    kind[..., tok.obs_tokens + 1] = OBJECT_TYPES.index("action token")
+    return kind.reshape(-1)
 
 
-@torch.no_grad()
-def specialisation(model: WorldModel, test: dict[str, np.ndarray]) -> dict[str, Any]:
-    obs = test["obs"][:256, :-1]
-    action = test["action"][:256]
-    model.eval()
-    out = model.backbone.encode(obs=model.normalize_obs(torch.as_tensor(obs)),
-                                action=torch.as_tensor(action))  # fmt: skip
-    labels = token_labels(model, obs)
-    sizes = {"modality": len(MODALITIES), "agent": obs.shape[2], "object": len(OBJECT_TYPES)}
+def specialisation(model: WorldModel, test: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Routing count tables [labels, experts] per layer and label kind, on held-out windows."""
+    obs, action = test["obs"][:256, :-1], test["action"][:256]
+    b, t, n, _ = obs.shape
+    labels = token_labels(model.backbone.tokenizer.modality.numpy(), b, t, n)
+    sizes = {"modality": len(MODALITIES), "agent": n, "object": len(OBJECT_TYPES)}
+    if model.backbone.tokenizer.obs_tokens > 1:
+        labels["object"] = object_labels(model, obs)
     e = model.config.moe.num_experts
-    result: dict[str, Any] = {}
-    for layer, stats in enumerate(out.stats):
-        experts = stats.assignments.numpy()
-        for key, values in labels.items():
-            counts = routing_counts(experts, values, e, sizes[key])
-            result[f"l{layer}/{key}"] = counts
-    return result
+    return {
+        f"l{layer}/{key}": routing_counts(experts, values, e, sizes[key])
+        for layer, experts in enumerate(layer_routes(model, obs, action))
+        for key, values in labels.items()
+    }
 
 
 def heatmap(tables: dict[str, np.ndarray], title: str, path: Path) -> None:
@@ -261,14 +287,14 @@ def heatmap(tables: dict[str, np.ndarray], title: str, path: Path) -> None:
 
 
 def run(args: Args) -> None:
+    torch.set_num_threads(args.threads)
     rows, spec_rows = [], []
     for name in args.variants:
         encoding = VARIANTS[name][0]
         spec, test_eps = episodes(args, encoding, "test")
         test = windows_of(test_eps, spec, args.window)
         for seed in args.seeds:
-            model, cpu, logs = train(name, seed, args)
-            agent_steps = args.steps * args.batch_size * args.window * spec.n_agents
+            model = train(name, seed, args)
             scores = one_step(model, test)
             soups = open_loop(model, test_eps, spec, args)
             tables = specialisation(model, test)
@@ -278,17 +304,23 @@ def run(args: Args) -> None:
             rows.append([name, seed, scores["wm_eval_obs_rel_err"], scores["wm_eval_reward_mae"],
                          scores["wm_eval_reward_mae_const"],
                          scores["wm_eval_reward_mae"] / scores["wm_eval_reward_mae_const"],
-                         soups["soup_match"], soups["soup_match_with_soup"],
-                         agent_steps / cpu, cpu])  # fmt: skip
+                         soups["soup_match"], soups["soup_match_with_soup"]])  # fmt: skip
             spec_rows.append([name, seed] + [mi[k] for k in sorted(mi)])
             spec_keys = sorted(mi)
             print(rows[-1], spec_rows[-1], flush=True)
     body = markdown_table(
         ["variant", "seed", "one-step rel. obs error", "reward MAE", "const MAE",
-         "MAE / const", f"{args.horizon}-step soups match", "... with a real soup",
-         "train agent-steps per CPU-s", "train CPU s"],
+         "MAE / const", f"{args.horizon}-step soups match", "... with a real soup"],
         rows,
     )  # fmt: skip
+    cpu = step_cpu_seconds(args)
+    agent_steps = args.batch_size * args.window * 2
+    first = args.variants[0]
+    speed = [[name, cpu[name], agent_steps / cpu[name], cpu[first] / cpu[name]] for name in cpu]
+    body += f"\n\nTraining throughput (median of {args.speed_steps} steps, timed side by side):\n\n"
+    body += markdown_table(
+        ["variant", "CPU s / step", "agent-steps per CPU-s", f"throughput vs {first}"], speed
+    )
     body += "\n\nNormalised mutual information I(expert; label) / H(label) per MoE layer:\n\n"
     body += markdown_table(["variant", "seed"] + spec_keys, spec_rows)
     body += (

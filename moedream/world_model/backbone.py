@@ -98,9 +98,7 @@ class Block(nn.Module):
             nn.Embedding(len(MODALITIES), d_model) if cfg.modality_routing else None
         )
 
-    def forward(
-        self, x: Tensor, mask: Tensor, modality: Tensor
-    ) -> tuple[Tensor, MoEStats]:
+    def forward(self, x: Tensor, mask: Tensor, modality: Tensor) -> tuple[Tensor, MoEStats]:
         """x [B, Q, d], mask [Q, Q], modality [Q] long -> (x [B, Q, d], stats)."""
         x = x + self.attn(self.norm_attn(x), mask)  # [B, Q, d]
         if self.router_modality is None:

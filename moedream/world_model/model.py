@@ -19,6 +19,12 @@ One transition (o_t, a_t) -> o_{t+1}, r_t, term_t:
     r_{t,i}       = RewardHead(c_{t,i}),  term_{t,i} = TerminationHead(c_{t,i})
     sigma_t       = std over K ensemble members of [delta, r] predictions
 
+The backbone's tokens come from a tokenizer chosen by ``tokenizer`` (tokenizers.py: one token
+per agent-step, or Overcooked grid cells + agent-state + action tokens); f_{t,i} is the output
+of agent i's summary token. With ``obs_head: discrete`` the features that take few values are
+predicted by a categorical head over each feature's observed values (discrete_head.py), from
+the observation tokens' outputs; the rest keep the diffusion sample above.
+
 Observations are normalised with statistics kept as buffers (fitted from data with
 ``fit_normalization``, or from the first training batch), so the model works on any scale.
 """

@@ -1,6 +1,6 @@
 """Expert specialisation: how routing depends on a token label (modality, agent, object type).
 
-Plain numpy. Shape legend: (t)okens, (k) experts chosen per token, (E) experts, (G) label
+The metrics are plain numpy; ``layer_routes`` collects a world model's routing. Shape legend: (t)okens, (k) experts chosen per token, (E) experts, (G) label
 values.
 
     counts[g, e] = routes of tokens labelled g to expert e               [G, E]
@@ -14,7 +14,10 @@ when routing ignores the label and reaches min(H(E), H(G)) when the label decide
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import torch
 
 
 def routing_counts(experts: np.ndarray, labels: np.ndarray, num_experts: int, num_labels: int):
@@ -56,3 +59,52 @@ def normalised_mi(counts: np.ndarray) -> float:
     """I(expert; label) / H(label) in [0, 1] (0 when the label is constant)."""
     h = label_entropy(counts)
     return mutual_information(counts) / h if h > 0 else 0.0
+
+
+@torch.no_grad()
+def layer_routes(model: Any, obs: np.ndarray, action: np.ndarray) -> list[np.ndarray]:
+    """The experts each backbone token is routed to, per MoE layer ([Q, k] each, tokens in
+    the backbone's time-major order), for raw windows obs [B, T, N, D], action [B, T, N, A]
+    of a WorldModel (native MoE backend), in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.obs_mean.device
+        as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
+        out = model.backbone.encode(
+            obs=model.normalize_obs(as_tensor(obs)), action=as_tensor(action)
+        )
+    finally:
+        model.train(was_training)
+    if any(s.assignments is None for s in out.stats):
+        raise ValueError("routing assignments need moe.backend 'native'")
+    return [s.assignments.cpu().numpy() for s in out.stats]
+
+
+def token_labels(
+    modality: np.ndarray, batch: int, steps: int, agents: int
+) -> dict[str, np.ndarray]:
+    """Modality and agent of every backbone token (time-major, as the backbone orders them)
+    of windows [batch, steps, agents]; ``modality`` [S] is the tokenizer's per-token modality."""
+    s = len(modality)
+    shape = (batch, steps, agents, s)
+    return {
+        "modality": np.broadcast_to(np.asarray(modality), shape).reshape(-1),
+        "agent": np.broadcast_to(np.arange(agents)[:, None], shape).reshape(-1),
+    }
+
+
+def specialisation_logs(model: Any, obs: np.ndarray, action: np.ndarray) -> dict[str, float]:
+    """moe/nmi_modality_l{i} and moe/nmi_agent_l{i}: I(expert; label) / H(label) per layer."""
+    from moedream.world_model.tokenizers import MODALITIES
+
+    b, t, n = np.asarray(obs).shape[:3]
+    labels = token_labels(model.backbone.tokenizer.modality.cpu().numpy(), b, t, n)
+    sizes = {"modality": len(MODALITIES), "agent": n}
+    e = model.config.moe.num_experts
+    logs = {}
+    for layer, experts in enumerate(layer_routes(model, obs, action)):
+        for key, values in labels.items():
+            counts = routing_counts(experts, values, e, sizes[key])
+            logs[f"moe/nmi_{key}_l{layer}"] = normalised_mi(counts)
+    return logs

@@ -51,7 +51,9 @@ class FlatTokenizer(nn.Module):
         super().__init__()
         self.obs_embed = nn.Linear(obs_dim, d_model)
         self.action_embed = nn.Linear(action_dim, d_model)
-        self.register_buffer("modality", torch.tensor([MODALITIES.index("state")]), persistent=False)
+        self.register_buffer(
+            "modality", torch.tensor([MODALITIES.index("state")]), persistent=False
+        )
         self.obs_tokens = 1
         self.summary_token = 0
 

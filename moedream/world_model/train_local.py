@@ -29,6 +29,7 @@ from moedream.config import (
     check_positive_ints,
 )
 from moedream.world_model.model import WorldModel, WorldModelConfig
+from moedream.world_model.specialisation import specialisation_logs
 from moedream.world_model.trajectory import WINDOW_KEYS
 
 
@@ -210,6 +211,8 @@ def evaluate(
     eval/obs_sample_mse_ratio
     eval/reward_mse     vs eval/reward_mean_mse: predicting the batch's own mean reward
     eval/uncertainty    mean ensemble spread
+    moe/nmi_modality_l{i}, moe/nmi_agent_l{i}  expert specialisation per MoE layer (native
+                        backend): I(expert; label) / H(label)
     """
     model = getattr(model, "module", model)
     pred = model.predict_windows(batch, generator=generator)
@@ -231,6 +234,8 @@ def evaluate(
         metrics["eval/copy_mse"], 1e-12
     )
     metrics["eval/obs_mse_ratio"] = metrics["eval/obs_mse"] / max(metrics["eval/copy_mse"], 1e-12)
+    if model.config.moe.backend == "native":
+        metrics.update(specialisation_logs(model, batch["obs"][:, :-1], batch["action"]))
     return metrics
 
 

@@ -93,7 +93,9 @@ def test_grid_tokenizer_gives_cell_agent_and_action_tokens() -> None:
 
 def test_auto_tokenizer_follows_the_env_spec() -> None:
     grid = EnvSpec("overcooked", ("a", "b"), (520, 520), "discrete", (6, 6), {"encoding": "grid"})
-    feat = EnvSpec("overcooked", ("a", "b"), (96, 96), "discrete", (6, 6), {"encoding": "featurized"})
+    feat = EnvSpec(
+        "overcooked", ("a", "b"), (96, 96), "discrete", (6, 6), {"encoding": "featurized"}
+    )
     assert resolve_kind("auto", grid) == "grid"
     assert resolve_kind("auto", feat) == "flat"
     with pytest.raises(ConfigError, match="tokenizer.*grid.*97 features"):
