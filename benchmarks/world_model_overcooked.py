@@ -305,8 +305,7 @@ def run(args: Args) -> None:
                          scores["wm_eval_reward_mae_const"],
                          scores["wm_eval_reward_mae"] / scores["wm_eval_reward_mae_const"],
                          soups["soup_match"], soups["soup_match_with_soup"]])  # fmt: skip
-            spec_rows.append([name, seed] + [mi[k] for k in sorted(mi)])
-            spec_keys = sorted(mi)
+            spec_rows.append((name, seed, mi))
             print(rows[-1], spec_rows[-1], flush=True)
     body = markdown_table(
         ["variant", "seed", "one-step rel. obs error", "reward MAE", "const MAE",
@@ -322,7 +321,9 @@ def run(args: Args) -> None:
         ["variant", "CPU s / step", "agent-steps per CPU-s", f"throughput vs {first}"], speed
     )
     body += "\n\nNormalised mutual information I(expert; label) / H(label) per MoE layer:\n\n"
-    body += markdown_table(["variant", "seed"] + spec_keys, spec_rows)
+    keys = sorted({k for _, _, mi in spec_rows for k in mi})  # "object": grid tokens only
+    table = [[name, seed] + [mi.get(k, "-") for k in keys] for name, seed, mi in spec_rows]
+    body += markdown_table(["variant", "seed"] + keys, table)
     body += (
         f"\n\nData: cramped_room, {args.train_episodes} training and {args.test_episodes} "
         f"held-out episodes of {args.episode_steps} steps of the scripted team (epsilon "
