@@ -22,18 +22,24 @@
   fine-tune runs in a Ray task and ``swap_retrained`` serves it at the next iteration's start.
 
 Every request to the deployment is built by moedream.platform.serve.request.imagine_request.
+Every remote call (Serve handle, gate actor) is retried with backoff and a timeout per attempt
+(moedream.platform.retry, settings ``retry``); when the retries run out the call raises
+moedream.policies.imagination.ProviderFailure and MBMAPPO goes on without it (docs/faults.md).
+A failed retrain keeps the served checkpoint (rolled back if the swap got half way).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from moedream.coherence.actor_config import ACTOR_NAME, NAMESPACE
-from moedream.config import ConfigBase, check, check_positive, is_int
+from moedream.config import ConfigBase, ConfigError, check, check_positive, is_int
 from moedream.data.episodes import episode_windows
 from moedream.envs.spec import EnvSpec
 from moedream.platform.retrain import (
@@ -43,13 +49,20 @@ from moedream.platform.retrain import (
     episode_from_rllib,
     logger,
 )
-from moedream.platform.serve.deploy import served_checkpoint
+from moedream.platform.retry import RemoteCallFailed, RetryConfig, call_with_retries
+from moedream.platform.serve.deploy import push_checkpoint, served_checkpoint
 from moedream.platform.serve.names import APP_NAME, DEPLOYMENT_NAME
 from moedream.platform.serve.request import imagine_request
+from moedream.platform.serve.schemas import RequestError
 from moedream.platform.served_retrain import ServedModelRetrainer
+from moedream.policies.imagination import ProviderFailure
 from moedream.world_model.evaluation import eval_windows, prediction_scores
 from moedream.world_model.model import WorldModel
 from moedream.world_model.trajectory import OPTIONAL_STEP_FIELDS, Trajectories
+
+T = TypeVar("T")
+# Errors that fail the same way on every attempt (bad input, a bug): raised at once, not retried.
+NO_RETRY = (ConfigError, RequestError, TypeError, AttributeError, KeyError, IndexError)
 
 
 @dataclasses.dataclass
@@ -107,8 +120,12 @@ class ServedWorldModelImaginerFactory(ConfigBase):
     eval_rows: int = 256
     """Held-out one-step predictions scored on each iteration's new real episodes before they
     are stored (provider/wm_eval_* metrics); 0 = do not score."""
+    retry: RetryConfig = dataclasses.field(default_factory=RetryConfig)
+    """Attempts, timeout per attempt and backoff of every Serve handle and gate actor call."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.retry, dict):  # keyword construction with a mapping
+            self.retry = RetryConfig.from_dict(self.retry, prefix=f"{type(self).__name__}.retry.")
         self.validate(f"{type(self).__name__}.")
 
     def validate(self, prefix: str = "") -> None:
@@ -198,9 +215,10 @@ class ServedWorldModelImaginer:
     # -------------------------------------------------------------------------- imagine
 
     def imagine(self, start_obs: np.ndarray, policy: Any) -> Trajectories:
-        """start_obs [B, N, D] -> Trajectories of ``horizon`` steps, actions from ``policy``."""
-        handle = self._deployment()
+        """start_obs [B, N, D] -> Trajectories of ``horizon`` steps, actions from ``policy``.
+        Raises ProviderFailure("imagine") when a step's request fails for good."""
         self._calls += 1
+        handle = self._remote("imagine", "the world-model handle", lambda _: self._deployment())
         h = self.horizon
         obs = [np.asarray(start_obs, dtype=np.float32)]  # list of [B, N, D]
         actions, rewards, terms, loads = [], [], [], []
@@ -208,6 +226,7 @@ class ServedWorldModelImaginer:
         for t in range(h):
             encoded = self.spec.encode_actions(policy.act(obs[-1]))  # [B, N, A]
             out = self._one_step(
+                "imagine",
                 handle,
                 obs[-1],
                 encoded[:, None],  # [B, 1, N, A]: one step
@@ -250,6 +269,7 @@ class ServedWorldModelImaginer:
 
     def _one_step(
         self,
+        stage: str,
         handle: Any,
         start: np.ndarray,
         action: np.ndarray,
@@ -259,10 +279,10 @@ class ServedWorldModelImaginer:
         seed: int,
     ) -> dict[str, np.ndarray | None]:
         """The deployment's next step from start [B, N, D] under action [B, 1, N, A], after the
-        context [B, T, ...] (or none), in requests of at most ``max_rows`` rows."""
-        replies = []
-        for rows in _row_chunks(len(start), self.factory.max_rows):
-            request = imagine_request(
+        context [B, T, ...] (or none), in requests of at most ``max_rows`` rows. Retried as a
+        whole (same seed: a retry gives the same answer); ProviderFailure(stage) at the end."""
+        requests = [
+            imagine_request(
                 start[rows],
                 action[rows],
                 horizon=1,
@@ -270,24 +290,48 @@ class ServedWorldModelImaginer:
                 context_obs=_take(context_obs, rows),
                 context_actions=_take(context_actions, rows),
             )
-            replies.append(handle.imagine.remote(request))
-        return _concat_replies([r.result() for r in replies])
+            for rows in _row_chunks(len(start), self.factory.max_rows)
+        ]
+
+        def attempt(timeout_s: float) -> dict[str, np.ndarray | None]:
+            replies = [handle.imagine.remote(request) for request in requests]
+            try:
+                return _concat_replies(_results_by(replies, time.monotonic() + timeout_s))
+            finally:
+                for reply in replies:  # a failed attempt leaves no request behind
+                    reply.cancel()
+
+        return self._remote(stage, f"Serve {self.factory.app_name} imagine request", attempt)
+
+    def _remote(self, stage: str, what: str, call: Callable[[float], T]) -> T:
+        """``call(timeout_s)`` with the factory's retries; ProviderFailure(stage) at the end."""
+        try:
+            return call_with_retries(call, what=what, config=self.factory.retry, no_retry=NO_RETRY)
+        except RemoteCallFailed as err:
+            raise ProviderFailure(stage, err.cause, str(err)) from err
+
+    def _gate_call(self, stage: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """One gate actor call (``ray.get`` within the attempt's timeout), retried."""
+        import ray
+
+        def attempt(timeout_s: float) -> Any:
+            return ray.get(getattr(self._gate_actor(), method).remote(*args, **kwargs),
+                           timeout=timeout_s)  # fmt: skip
+
+        return self._remote(stage, f"gate actor {self.factory.gate_actor_name}.{method}", attempt)
 
     # ----------------------------------------------------------------------------- gate
 
     def gate(self, trajectories: Trajectories) -> Any:
-        import ray
-
+        """The gate's verdicts (GateDecision); ProviderFailure("gate") when it cannot answer."""
         from moedream.coherence.kernel import Verdict
         from moedream.policies.imagination import GateDecision
 
-        self._push_restored_gate()
-        actor = self._gate_actor()
-        result = ray.get(
-            actor.judge_and_refine.remote(
-                trajectories, self.spec.env_name, self.factory.policy_id, seed=self._calls
-            )
-        )
+        self._push_restored_gate("gate")
+        result = self._gate_call(
+            "gate", "judge_and_refine",
+            trajectories, self.spec.env_name, self.factory.policy_id, seed=self._calls,
+        )  # fmt: skip
         keep = result.verdicts == Verdict.APPROVE
         truncated = result.truncated if result.truncated is not None else np.zeros_like(keep)
         refined = (result.tries > 0) | truncated  # re-imagined or cut to its coherent prefix
@@ -321,7 +365,8 @@ class ServedWorldModelImaginer:
             return {}
         t = windows["action"].shape[1]  # context steps + the predicted one
         out = self._one_step(
-            self._deployment(),
+            "evaluate",
+            self._remote("evaluate", "the world-model handle", lambda _: self._deployment()),
             windows["obs"][:, t - 1],
             windows["action"][:, t - 1 : t],  # the real action
             # the real steps before it are the model's context
@@ -357,7 +402,8 @@ class ServedWorldModelImaginer:
     # ------------------------------------------------------------------ observe / retrain
 
     def observe(self, episodes: list[Any]) -> None:
-        """The iteration's real RLlib MultiAgentEpisodes -> the episode store (and shards)."""
+        """The iteration's real RLlib MultiAgentEpisodes -> the episode store (and shards);
+        then the gate refit, whose failure (ProviderFailure("observe")) leaves them stored."""
         converted = []
         for episode in episodes:
             try:
@@ -365,9 +411,9 @@ class ServedWorldModelImaginer:
             except ValueError as err:  # e.g. an agent that did not act every step
                 self._skipped_episodes += 1
                 logger.debug("episode store: skipped an episode: %s", err)
+        self.store.add(converted)
         if self.refit_gate:
             self._judge_real(converted)
-        self.store.add(converted)
         if self.refit_gate and self.store.episodes:
             self._refit_gate()
 
@@ -378,8 +424,6 @@ class ServedWorldModelImaginer:
 
     def _judge_real(self, episodes: list[Any]) -> None:
         """How much of the team's NEW real data (H-step windows) the gate would approve."""
-        import ray
-
         from moedream.coherence.kernel import Verdict
 
         parts = [episode_windows(ep, self.spec, self.horizon) for ep in episodes]
@@ -388,46 +432,64 @@ class ServedWorldModelImaginer:
             return
         real = Trajectories(obs=windows["obs"], action=windows["action"],
                             reward=windows["reward"], terminated=windows["terminated"])  # fmt: skip
-        self._push_restored_gate()
-        result = ray.get(self._gate_actor().judge.remote(real, record=False))
+        self._push_restored_gate("observe")
+        result = self._gate_call("observe", "judge", real, record=False)
         self._last["gate_real_approve_rate"] = float(np.mean(result.verdicts == Verdict.APPROVE))
 
     def _refit_gate(self) -> None:
-        import ray
-
-        actor = self._gate_actor()  # an actor runs its calls in order: one wait for both
-        info, self._gate_normalizer = ray.get(
-            [actor.refit.remote([ep.obs for ep in self.store.episodes]),
-             actor.get_normalizer.remote()]
-        )  # fmt: skip
+        info = self._gate_call("observe", "refit", [ep.obs for ep in self.store.episodes])
+        self._gate_normalizer = self._gate_call("observe", "get_normalizer")
         self._last.update({f"gate_{k}": float(v) for k, v in info.items()})
 
-    def _push_restored_gate(self) -> None:
+    def _push_restored_gate(self, stage: str) -> None:
         """After set_state with a refit φ: give it back to the gate (e.g. a fresh actor)."""
         if self._gate_restored and self._gate_normalizer is not None:
-            import ray
-
-            ray.get(self._gate_actor().set_normalizer.remote(self._gate_normalizer))
+            self._gate_call(stage, "set_normalizer", self._gate_normalizer)
         self._gate_restored = False
 
     def retrain(self, iteration: int) -> dict[str, float]:
         """Fine-tune the served checkpoint on original + stored real windows, write a new
         versioned checkpoint, and hot-swap it into the Serve deployment (reconfigure).
-        Returns every provider metric, or {} when there was nothing to train on yet."""
-        metrics = self.retrainer.retrain(iteration)
+        Returns every provider metric, or {} when there was nothing to train on yet.
+
+        A failure (the fine-tune, the checkpoint write, a checkpoint that fails its sha256
+        check, the swap) raises ProviderFailure("retrain") once the deployment serves the last
+        good checkpoint again: imagination goes on from the old model."""
+        try:
+            metrics = self.retrainer.retrain(iteration)
+        except Exception as err:  # noqa: BLE001 - any failure: keep serving the old model
+            self._roll_back()
+            raise ProviderFailure("retrain", type(err).__name__, str(err)[:500]) from err
         self._last.update(metrics)
         return {} if metrics["wm_retrain_skipped"] else dict(self._last)
 
     def swap_retrained(self) -> dict[str, float]:
         """Serve the checkpoint of a background fine-tune (MBMAPPO calls it every iteration,
-        first): waits for it if it still runs; {} when none was pending."""
-        metrics = self.retrainer.swap_retrained()
+        first): waits for it if it still runs; {} when none was pending. A failed background
+        fine-tune or swap raises ProviderFailure("retrain") as :meth:`retrain` does."""
+        try:
+            metrics = self.retrainer.swap_retrained()
+        except Exception as err:  # noqa: BLE001 - any failure: keep serving the old model
+            self._roll_back()
+            raise ProviderFailure("retrain", type(err).__name__, str(err)[:500]) from err
         self._last.update(metrics)
         return metrics
 
     def close(self) -> None:
         """The run ends (MBMAPPO.stop): cancel a background fine-tune still running."""
         self.retrainer.cancel()
+
+    def _roll_back(self) -> None:
+        """Serve the last good checkpoint again if a failed swap changed what is served."""
+        good, s = self.retrainer.checkpoint, self.factory
+        if good is None:
+            return
+        served = self._remote("retrain", "served checkpoint",
+                              lambda _: served_checkpoint(s.app_name, s.deployment_name))  # fmt: skip
+        if served["path"] != good:
+            logger.warning("retrain failed: serving the last good checkpoint %s again", good)
+            push_checkpoint(good, app_name=s.app_name, deployment_name=s.deployment_name,
+                            timeout_s=s.swap_timeout_s)  # fmt: skip
 
     # --------------------------------------------------------------------- bookkeeping
 
@@ -482,6 +544,11 @@ def _take(array: np.ndarray | None, rows: slice) -> np.ndarray | None:
 
 def _row_chunks(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _results_by(replies: list[Any], deadline: float) -> list[dict]:
+    """Every DeploymentResponse's result, all of them by ``deadline`` (time.monotonic)."""
+    return [r.result(timeout_s=max(0.0, deadline - time.monotonic())) for r in replies]
 
 
 def _concat_replies(replies: list[dict]) -> dict[str, np.ndarray | None]:

@@ -15,6 +15,12 @@
 4. sync ALL modules (perceiver and reflector have no loss of their own, so PPO's
    "modules in the learner results" would miss them) to the env runners.
 
+A provider call that fails for good (ProviderFailure: its remote retries ran out) never stops
+training: a failed ``imagine`` or ``gate`` skips the iteration's remaining imagination rounds
+(the real batch is still learnt), a failed ``evaluate``/``observe``/``retrain`` skips only
+itself; each is logged with its cause and counted (``provider_failures_<stage>_total``,
+``imagination_skipped_total``, ``imagined_rows_dropped_total``). See docs/faults.md.
+
 With ``imagination.enabled`` false it is the model-free MAPPO baseline. The settings are one
 :class:`moedream.policies.imagination_config.ImaginationConfig` (``MBMAPPOConfig.imagination``).
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import os
 import tempfile
@@ -59,6 +66,7 @@ from moedream.envs.overcooked import SOUP_REWARD
 from moedream.envs.spec import EnvSpec
 from moedream.policies.imagination import (
     GateDecision,
+    ProviderFailure,
     TeamPolicy,
     build_imagined_episodes,
     penalise_uncertainty,
@@ -67,6 +75,7 @@ from moedream.policies.imagination import (
 from moedream.policies.imagination_config import ImaginationConfig
 from moedream.world_model.trajectory import Trajectories
 
+logger = logging.getLogger("moedream.mbmappo")
 METRICS = "moedream"  # results[METRICS][...] holds the per-iteration moedream metrics
 STATE_KEY = "moedream_imagination"
 # Where a training_step's wall-clock goes, logged per iteration as results[METRICS]["time_<stage>_s"]
@@ -309,6 +318,7 @@ class MBMAPPO(PPO):
         im = self.config.imagination
         imagined, rounds = [], 0
         self._gate_counts = {"approve": 0, "refine": 0, "reject": 0}
+        self._imagination_down: ProviderFailure | None = None  # no more rounds this iteration
         if im.enabled:
             self._prepare_imagination(episodes)
             if self.iteration >= im.start_iteration:
@@ -398,23 +408,50 @@ class MBMAPPO(PPO):
         (held out: it has not seen them), stores them, and retrains on schedule."""
         if hasattr(self.provider, "swap_retrained"):
             with self._stage("wm_retrain"):
-                self.provider.swap_retrained()
+                self._provider_call(self.provider.swap_retrained)
         if hasattr(self.provider, "evaluate"):
             with self._stage("wm_evaluate"):
-                self.provider.evaluate(episodes)
+                self._provider_call(self.provider.evaluate, episodes)
         if hasattr(self.provider, "observe"):
             with self._stage("wm_observe"):
-                self.provider.observe(episodes)
+                self._provider_call(self.provider.observe, episodes)
         every = self.config.imagination.world_model_retrain_every
         if every and (self.iteration + 1) % every == 0:  # after `every` iterations of new data
             if hasattr(self.provider, "retrain"):
                 with self._stage("wm_retrain"):
-                    self.provider.retrain(self.iteration)
+                    self._provider_call(self.provider.retrain, self.iteration)
+
+    def _provider_call(self, method: Callable, *args: Any) -> Any:
+        """``method(*args)``, or None after a ProviderFailure, which is logged with its cause and
+        counted; a failed imagine/gate also ends the iteration's imagination."""
+        try:
+            return method(*args)
+        except ProviderFailure as err:
+            if err.stage in ("imagine", "gate"):
+                self._imagination_down = err
+            logger.warning(
+                "iteration %d: provider %s failed (%s), going on without it: %s",
+                self.iteration, err.stage, err.cause, err,
+            )  # fmt: skip
+            self.metrics.log_value(
+                (METRICS, f"provider_failures_{err.stage}_total"), 1, reduce="lifetime_sum"
+            )
+            return None
+
+    def _count_skipped_round(self, skipped: bool, dropped_rows: int = 0) -> None:
+        """Every imagination round adds 0 or 1 here, so the totals exist from the first one."""
+        self.metrics.log_value((METRICS, "imagination_skipped_total"), int(skipped),
+                               reduce="lifetime_sum")  # fmt: skip
+        self.metrics.log_value((METRICS, "imagined_rows_dropped_total"), dropped_rows,
+                               reduce="lifetime_sum")  # fmt: skip
 
     def _imagine(self, episodes: list) -> list:
         """One imagination round: real episodes -> kept imagined episodes under the CURRENT
         planner (and the imagination metrics; counts are summed over the iteration's rounds)."""
         cfg, spec = self.config, self.config.env_spec
+        if self._imagination_down is not None:  # imagine/gate failed earlier this iteration
+            self._count_skipped_round(True)
+            return []
         with self._stage("episodes"):
             self._refresh_imagination_module()
         real_steps = sum(e.env_steps() for e in episodes)
@@ -423,13 +460,21 @@ class MBMAPPO(PPO):
         start_obs = sample_start_obs(episodes, spec, n, self._rng)  # [n, N, D]
         policy = TeamPolicy(self._imagination_module, spec, cfg.shared_planner)
         with self._stage("imagine"):
-            trajs = self.provider.imagine(start_obs, policy)
+            trajs = self._provider_call(self.provider.imagine, start_obs, policy)
+        if trajs is None:
+            self._count_skipped_round(True)
+            return []
         with self._stage("gate"):
-            decision = (
-                GateDecision.from_result(self.provider.gate(trajs))
+            verdicts = (
+                self._provider_call(self.provider.gate, trajs)
                 if im.gate
-                else GateDecision.from_result(np.ones(trajs.batch_size, dtype=bool))
+                else np.ones(trajs.batch_size, dtype=bool)
             )
+        if verdicts is None:  # imagined but never judged: dropped, and counted as such
+            self._count_skipped_round(True, trajs.batch_size)
+            return []
+        self._count_skipped_round(False)
+        decision = GateDecision.from_result(verdicts)
         if decision.trajectories is not None:  # the gate re-imagined its REFINE rows
             trajs = decision.trajectories
         kept = trajs.select(np.flatnonzero(decision.keep))

@@ -54,6 +54,19 @@ class GateDecision:
         return cls(keep=keep, approved=int(keep.sum()), refined=0, rejected=int((~keep).sum()))
 
 
+class ProviderFailure(RuntimeError):
+    """A provider call failed for good (its remote retries exhausted): MBMAPPO goes on without
+    it. ``stage`` is the provider method ("imagine", "gate", "evaluate", "observe",
+    "retrain"); ``cause`` the failure's short name (e.g. "ActorDiedError"). A failed
+    ``imagine`` or ``gate`` skips the iteration's remaining imagination rounds, any other stage
+    only itself; MBMAPPO logs it and counts it (``provider_failures_<stage>_total``,
+    ``imagination_skipped_total``)."""
+
+    def __init__(self, stage: str, cause: str, message: str) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.stage, self.cause = stage, cause
+
+
 class ImaginationProvider(Protocol):
     """What MBMAPPO needs from imagination (world model + gate).
 
@@ -64,7 +77,8 @@ class ImaginationProvider(Protocol):
     ``close()`` (on ``stop``),
     ``metrics() -> dict[str, float]`` (logged as ``moedream/provider_<key>``, e.g. the world-model loss),
     ``get_state()``/``set_state(state)`` (saved in algorithm checkpoints, e.g. the checkpoint
-    reference and the gate calibration).
+    reference and the gate calibration). A call that fails for good raises
+    :class:`ProviderFailure`.
     """
 
     def imagine(self, start_obs: np.ndarray, policy: TeamPolicy) -> Trajectories:

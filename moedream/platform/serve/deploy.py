@@ -10,7 +10,9 @@ import time
 from typing import Any
 
 from moedream.platform.ray_setup import job_runtime_env
-from moedream.platform.serve.runner import checkpoint_fingerprint
+from moedream.platform.serve.runner import checkpoint_fingerprint, weights_file
+from moedream.world_model.model import FORMAT
+from moedream.world_model.safetensors_file import read_checkpoint
 
 BUILD_APP_IMPORT_PATH = "moedream.platform.serve:build_app"
 
@@ -35,11 +37,15 @@ def push_checkpoint(
     run a new code version and so replaces the replicas. An application first deployed with
     ``serve.run`` is converted once (``build_app`` with its current user_config as args: one
     replacement of the replicas), after which every push is an in-place reconfigure. Other
-    applications deployed from a config are kept as they are.
+    applications deployed from a config are kept as they are. A checkpoint whose tensors
+    do not match their stored sha256 raises CheckpointError before anything is deployed.
     """
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
+    # A corrupt file would fail in the replicas' reconfigure and take the deployment down:
+    # refuse it here (CheckpointError naming the file) while the old model keeps serving.
+    read_checkpoint(weights_file(checkpoint), kind="world-model", fmt=FORMAT)
     expected = checkpoint_fingerprint(checkpoint)[0]
     client = _get_global_client()
     details = client.get_serve_details()
