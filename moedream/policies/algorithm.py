@@ -439,7 +439,10 @@ class MBMAPPO(PPO):
             return None
 
     def _count_skipped_round(self, skipped: bool, dropped_rows: int = 0) -> None:
-        """Every imagination round adds 0 or 1 here, so the totals exist from the first one."""
+        """Every imagination round adds 0 or 1 here, so the totals exist from the first one
+        (a skipped round also logs its 0 imagined steps: a sum never logged would read NaN)."""
+        if skipped:
+            self._log_counts(imagined_env_steps=0)
         self.metrics.log_value((METRICS, "imagination_skipped_total"), int(skipped),
                                reduce="lifetime_sum")  # fmt: skip
         self.metrics.log_value((METRICS, "imagined_rows_dropped_total"), dropped_rows,
