@@ -724,9 +724,13 @@ class WorldModel(nn.Module):
     # ----------------------------------------------------------------------- imagination
 
     @torch.no_grad()
-    def observe(self, obs: Any, action: Any | None = None) -> WorldModelState:
+    def observe(
+        self, obs: Any, action: Any | None = None, *, generator: torch.Generator | None = None
+    ) -> WorldModelState:
         """Build the state from real context: obs [B, T+1, N, D] (o_0 .. o_T, the last is the
-        current one) and encoded actions [B, T, N, A] taken between them (T may be 0)."""
+        current one) and encoded actions [B, T, N, A] taken between them (T may be 0). The
+        posterior latents are drawn from ``generator`` (None: torch's global RNG, whose state
+        depends on every earlier draw in the process, so a seeded imagine/step passes theirs)."""
         device = self.obs_mean.device
         obs = self._tensor(obs).float()
         if obs.dim() != 4:
@@ -745,7 +749,10 @@ class WorldModel(nn.Module):
             if t > 0:
                 features, _ = self.backbone(obs=self.normalize_obs(obs[:, :t]), action=action)
                 latent = self.rssm.observe(
-                    embed=features.flatten(-2), action=action.flatten(-2), prev=prev
+                    embed=features.flatten(-2),
+                    action=action.flatten(-2),
+                    prev=prev,
+                    generator=generator,
                 )
                 prev = latent["last"]
         return WorldModelState(obs=obs, action=action, rssm=prev, step=step)
@@ -857,7 +864,7 @@ class WorldModel(nn.Module):
         """One joint transition (used by Serve): obs [B, N, D] (ignored when ``state`` is
         given), encoded actions [B, N, A] -> next_obs, reward, terminated, uncertainty (numpy)
         and the ``state`` to continue from. ``memory``: as in :meth:`transition`."""
-        state = state or self.observe(self._tensor(obs)[:, None])
+        state = state or self.observe(self._tensor(obs)[:, None], generator=generator)
         action = self._encode_action(action, (state.batch_size,))
         with self._eval_mode():
             out, new_state = self.transition(
@@ -895,7 +902,11 @@ class WorldModel(nn.Module):
         """
         if not isinstance(horizon, int) or horizon < 1:
             raise ValueError(f"imagine: horizon = {horizon!r} must be an integer >= 1")
-        state = start if isinstance(start, WorldModelState) else self._start_state(start, context)
+        state = (
+            start
+            if isinstance(start, WorldModelState)
+            else self._start_state(start, context, generator)
+        )
         policy = self._as_policy(policy, state.batch_size, horizon)
         run_sampler = self._sampler(sampler)
         obs, actions, outs = [state.current_obs], [], []
@@ -926,16 +937,20 @@ class WorldModel(nn.Module):
             .numpy(),  # [L, E]
         )
 
-    def _start_state(self, start: Any, context: dict[str, Any] | None) -> WorldModelState:
+    def _start_state(
+        self, start: Any, context: dict[str, Any] | None, generator: torch.Generator | None
+    ) -> WorldModelState:
         start = self._tensor(start).float()
         if start.dim() != 3:
             raise ValueError(
                 f"imagine: start must be a WorldModelState or observations [B, N, D], got shape {tuple(start.shape)}"
             )
         if context is None:
-            return self.observe(start[:, None])
+            return self.observe(start[:, None], generator=generator)
         ctx_obs = self._tensor(context["obs"]).float()
-        return self.observe(torch.cat([ctx_obs, start[:, None]], 1), context["action"])
+        return self.observe(
+            torch.cat([ctx_obs, start[:, None]], 1), context["action"], generator=generator
+        )
 
     def _as_policy(self, policy: Any, batch: int, horizon: int) -> Policy:
         if callable(policy):

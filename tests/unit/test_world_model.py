@@ -229,6 +229,30 @@ def test_imagine_shapes_from_raw_obs_and_from_observed_context(model):
     assert model.imagine(state, policy, 2).obs.shape == (B, 3, 3, 5)
 
 
+def test_a_seeded_imagine_after_context_never_touches_the_global_rng(model):
+    """Every draw of a seeded imagine/step, the context's posterior latents included, comes
+    from its generator: the answer does not depend on what the process drew before (a Serve
+    replica answers the same request alike whatever it served earlier)."""
+    batch = fake_batch(t=5)
+    policy = lambda obs: torch.zeros(obs.shape[0], 3, 2)  # noqa: E731
+    start, context = batch["obs"][:, -1], {"obs": batch["obs"][:, :-1], "action": batch["action"]}
+
+    def imagine_and_step() -> tuple[np.ndarray, np.ndarray]:
+        traj = model.imagine(start, policy, 2, context=context,
+                             generator=torch.Generator().manual_seed(7))  # fmt: skip
+        out = model.step(start, np.zeros((B, 3, 2), np.float32),
+                         generator=torch.Generator().manual_seed(7))  # fmt: skip
+        return traj.obs, out["next_obs"]
+
+    torch.manual_seed(1)
+    global_state = torch.get_rng_state()
+    first = imagine_and_step()
+    assert torch.equal(torch.get_rng_state(), global_state)
+    torch.manual_seed(2)
+    for a, b in zip(first, imagine_and_step(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_imagined_observations_stay_inside_the_data_support():
     """Features real data never moves (a constant flag here) stay put, and every imagined
     feature stays within the fitted [min, max]; support_margin None turns the clamp off."""
