@@ -11,8 +11,10 @@ must also continue across them.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -38,6 +40,8 @@ ENV_OPTIONS = {"layout": "cramped_room", "horizon": 100, "shaped_reward_weight":
 BATCH, HORIZON, RATIO = 200, 4, 0.2
 ROWS = math.ceil(RATIO * BATCH / HORIZON)  # imagined rollouts per round
 RETRY = {"attempts": 4, "timeout_s": 90.0, "backoff_s": 0.5, "max_backoff_s": 2.0}
+REPORT_ENV = "MOEDREAM_CHAOS_REPORT"
+"""If set: a JSON file the module writes the suite's table to (benchmarks/chaos_suite.py)."""
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +75,12 @@ def loop(ray_cluster, tmp_path_factory):
 
     algo = algo_config(root, data, gate_cfg.actor_name).build_algo()
     env = {"root": root, "data": data, "gate_name": gate_cfg.actor_name, "algo": algo,
-           "checkpoint": checkpoint, "history": [],
+           "checkpoint": checkpoint, "history": [], "table": [],
            "make_gate": lambda: get_or_create_gate(gate_cfg, phi, state_dir),
            "gate": gate}  # fmt: skip
     yield env
+    if os.environ.get(REPORT_ENV):
+        Path(os.environ[REPORT_ENV]).write_text(json.dumps(env["table"], indent=1))
     algo.stop()
     import ray
 
@@ -177,6 +183,15 @@ def assert_accounted(results: list[dict], d: dict[str, float], *, sampled: int) 
     )
 
 
+def note(loop, fault: str, did: str, results: list[dict], *, repeated: int = 0) -> None:
+    """A row of the suite's table. Time lost: the wall-clock of ``results`` minus that of the
+    fault-free iterations of the same kind (with or without a retrain) in the first test."""
+    base = {r["training_iteration"] % 2: r["time_this_iter_s"] for r in loop["history"][:2]}
+    lost = sum(r["time_this_iter_s"] - base[r["training_iteration"] % 2] for r in results)
+    loop["table"].append({"fault": fault, "did": did, "real_steps_repeated": repeated,
+                          "time_lost_s": round(lost, 1)})  # fmt: skip
+
+
 def warnings_of(caplog) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
 
@@ -259,7 +274,10 @@ def test_serve_replica_killed_during_imagination(loop, caplog):
     after = handle.stats.remote().result(timeout_s=60)
     assert after["actor_id"] != victim["actor_id"]  # a new replica answered
     assert after["checkpoint_id"] == victim["checkpoint_id"]  # serving the same model
-    loop["replica_retry_log"] = warnings_of(caplog)
+    retried = warnings_of(caplog).count("imagine request: attempt")
+    note(loop, "Serve replica killed between two imagination steps",
+         f"round completed on the new replica ({retried} request attempts retried), 0 rounds "
+         "skipped, all rows judged", results)  # fmt: skip
 
 
 def test_gate_actor_killed_during_a_judge_call_restarts_and_counts_once(loop):
@@ -292,6 +310,10 @@ def test_gate_actor_killed_during_a_judge_call_restarts_and_counts_once(loop):
     # write and its reply may be counted twice by the gate (never by MBMAPPO)
     assert stats_before["gate/overcooked/team/judged"] + ROWS <= judged
     assert judged <= stats_before["gate/overcooked/team/judged"] + 2 * ROWS
+    counted = judged - stats_before["gate/overcooked/team/judged"]
+    note(loop, "gate actor killed (restartable) as a judge call is sent",
+         f"actor restarted, call retried by Ray; 0 rounds skipped; the gate counted {counted:.0f} "
+         f"judgements for {ROWS} rows", results)  # fmt: skip
 
 
 def test_gate_actor_gone_skips_imagination_counted_then_resumes(loop, caplog):
@@ -326,6 +348,9 @@ def test_gate_actor_gone_skips_imagination_counted_then_resumes(loop, caplog):
     assert (
         "provider gate failed (" in log and f"gate actor {provider.factory.gate_actor_name}" in log
     )
+    note(loop, "gate actor killed for good during a judge call",
+         f"round skipped after {RETRY['attempts']} attempts, {ROWS} imagined rows dropped and "
+         "counted; real batch learnt; new gate continues its counters", results)  # fmt: skip
 
     # a new gate actor (same name and state folder) takes over for the next iteration
     loop["gate"] = loop["make_gate"]()
@@ -339,8 +364,9 @@ def test_gate_actor_gone_skips_imagination_counted_then_resumes(loop, caplog):
 
 
 def test_env_runner_killed_is_restarted_and_no_step_counted_twice(loop):
-    """RLlib's restart_failed_env_runners: the iteration whose runner died samples nothing
-    (and so learns and imagines nothing); the next one samples from the restarted runner."""
+    """RLlib's restart_failed_env_runners: Ray restarts the SIGKILLed runner process; the
+    iterations before it is back sample nothing (so learn and imagine nothing) and count no
+    real step; then sampling, imagination and the counters go on."""
     import os
     import signal
 
@@ -349,15 +375,30 @@ def test_env_runner_killed_is_restarted_and_no_step_counted_twice(loop):
     algo = loop["algo"]
     [runner] = algo.env_runner_group._worker_manager.actors().values()
     pid = ray.get(runner.__ray_call__.remote(lambda _: os.getpid()))
-    os.kill(pid, signal.SIGKILL)  # the process dies as in a crash; Ray may restart the actor
-    before = counters(loop)
-    results = train(loop, 2)
+    os.kill(pid, signal.SIGKILL)  # the process dies as in a crash
+    before, results, start = counters(loop), [], time.monotonic()
+    while not results or not _sampled(results[-1]):  # until the restarted runner samples
+        assert time.monotonic() - start < 300, "the env runner never came back"
+        results += train(loop, 1)
+    results += train(loop, 1)
     d = deltas(before, loop)
-    assert d["real_env_steps_lifetime"] == BATCH  # the dead iteration sampled no step
+    empty = [r for r in results if not _sampled(r)]
+    assert empty, "the kill went unnoticed"
+    assert d["real_env_steps_lifetime"] == BATCH * 2  # only the two sampling iterations
     assert algo.env_runner_group.num_healthy_remote_workers() == 1
-    assert verdicts(d) == ROWS and d["imagination_skipped_total"] == 0  # one imagining iteration
-    imagined = sum(iteration_metrics(r)["charts/imagined_env_steps_iter"] for r in results[1:])
+    assert verdicts(d) == 2 * ROWS and d["imagination_skipped_total"] == 0
+    full = [r for r in results if _sampled(r)]
+    imagined = sum(iteration_metrics(r)["charts/imagined_env_steps_iter"] for r in full)
     assert d["imagined_env_steps_lifetime"] == imagined
+    note(loop, "env runner process SIGKILLed",
+         f"{len(empty)} iteration(s) sampled nothing while Ray restarted the runner (no update, "
+         "no imagination, no step counted); then sampling went on", results)  # fmt: skip
+
+
+def _sampled(result: dict) -> bool:
+    """The iteration sampled real steps (an iteration without a healthy runner logs none)."""
+    value = result[METRICS].get("real_env_steps", float("nan"))
+    return math.isfinite(value) and value > 0
 
 
 def test_a_retrain_that_raises_keeps_the_served_model(loop, caplog, tmp_path):
@@ -381,6 +422,9 @@ def test_a_retrain_that_raises_keeps_the_served_model(loop, caplog, tmp_path):
     assert verdicts(d) == 2 * ROWS
     assert served_checkpoint(APP, DEPLOYMENT)["id"] == served_before["id"]
     assert "provider retrain failed (NotADirectoryError)" in warnings_of(caplog)
+    note(loop, "world-model retrain raises (checkpoint folder cannot be created)",
+         "retrain counted failed, the old checkpoint kept serving, imagination went on",
+         results)  # fmt: skip
 
 
 def test_a_hot_swap_to_a_corrupt_checkpoint_is_refused(loop, caplog, monkeypatch):
@@ -411,6 +455,9 @@ def test_a_hot_swap_to_a_corrupt_checkpoint_is_refused(loop, caplog, monkeypatch
     assert "provider retrain failed (CheckpointError)" in log and "sha256" in log
     assert served_checkpoint(APP, DEPLOYMENT)["id"] == served_before["id"]
     assert provider.retrainer.version == version  # the refused checkpoint is not ours
+    note(loop, "hot swap to a checkpoint with a bad sha256",
+         "swap refused before any replica loaded it; retrain counted failed; old model kept "
+         "serving; the next retrain swapped", results)  # fmt: skip
 
     monkeypatch.undo()  # the next retrain swaps again
     results = train(loop, 2)
@@ -443,6 +490,7 @@ def test_driver_sigterm_then_resume_from_the_last_checkpoint(loop, tmp_path):
                               env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
     try:
         saved = [driver.stdout.readline().split() for _ in range(2)]
+        saved_at = time.monotonic()
         assert [line[:2] for line in saved] == [["saved", "1"], ["saved", "2"]], saved
         time.sleep(1.0)  # into the third iteration
         killed_at = time.monotonic()
@@ -464,4 +512,11 @@ def test_driver_sigterm_then_resume_from_the_last_checkpoint(loop, tmp_path):
     assert md["gate_approve_total"] + md["gate_refine_total"] + md["gate_reject_total"] == 3 * ROWS
     assert md["imagination_skipped_total"] == 0
     assert saved_state["checkpoint_version"] == 1  # retrained at iteration 1, restored
-    loop["sigterm_resume_s"] = resumed_s
+    base = {r["training_iteration"] % 2: r["time_this_iter_s"] for r in loop["history"][:2]}
+    loop["table"].append({
+        "fault": "SIGTERM of the driver during its 3rd iteration",
+        "did": "restored from the iteration-2 checkpoint; iteration, real steps and counters "
+               "continued; the killed iteration re-run",
+        "real_steps_repeated": f"<= {BATCH} (the killed iteration's, sampled again)",
+        "time_lost_s": round(killed_at - saved_at + resumed_s - base[1], 1),
+    })  # fmt: skip

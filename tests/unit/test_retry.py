@@ -85,3 +85,59 @@ def test_bad_retry_settings_name_the_field(field, value, message):
         ServedWorldModelImaginerFactory.from_dict(
             {"env_name": "overcooked", "retry": {field: value}}, prefix="imagination.world_model."
         )
+
+
+class FlakyServer:
+    """A loopback HTTP server answering each POST with the next status of ``statuses``."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        import http.server
+        import json
+        import threading
+
+        answers = list(statuses)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - the http.server API
+                self.rfile.read(int(self.headers["Content-Length"]))
+                status = answers.pop(0)
+                body = json.dumps({"ok": True} if status == 200 else {"error": f"x: {status}",
+                                                                     "field": "x"}).encode()  # fmt: skip
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.answers = answers
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def test_http_client_retries_5xx_answers_but_never_4xx():
+    from moedream.platform.serve.client import ClientRequestError, WorldModelClient
+
+    fast = RetryConfig(attempts=3, timeout_s=5.0, backoff_s=0.0)
+    with FlakyServer([503, 500, 200]) as server:
+        client = WorldModelClient(server.url, retry=fast)
+        assert client.imagine_json({}) == {"ok": True}
+        assert client.failed_attempts == 2 and not server.answers
+    with FlakyServer([422, 200]) as server:
+        client = WorldModelClient(server.url, retry=fast)
+        with pytest.raises(ClientRequestError, match="HTTP 422: x: 422"):
+            client.imagine_json({})
+        assert server.answers == [200]  # not sent again
+    with FlakyServer([503, 503]) as server:
+        client = WorldModelClient(server.url, retry=RetryConfig(attempts=2, backoff_s=0.0))
+        with pytest.raises(RemoteCallFailed, match="HTTP 503"):
+            client.imagine_json({})

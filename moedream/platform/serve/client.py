@@ -7,7 +7,9 @@
     traj = client.imagine(last_obs, actions=plan, horizon=40, episode_id="ep-7")
 
 A 4xx answer raises :class:`ServeRequestError` carrying the server's message, which names the
-offending field (``start_obs[0][1][3]: is nan: send finite numbers``).
+offending field (``start_obs[0][1][3]: is nan: send finite numbers``). With ``retry`` (a
+:class:`~moedream.platform.retry.RetryConfig`), a connection error, a timeout or a 5xx answer
+(e.g. a replica that died with the request) is retried with backoff; a 4xx never is.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 import requests
 
+from moedream.platform.retry import RetryConfig, call_with_retries
 from moedream.platform.serve.request import episode_request, imagine_request, jsonable
 from moedream.world_model.trajectory import Trajectories
 
@@ -31,22 +34,55 @@ class ServeRequestError(RuntimeError):
         self.status, self.field, self.message = status, field, message
 
 
-class WorldModelClient:
-    """HTTP client; one keep-alive session per client (not shared across threads)."""
+class ClientRequestError(ServeRequestError):
+    """A 4xx answer: the request itself is wrong (sending it again fails again)."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, timeout: float = 60.0) -> None:
+
+class WorldModelClient:
+    """HTTP client; one keep-alive session per client (not shared across threads).
+
+    ``timeout`` bounds one attempt; with ``retry`` its ``timeout_s`` does (and ``timeout`` is
+    ignored). ``failed_attempts`` counts the attempts that failed in a retryable way."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        timeout: float = 60.0,
+        retry: RetryConfig | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.retry = retry
+        self.failed_attempts = 0
         self.session = requests.Session()
 
     # ------------------------------------------------------------------ raw JSON
 
     def request(self, method: str, path: str, body: JSON | None = None) -> JSON:
-        response = self.session.request(
-            method, self.base_url + path, json=body, timeout=self.timeout
+        if self.retry is None:
+            return self._attempt(method, path, body, self.timeout)
+        return call_with_retries(
+            lambda timeout_s: self._attempt(method, path, body, timeout_s),
+            what=f"{method} {self.base_url + path}",
+            config=self.retry,
+            no_retry=(ClientRequestError,),
         )
+
+    def _attempt(self, method: str, path: str, body: JSON | None, timeout_s: float) -> JSON:
+        try:
+            response = self.session.request(
+                method, self.base_url + path, json=body, timeout=timeout_s
+            )
+        except requests.RequestException:
+            self.failed_attempts += self.retry is not None
+            raise
         if response.status_code >= 400:
-            raise _error(response)
+            error = _error(response)
+            self.failed_attempts += self.retry is not None and not isinstance(
+                error, ClientRequestError
+            )
+            raise error
         return response.json()
 
     def imagine_json(self, body: JSON) -> JSON:
@@ -122,9 +158,11 @@ def _as_array(value: Any) -> Any:
 
 
 def _error(response: requests.Response) -> ServeRequestError:
+    """ClientRequestError for a 4xx answer, ServeRequestError for a 5xx."""
     try:
         data = response.json()
         message, field = data.get("error") or str(data), data.get("field")
     except ValueError:
         message, field = response.text[:500] or response.reason, None
-    return ServeRequestError(response.status_code, field, message)
+    kind = ClientRequestError if response.status_code < 500 else ServeRequestError
+    return kind(response.status_code, field, message)
