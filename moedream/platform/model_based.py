@@ -441,7 +441,7 @@ class ServedWorldModelImaginer:
         self._gate_normalizer = self._gate_call("observe", "get_normalizer")
         self._last.update({f"gate_{k}": float(v) for k, v in info.items()})
 
-    def _push_restored_gate(self, stage: str) -> None:
+    def _push_restored_gate(self, stage: str = "gate") -> None:
         """After set_state with a refit φ: give it back to the gate (e.g. a fresh actor)."""
         if self._gate_restored and self._gate_normalizer is not None:
             self._gate_call(stage, "set_normalizer", self._gate_normalizer)
