@@ -5,7 +5,8 @@ Runs ``pytest tests/integration/test_chaos.py`` (the slow SIGTERM test included)
 ``MOEDREAM_CHAOS_REPORT`` set, so the tests write their rows (figures measured by the tests
 themselves: counter deltas and iteration wall-clock) to a JSON file; records them if every test
 passed. Time lost = the faulted iterations' wall-clock minus the suite's own fault-free
-iterations of the same kind (with or without a world-model retrain).
+iterations of the same kind (with or without a world-model retrain), one per faulted iteration
+that sampled real steps (one that sampled nothing is lost whole).
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def main(args: Args) -> None:
         "its checks (real steps counted once, every imagined row judged or counted dropped, "
         f"imagined steps learnt once, the failure logged with its cause). Suite wall-clock "
         f"{seconds:.0f} s. The machine was shared with other jobs (2 cores): time lost is "
-        f"noisy, measured against the run's own fault-free iterations.\n\n{table}"
+        f"noisy, measured against the run's own fault-free iterations (an iteration that sampled "
+        "nothing counts whole; a negative figure: the faulted iterations were quicker, e.g. a "
+        f"failed retrain skips the swap).\n\n{table}"
     )
     if args.record:
         record("chaos_suite", "Chaos suite: faults during a model-based run", body)

@@ -184,10 +184,12 @@ def assert_accounted(results: list[dict], d: dict[str, float], *, sampled: int) 
 
 
 def note(loop, fault: str, did: str, results: list[dict], *, repeated: int = 0) -> None:
-    """A row of the suite's table. Time lost: the wall-clock of ``results`` minus that of the
-    fault-free iterations of the same kind (with or without a retrain) in the first test."""
+    """A row of the suite's table. Time lost: the wall-clock of ``results`` minus that of as
+    many fault-free iterations of the same kind (with or without a retrain, from the first
+    test) as sampled real steps; an iteration that sampled nothing is lost whole."""
     base = {r["training_iteration"] % 2: r["time_this_iter_s"] for r in loop["history"][:2]}
-    lost = sum(r["time_this_iter_s"] - base[r["training_iteration"] % 2] for r in results)
+    lost = sum(r["time_this_iter_s"] - base[r["training_iteration"] % 2] * _sampled(r)
+               for r in results)  # fmt: skip
     loop["table"].append({"fault": fault, "did": did, "real_steps_repeated": repeated,
                           "time_lost_s": round(lost, 1)})  # fmt: skip
 
