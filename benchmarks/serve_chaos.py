@@ -5,8 +5,9 @@ Starts its own local Ray (RAY_AUTH_MODE=disabled) with Serve on a free loopback 
 small model of serve_throughput.py, and runs ``--clients`` threads, each sending imagine
 requests (batch 1, horizon ``--horizon``) through ``WorldModelClient`` with a RetryConfig, for
 ``--before-s`` seconds; then kills the replica (``ray.kill``: Serve starts a new one) and keeps
-the load on until ``--after-s`` seconds after the new replica answered. A request belongs to the
-phase in which it was sent: before the kill, during (kill -> new replica serving), after.
+the load on until ``--after-s`` seconds after the new replica answered. Phases: requests done
+before the kill; requests in flight at the kill or sent before the new replica answered
+(closed-loop clients: those in flight wait in their retries); requests sent after that.
 """
 
 from __future__ import annotations
@@ -146,10 +147,11 @@ def main(args: Args) -> None:
 def report(args: Args, sent: list[Sent], killed_at: float, recovered_at: float | None) -> None:
     end = recovered_at if recovered_at is not None else float("inf")
     phases = [
-        ("before the kill", [s for s in sent if s.start < killed_at]),
-        ("during (kill -> new replica)", [s for s in sent if killed_at <= s.start < end]),
-        ("after", [s for s in sent if s.start >= end]),
-    ]
+        ("before: done before the kill", [s for s in sent if s.start + s.seconds < killed_at]),
+        ("during: in flight at the kill or sent before the new replica answered",
+         [s for s in sent if s.start + s.seconds >= killed_at and s.start < end]),
+        ("after: sent once the new replica answered", [s for s in sent if s.start >= end]),
+    ]  # fmt: skip
     rows = [phase_row(name, part) for name, part in phases]
     table = markdown_table(["phase", "requests", "lost after retry", "requests retried",
                             "failed attempts", "p50 ms", "p99 ms", "max ms"], rows)  # fmt: skip
