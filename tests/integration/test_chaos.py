@@ -33,7 +33,9 @@ from moedream.world_model.train_local import TrainConfig, train_local
 from tests.ray_head import free_port
 from tests.world_models import served_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+# slow as a whole: the shared setup (train + serve a world model, a gate, an MBMAPPO run with
+# a remote env runner) dominates, and the tests run in order on that one run
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 APP, DEPLOYMENT, NAMESPACE = "chaos_wm", "WorldModelDeployment", "moedream_test"
 ENV_OPTIONS = {"layout": "cramped_room", "horizon": 100, "shaped_reward_weight": 1.0}
@@ -468,7 +470,6 @@ def test_a_hot_swap_to_a_corrupt_checkpoint_is_refused(loop, caplog, monkeypatch
     assert np.isfinite(results[-1][METRICS]["provider_wm_retrain_loss"])
 
 
-@pytest.mark.slow
 def test_driver_sigterm_then_resume_from_the_last_checkpoint(loop, tmp_path):
     """A driver process trains and checkpoints every iteration; SIGTERM arrives during its
     third iteration. Restored from the last checkpoint, the run continues: iteration, real
