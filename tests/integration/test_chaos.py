@@ -30,7 +30,6 @@ from moedream.platform.serve.deploy import push_checkpoint, served_checkpoint
 from moedream.policies.algorithm import METRICS
 from moedream.policies.metrics import iteration_metrics
 from moedream.world_model.train_local import TrainConfig, train_local
-from tests.ray_head import free_port
 from tests.world_models import served_config
 
 # slow as a whole: the shared setup (train + serve a world model, a gate, an MBMAPPO run with
@@ -47,7 +46,7 @@ REPORT_ENV = "MOEDREAM_CHAOS_REPORT"
 
 
 @pytest.fixture(scope="module")
-def loop(ray_cluster, tmp_path_factory):
+def loop(serve_on_loopback, tmp_path_factory):
     """Served tiny world model + gate actor + one MBMAPPO run, shared by every test."""
     from ray import serve
 
@@ -63,7 +62,6 @@ def loop(ray_cluster, tmp_path_factory):
                         checkpoint_every=10, log_every=5, holdout=0.0)  # fmt: skip
     train_local(train, data, root / "base_model", model_config=served_config(), progress=False)
     checkpoint = str(root / "base_model" / "world_model.safetensors")
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     args = {"checkpoint": checkpoint, "num_threads": 1, "max_batch": 256, "max_horizon": 8}
     serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
     push_checkpoint(checkpoint, app_name=APP, deployment_name=DEPLOYMENT)  # declarative once
