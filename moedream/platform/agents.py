@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -324,11 +325,14 @@ def train(
     run_name: str | None = None,
     progress: bool = True,
     checkpoint: bool = True,
+    on_iteration: Callable[[Any, list[dict[str, float]]], None] | None = None,
 ) -> TrainResult:
     """Train a team; TensorBoard scalars and the final checkpoint go under storage_path/run_name.
 
     Stops after ``iterations`` (default cfg.iterations) or, if ``env_steps`` (default
-    cfg.env_steps) > 0, once that many real env steps were sampled.
+    cfg.env_steps) > 0, once that many real env steps were sampled. ``on_iteration(algo,
+    history)``, if given, is called before the first iteration (empty history) and after each
+    one, e.g. to evaluate the team on separate episodes.
     """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
@@ -354,6 +358,8 @@ def train(
         desc=f"train-agents {cfg.env}",
     )
     try:
+        if on_iteration is not None:
+            on_iteration(algo, history)
         start = time.perf_counter()
         while True:
             before = time.perf_counter()
@@ -366,6 +372,8 @@ def train(
             real = metrics["charts/real_env_steps"]
             bar.update(metrics["charts/real_env_steps_iter"] if env_steps else 1)
             bar.set_postfix(team_return=f"{metrics['charts/team_return']:.1f}", real=int(real))
+            if on_iteration is not None:
+                on_iteration(algo, history)
             if (env_steps and real >= env_steps) or (not env_steps and len(history) >= iterations):
                 break
         ckpt = str(algo.save_to_path(str(run_dir / "checkpoint"))) if checkpoint else None

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+import torch
 from ray.rllib.utils.metrics import ALL_MODULES
 
 from moedream.envs import make_env
@@ -83,33 +84,48 @@ def evaluate_team(
 ) -> TeamEvaluation:
     """Mean team return (shared reward: one agent's) and soups over full episodes.
 
-    ``policy=None`` is the uniformly random team (the baseline).
+    ``policy=None`` is the uniformly random team (the baseline). Episode k resets its env with
+    seed ``seed + k`` and the team's action sampling is seeded with ``seed`` (torch's global
+    generator is restored afterwards), so a given policy meets the same episodes every call.
+    The episodes run in lockstep: one batched policy call per step for all unfinished ones.
     """
-    env = make_env(env_name, **env_options)
-    returns, soups = [], []
-    for k in range(episodes):
-        obs, _ = env.reset(seed=seed + k)
-        total, sparse, done = 0.0, 0.0, False
-        while not done:
-            joint = spec.stack_obs(obs)[None]  # [1, N, D]
-            if policy is None:
-                actions = {a: env.action_space(a).sample() for a in spec.agent_ids}
-            else:
-                acts = policy.act(joint)[0]
-                actions = spec.unstack_actions(acts)
-                if spec.action_kind == "continuous":
-                    actions = {a: np.clip(v, -1.0, 1.0) for a, v in actions.items()}
-            obs, rew, term, trunc, info = env.step(actions)
-            first = spec.agent_ids[0]
-            total += float(rew[first])
-            sparse += float(info.get(first, {}).get("sparse_reward", np.nan))
-            done = any(bool(term[a]) or bool(trunc[a]) for a in spec.agent_ids)
-        returns.append(total)
-        soups.append(sparse / SOUP_REWARD)
-    env.close()
+    envs = [make_env(env_name, **env_options) for _ in range(episodes)]
+    obs = [env.reset(seed=seed + k)[0] for k, env in enumerate(envs)]
+    returns, sparse = np.zeros(episodes), np.zeros(episodes)
+    running = list(range(episodes))
+    first = spec.agent_ids[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        while running:
+            actions = _team_actions(
+                policy, [obs[k] for k in running], [envs[k] for k in running], spec
+            )
+            still = []
+            for k, action in zip(running, actions):
+                obs[k], rew, term, trunc, info = envs[k].step(action)
+                returns[k] += float(rew[first])
+                sparse[k] += float(info.get(first, {}).get("sparse_reward", np.nan))
+                if not any(bool(term[a]) or bool(trunc[a]) for a in spec.agent_ids):
+                    still.append(k)
+            running = still
+    for env in envs:
+        env.close()
     return TeamEvaluation(
         float(np.mean(returns)),
-        float(np.mean(soups)),
+        float(np.mean(sparse / SOUP_REWARD)),
         episodes,
         float(np.std(returns, ddof=1)) if episodes > 1 else 0.0,
     )
+
+
+def _team_actions(
+    policy: TeamPolicy | None, obs: list[dict[str, Any]], envs: list[Any], spec: EnvSpec
+) -> list[dict[str, Any]]:
+    """Each running episode's joint action: one policy call over all of them ([M, N, D])."""
+    if policy is None:
+        return [{a: env.action_space(a).sample() for a in spec.agent_ids} for env in envs]
+    joint = np.stack([spec.stack_obs(o) for o in obs])  # [M, N, D]
+    actions = [spec.unstack_actions(row) for row in policy.act(joint)]
+    if spec.action_kind == "continuous":
+        actions = [{a: np.clip(v, -1.0, 1.0) for a, v in act.items()} for act in actions]
+    return actions

@@ -21,6 +21,12 @@ Layout::
       - name: imagination_h5
         overrides: {imagination.horizon: 5}
         description: world model + 5 imagined steps per real one
+      - name: replay_matched
+        replay_matched_to: imagination_h5   # its overrides are derived from that variant's
+    train: {...}                    # optional: the train_fn's own settings (see its module)
+
+``replay_matched_to`` only names the variant here; the train_fn's side derives what it means
+(moedream/results/variants.py for the platform).
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from typing import Any
 from moedream.config import ConfigBase, ConfigError, check, check_positive_ints, load_yaml
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # also a directory name
-VARIANT_FIELDS = ("name", "overrides", "description")
+VARIANT_FIELDS = ("name", "overrides", "description", "replay_matched_to")
+TOP_FIELDS = ("baseline", "protocol", "variants", "train")
 
 
 @dataclasses.dataclass
@@ -83,15 +90,23 @@ class Variant:
     overrides: dict[str, Any]
     protocol: Protocol
     description: str = ""
+    replay_matched_to: str = ""
+    """Another variant's name: this one re-uses each real batch as often as that one does,
+    without its imagination (the control a model-based variant must beat)."""
 
 
 @dataclasses.dataclass
 class ResultsSpec:
-    """A validated comparison: the protocol, the variants in table order, the baseline's name."""
+    """A validated comparison: the protocol, the variants in table order, the baseline's name,
+    and the train_fn's own settings (``train``, checked by the train_fn)."""
 
     protocol: Protocol
     variants: tuple[Variant, ...]
     baseline: str
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
 
 
 def _require(data: Any, fields: tuple[str, ...], where: str) -> None:
@@ -124,17 +139,33 @@ def _variant(data: Any, index: int, protocol: Protocol) -> Variant:
     check(isinstance(overrides, dict), f"{where}overrides", overrides, "must be a mapping")
     description = data.get("description", "")
     check(isinstance(description, str), f"{where}description", description, "must be a string")
-    return Variant(name, dict(overrides), protocol, description)
+    matched = data.get("replay_matched_to", "")
+    check(isinstance(matched, str), f"{where}replay_matched_to", matched, "must be a variant name")
+    return Variant(name, dict(overrides), protocol, description, matched)
+
+
+def _check_replay_matched(variants: tuple[Variant, ...]) -> None:
+    """Each replay_matched_to names another variant that is not itself derived."""
+    by_name = {v.name: v for v in variants}
+    for index, variant in enumerate(variants):
+        target = variant.replay_matched_to
+        if not target:
+            continue
+        field = f"variants[{index}].replay_matched_to"
+        check(target in by_name and target != variant.name, field, target,
+              f"must name another variant, one of {sorted(set(by_name) - {variant.name})}")  # fmt: skip
+        check(not by_name[target].replay_matched_to, field, target,
+              "must name a variant that is not itself replay-matched")  # fmt: skip
 
 
 def spec_from_dict(data: Any) -> ResultsSpec:
     """A validated :class:`ResultsSpec` from the YAML's mapping; ConfigError naming the field."""
     _require(data, ("baseline", "protocol", "variants"), "")
-    unknown = sorted(set(data) - {"baseline", "protocol", "variants"})
+    unknown = sorted(set(data) - set(TOP_FIELDS))
     if unknown:
-        raise ConfigError(
-            f"unknown top-level field(s) {unknown}; valid: baseline, protocol, variants"
-        )
+        raise ConfigError(f"unknown top-level field(s) {unknown}; valid: {', '.join(TOP_FIELDS)}")
+    train = data.get("train") or {}
+    check(isinstance(train, dict), "train", train, "must be a mapping of the train_fn's settings")
     protocol, raw = _protocol(data["protocol"]), data["variants"]
     check(isinstance(raw, list) and len(raw) > 0, "variants", raw, "must be a non-empty list")
     variants = tuple(_variant(item, i, protocol) for i, item in enumerate(raw))
@@ -142,7 +173,8 @@ def spec_from_dict(data: Any) -> ResultsSpec:
     repeated = sorted({n for n in names if names.count(n) > 1})
     check(not repeated, "variants[].name", repeated, "each variant needs its own name")
     check(data["baseline"] in names, "baseline", data["baseline"], f"must be one of {names}")
-    return ResultsSpec(protocol, variants, data["baseline"])
+    _check_replay_matched(variants)
+    return ResultsSpec(protocol, variants, data["baseline"], dict(train))
 
 
 def load_spec(path: str | Path) -> ResultsSpec:

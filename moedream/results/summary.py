@@ -188,6 +188,43 @@ def plot_curves(runs: dict[str, list[Run]], spec: ResultsSpec, path: Path) -> No
     figure.savefig(path, dpi=120)
 
 
+def closing_metrics(out_dir: Path, variant: str, seed: int, protocol: Protocol) -> dict:
+    """Every metric of the finished run's evaluation closing its budget ({} if unfinished)."""
+    run = load_run(out_dir, variant, seed, protocol)
+    if run is None:
+        return {}
+    with points_path(out_dir, variant, seed).open() as file:
+        points = [json.loads(line) for line in file]
+    return points[run.steps.size - 1]["metrics"]
+
+
+def render_metrics_at_budget(out_dir: Path, spec: ResultsSpec) -> str:
+    """Markdown: per variant, the IQM [95% CI] across finished runs of every reported metric at
+    the evaluation closing the budget ("-" where a metric is not a number, e.g. the gate's
+    without imagination)."""
+    p = spec.protocol
+    at_budget = {
+        v.name: [m for s in p.seeds if (m := closing_metrics(out_dir, v.name, s, p))]
+        for v in spec.variants
+    }
+    keys = sorted({k for runs in at_budget.values() for m in runs for k in m})
+    lines = [
+        "| variant | " + " | ".join(keys) + " |",
+        "|" + " --- |" * (len(keys) + 1),
+    ]
+    for name, runs in at_budget.items():
+        cells = []
+        for key in keys:
+            values = np.array([float(m.get(key, np.nan)) for m in runs], dtype=float)
+            if not runs or np.isnan(values).any():
+                cells.append("-")
+                continue
+            iv = stats.aggregate({name: values}, p.bootstrap_reps, p.bootstrap_seed)[name]
+            cells.append(_interval(iv, ".4g"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summarise(out_dir: str | Path, spec: ResultsSpec) -> str:
     """Write ``summary.md`` and ``curves.png`` into ``out_dir`` from its finished runs; the
     Markdown text."""
@@ -200,7 +237,11 @@ def summarise(out_dir: str | Path, spec: ResultsSpec) -> str:
         ]
         for v in spec.variants
     }
-    markdown = render_table(runs, spec)
+    markdown = (
+        render_table(runs, spec)
+        + "\nEvery metric at the evaluation closing the budget (IQM across finished runs "
+        "[95% CI]):\n\n" + render_metrics_at_budget(out_dir, spec)
+    )
     (out_dir / SUMMARY_FILE).write_text(markdown)
     plot_curves(runs, spec, out_dir / CURVES_FILE)
     return markdown
