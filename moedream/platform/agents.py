@@ -308,6 +308,10 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
     return config
 
 
+MAX_EMPTY_ITERATIONS = 5
+"""train() fails after this many iterations in a row that sampled no real step."""
+
+
 @dataclasses.dataclass
 class TrainResult:
     history: list[dict[str, float]]
@@ -360,10 +364,22 @@ def train(
     try:
         if on_iteration is not None:
             on_iteration(algo, history)
-        start = time.perf_counter()
+        start, empty = time.perf_counter(), 0
         while True:
             before = time.perf_counter()
             metrics = iteration_metrics(algo.train())
+            if metrics["charts/real_env_steps"] != metrics["charts/real_env_steps"]:
+                # NaN: RLlib's sample_timeout_s passed before any episode came back (a loaded
+                # machine), so nothing was learnt; the next iteration samples again.
+                empty += 1
+                if empty > MAX_EMPTY_ITERATIONS:
+                    raise RuntimeError(
+                        f"train-agents: {empty} iterations in a row sampled no real step "
+                        "(RLlib's sample_timeout_s passed each time); are the env runners alive?"
+                    )
+                print("train-agents: an iteration sampled no real step; sampling again")
+                continue
+            empty = 0
             metrics["time/iteration_s"] = time.perf_counter() - before  # with RLlib's bookkeeping
             metrics["charts/wall_time_s"] = time.perf_counter() - start
             metrics["iteration"] = float(len(history) + 1)

@@ -144,6 +144,11 @@ def test_summary_table_has_the_hand_computed_rows(tmp_path):
     same = _row(markdown, "same")
     assert same[1] == "3/4" and same[8] == "no difference shown"
     assert "Not finished, so not in the table: same seed 3." in markdown
+    # every reported metric at the closing evaluation (columns sorted: episodes, eval_return)
+    at_budget = markdown.split("Every metric at the evaluation closing the budget")[1]
+    assert "| variant | episodes | eval_return |" in at_budget
+    assert _row(at_budget, "slow") == ["slow", "2 [2, 2]", "1.015 [1, 1.03]"]
+    assert _row(at_budget, "never")[2] == "0.265 [0.25, 0.28]"  # 1000 / 4000 + 0.015
 
 
 def test_valid_yaml_loads_with_defaults(tmp_path):
