@@ -70,8 +70,14 @@ def record(args: Args, spec, markdown: str) -> None:
     if args.record:  # else the curves stay in --out only
         plot.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out_dir(args) / CURVES_FILE, plot)
+    rows = "; ".join(
+        f"`{v.name}`: `python benchmarks/results.py --spec {args.spec} --only {v.name}`"
+        for v in spec.variants
+    )
     body = (
-        markdown.split("\n", 2)[2]  # the table's own title is the block's
+        f"Each row is trained by the command beside it (resumable: finished runs are skipped), "
+        f"the table built from the runs finished so far: {rows}.\n\n"
+        + markdown.split("\n", 2)[2]  # the table's own title is the block's
         + f"\n![{name}]({os.path.relpath(plot, 'benchmarks')})\n\n"
         "Timings on a shared 2-core machine (other jobs ran at the same time): wall-clock "
         "figures compare only roughly across variants run at different times.\n"

@@ -249,6 +249,7 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
             num_env_runners=cfg.num_env_runners,
             num_cpus_per_env_runner=cfg.num_cpus_per_env_runner,
             num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+            sample_timeout_s=SAMPLE_TIMEOUT_S,
             env_to_module_connector=functools.partial(env_to_module_pieces, agent_ids=agent_ids),
         )
         .learners(
@@ -308,6 +309,9 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
     return config
 
 
+SAMPLE_TIMEOUT_S = 600.0
+"""How long an iteration waits for the env runners' samples (RLlib's default, 60 s, passed with
+nothing sampled on a 2-core machine under load, and the runners' work was thrown away)."""
 MAX_EMPTY_ITERATIONS = 5
 """train() fails after this many iterations in a row that sampled no real step."""
 
