@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,11 @@ class PlatformTrainer:
         from moedream.platform.agents import train
 
         agents, quickstart = self.configs(variant, seed)
+        run_dir = self.run_dir(variant, seed)
+        if run_dir.exists():  # an unfinished earlier try: its logs and models must not mix in
+            log.warning("%s seed %d: removing the unfinished run's folder %s", variant.name, seed,
+                        run_dir)  # fmt: skip
+            shutil.rmtree(run_dir)
         clock = _Clock()
         offset = self._prepare(quickstart) if quickstart is not None else 0
         budget = variant.protocol.budget_real_steps
@@ -94,7 +100,7 @@ class PlatformTrainer:
         try:
             train(
                 agents,
-                self.run_dir(variant, seed),
+                run_dir,
                 env_steps=budget - offset,
                 run_name="team",
                 progress=self.progress,
