@@ -108,6 +108,9 @@ class ServedWorldModelImaginerFactory(ConfigBase):
     process and serve it before this iteration imagines."""
     retrain_num_cpus: float = 1.0
     """Ray CPUs the background fine-tune asks for."""
+    retrain_timeout_s: float = 1800.0
+    """Longest wait for a background fine-tune at the next iteration; past it the fine-tune is
+    cancelled and counted as a failed retrain (the old model stays served)."""
     swap_timeout_s: float = 180.0
     """How long to wait for the deployment to serve a new checkpoint."""
     progress: bool = False
@@ -148,6 +151,7 @@ class ServedWorldModelImaginerFactory(ConfigBase):
         check_positive(f"{prefix}retrain_num_cpus", self.retrain_num_cpus)
         check_positive(f"{prefix}retrain_lr", self.retrain_lr)
         check_positive(f"{prefix}swap_timeout_s", self.swap_timeout_s)
+        check_positive(f"{prefix}retrain_timeout_s", self.retrain_timeout_s)
         check(
             isinstance(self.retrain_new_fraction, (int, float))
             and 0 < self.retrain_new_fraction <= 1,

@@ -85,7 +85,7 @@ def run_fine_tune(job: FineTuneJob) -> tuple[str, dict[str, Any]]:
 
 
 @dataclasses.dataclass
-class _Pending:
+class PendingFineTune:
     """A fine-tune running in a background Ray task."""
 
     ref: Any  # ObjectRef of run_fine_tune's (path, info)
@@ -119,7 +119,7 @@ class ServedModelRetrainer:
         self._base_windows: dict[str, np.ndarray] | None = None
         self._base_ref: Any = None  # the base windows in the object store (background mode)
         self._window: int | None = None
-        self._pending: _Pending | None = None
+        self._pending: PendingFineTune | None = None
 
     def retrain(self, iteration: int) -> dict[str, float]:
         """Fine-tune the served checkpoint on original + stored real windows, write a new
@@ -132,7 +132,7 @@ class ServedModelRetrainer:
         if job is None:
             return {**metrics, "wm_retrain_skipped": 1.0}
         if self.settings.retrain_in_background:
-            self._pending = _Pending(self._submit(job), iteration)
+            self._pending = PendingFineTune(self._submit(job), iteration)
             return {**metrics, "wm_retrain_skipped": 0.0}
         path, info = run_fine_tune(job)
         return self._serve(path, info, time.perf_counter() - start, wait=0.0)
@@ -143,10 +143,8 @@ class ServedModelRetrainer:
         pending, self._pending = self._pending, None
         if pending is None:
             return {}
-        import ray
-
         waited = time.perf_counter()
-        path, info = ray.get(pending.ref)
+        path, info = wait_for_fine_tune(pending, self.settings.retrain_timeout_s)
         waited = time.perf_counter() - waited
         # its own fine-tune seconds (the time since its start includes a whole iteration)
         return self._serve(path, info, info["seconds"], wait=waited)
@@ -320,3 +318,20 @@ def _fine_tune_with_base(job: FineTuneJob, base_windows: Any) -> tuple[str, dict
     """The Ray task body: ``run_fine_tune`` with the base windows from the object store (Ray
     resolves the top-level ObjectRef argument; None when there are none)."""
     return run_fine_tune(dataclasses.replace(job, base_windows=base_windows))
+
+
+def wait_for_fine_tune(pending: PendingFineTune, timeout_s: float) -> tuple[str, dict]:
+    """A background fine-tune's (checkpoint path, info), within ``timeout_s``: a hung fine-tune
+    is cancelled and raised rather than stalling the run (the provider then keeps the old model
+    served and counts a failed retrain)."""
+    import ray
+
+    try:
+        return ray.get(pending.ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(pending.ref, force=True)
+        raise TimeoutError(
+            f"the background world-model fine-tune started at iteration {pending.iteration} did "
+            f"not finish within imagination.world_model.retrain_timeout_s = {timeout_s} s and "
+            "was cancelled; raise retrain_timeout_s for a larger model or more retrain_steps"
+        ) from None

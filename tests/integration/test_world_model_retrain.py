@@ -5,6 +5,7 @@ versioned checkpoint hot-swapped into the Ray Serve deployment -> imagination fr
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -315,3 +316,23 @@ def test_eval_windows_end_on_the_step_to_predict():
     assert eval_windows([], spec, 4, 3, np.random.default_rng(0)) is None
     # episodes shorter than the window: the window shrinks to the longest episode
     assert eval_windows([short], spec, 8, 10, np.random.default_rng(0))["obs"].shape[1] == 3
+
+
+def test_a_hung_background_fine_tune_is_cancelled_with_an_error_naming_the_setting(ray_cluster):
+    """The wait for a background fine-tune is bounded: past retrain_timeout_s the task is
+    cancelled and the error names the setting, so a hung fine-tune cannot stall the run."""
+    import ray
+
+    from moedream.platform.served_retrain import PendingFineTune, wait_for_fine_tune
+
+    @ray.remote(num_cpus=0)
+    def hung_fine_tune():
+        time.sleep(120)
+
+    pending = PendingFineTune(hung_fine_tune.remote(), iteration=3)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"iteration 3 .*retrain_timeout_s = 0\.5 s"):
+        wait_for_fine_tune(pending, 0.5)
+    assert time.monotonic() - start < 30
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(pending.ref, timeout=60)
