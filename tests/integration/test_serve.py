@@ -14,6 +14,7 @@ import pytest
 import requests
 import torch
 import yaml
+from jsonschema import Draft202012Validator
 
 import moedream.envs._compat  # noqa: F401  (numpy aliases before overcooked_ai_py; see report)
 from moedream.envs import env_spec
@@ -151,6 +152,36 @@ def test_routes_info_health_and_openapi(served, direct):
     assert {"/v1/imagine", "/v1/step", "/v1/info", "/healthz"} <= set(paths)
     schema = paths["/v1/imagine"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert schema["$ref"].endswith("ImagineRequest")
+
+
+def test_openapi_is_the_served_models_and_its_examples_are_accepted(served, direct):
+    url = served["url"]
+    doc = requests.get(url + "/openapi.json", timeout=30).json()
+    schemas = doc["components"]["schemas"]
+    for path, name in (("/v1/imagine", "ImagineRequest"), ("/v1/step", "StepRequest"),
+                       ("/v1/episodes", "EpisodeRequest")):  # fmt: skip
+        operation = doc["paths"][path]["post"]
+        body = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{name}"}
+        assert {"200", "400", "413", "422"} <= set(operation["responses"]), path
+        schema = Draft202012Validator({**doc, "$ref": body["$ref"]})
+        for example in schemas[name]["examples"]:
+            schema.validate(example)
+            response = requests.post(url + path, json=example, timeout=120)
+            assert response.status_code == 200, (path, response.text[:300])
+    imagine = schemas["ImagineRequest"]
+    assert imagine["properties"]["horizon"]["maximum"] == USER_CONFIG["max_horizon"]
+    assert f"D = {direct['a'].spec.obs_dim}" in imagine["description"]
+    over = {**imagine["examples"][0], "horizon": USER_CONFIG["max_horizon"] + 1}
+    assert not Draft202012Validator({**doc, "$ref": "#/components/schemas/ImagineRequest"}
+                                    ).is_valid(over)  # fmt: skip
+    response = requests.post(url + "/v1/imagine", json=over, timeout=30)
+    assert response.status_code == 422 and response.json()["field"] == "horizon", response.text
+    summary = doc["paths"]["/v1/episodes"]["get"]["responses"]["200"]["content"]
+    summary_ref = summary["application/json"]["schema"]["$ref"]
+    cache = requests.get(url + "/v1/episodes", timeout=30).json()
+    Draft202012Validator({**doc, "$ref": summary_ref}).validate(cache)
+    assert "example-episode" in cache["episodes"]
 
 
 def test_handle_and_http_match_direct_imagine(served, direct):

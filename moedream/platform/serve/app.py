@@ -9,7 +9,8 @@ HTTP routes and DeploymentHandle methods share one ``@serve.batch`` queue in the
     GET  /v1/episodes  this replica's episode memories: capacity, counts, evictions
     GET  /v1/info      env spaces, agent ids, model config, checkpoint, limits
     GET  /healthz      200 when the model is loaded
-    GET  /openapi.json the schema of all of the above (FastAPI)
+    GET  /openapi.json the schema of all of the above, with the served model's shapes, the
+                       limits and request examples filled in (see :mod:`.openapi`)
 
 Bad input gets 422 (413 for a body over ``max_body_bytes``, 400 for a body that is not JSON)
 with ``{"error": "<field>: <problem and fix>", "field": ...}``; the replica keeps serving. An
@@ -35,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moedream.platform.serve.episodes import EpisodeCache
 from moedream.platform.serve.names import DEPLOYMENT_NAME
+from moedream.platform.serve.openapi import served_openapi
 from moedream.platform.serve.runner import (
     BatchStats,
     Failure,
@@ -45,6 +47,7 @@ from moedream.platform.serve.runner import (
     smoke_test,
 )
 from moedream.platform.serve.schemas import (
+    EpisodeCacheSummary,
     EpisodeRequest,
     EpisodeResponse,
     ErrorResponse,
@@ -63,11 +66,17 @@ from moedream.platform.serve.schemas import (
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_ONGOING_REQUESTS = 32  # >= max_batch_size, else batches cap at that number
-ERRORS = {
-    404: {"model": ErrorResponse, "description": "Unknown or evicted episode_id"},
-    413: {"model": ErrorResponse, "description": "Body over user_config.max_body_bytes"},
-    422: {"model": ErrorResponse, "description": "A field is invalid (named in `error`)"},
+ERROR_TEXTS = {
+    400: "The body is not valid JSON, or Content-Length is not a byte count",
+    404: "Unknown or evicted episode_id: POST the episode to /v1/episodes again",
+    413: "Body over user_config.max_body_bytes: send fewer rows per request",
+    422: "A field is invalid: `field` names it, `error` says what is wrong and the fix",
 }
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error responses of a route for its OpenAPI schema (all have the same body)."""
+    return {s: {"model": ErrorResponse, "description": ERROR_TEXTS[s]} for s in statuses}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +243,12 @@ class WorldModelDeployment:
         asgi = getattr(self, "app", None)  # the FastAPI app this replica serves
         if asgi is not None and hasattr(asgi, "state"):
             asgi.state.max_body_bytes = self._config.max_body_bytes
+        if isinstance(asgi, FastAPI) and self._loaded is not None:
+            # /openapi.json for this model and these limits: FastAPI serves the cached
+            # openapi_schema, so regenerate the generic one, then specialise it.
+            asgi.openapi_schema = None
+            spec = self._loaded.model.spec
+            asgi.openapi_schema = served_openapi(asgi.openapi(), spec, self._config)
 
     def _model(self) -> LoadedModel:
         if self._loaded is None:
@@ -337,19 +352,19 @@ class WorldModelDeployment:
 
     # ------------------------------------------------------------------ HTTP routes
 
-    @app.post("/v1/imagine", response_model=ImagineResponse, responses=ERRORS)
+    @app.post("/v1/imagine", response_model=ImagineResponse, responses=errors(400, 404, 413, 422))
     async def http_imagine(self, body: ImagineRequest) -> JSONResponse:
         return JSONResponse(json_ready(await self.imagine(body)))
 
-    @app.post("/v1/step", response_model=StepResponse, responses=ERRORS)
+    @app.post("/v1/step", response_model=StepResponse, responses=errors(400, 413, 422))
     async def http_step(self, body: StepRequest) -> JSONResponse:
         return JSONResponse(json_ready(await self.step(body)))
 
-    @app.post("/v1/episodes", response_model=EpisodeResponse, responses=ERRORS)
+    @app.post("/v1/episodes", response_model=EpisodeResponse, responses=errors(400, 413, 422))
     async def http_remember_episode(self, body: EpisodeRequest) -> JSONResponse:
         return JSONResponse(await self.remember_episode(body))
 
-    @app.get("/v1/episodes")
+    @app.get("/v1/episodes", response_model=EpisodeCacheSummary)
     async def http_episodes(self) -> dict[str, Any]:
         return self.episodes()
 

@@ -3,7 +3,8 @@
 Two layers, both used by HTTP and by DeploymentHandle callers:
 1. pydantic models (``ImagineRequest``, ``StepRequest``): field names, scalar types and ranges,
    unknown fields refused. Array fields stay raw there (nested lists, numpy arrays or per-agent
-   mappings) and are documented in the OpenAPI schema by hand.
+   mappings); their shapes depend on the served model, so each replica's OpenAPI schema gets
+   them from :mod:`.openapi`.
 2. ``parse_imagine`` / ``parse_step``: the model-dependent checks (agent ids, shapes, action
    ranges, NaN/inf, strings or booleans among numbers, the limits of :class:`ServeConfig`),
    turning a request into an ``ImagineJob`` / ``StepJob`` of float32 arrays.
@@ -218,8 +219,22 @@ class EpisodeResponse(BaseModel):
     lora: dict = Field(description="LoRA finetuning logs (loss, kept, seconds)")
 
 
+# Exactly one source of actions: a plan (policy absent or "plan") or policy "random" with no plan.
+ACTIONS_OR_RANDOM = {
+    "anyOf": [
+        {"required": ["actions"],
+         "properties": {"actions": {"not": {"type": "null"}}, "policy": {"enum": ["plan", None]}}},
+        {"required": ["policy"],
+         "properties": {"policy": {"const": "random"}, "actions": {"type": "null"}}},
+    ]
+}  # fmt: skip
+
+
 class ImagineRequest(_Strict):
-    """Imagine ``horizon`` steps from ``start_obs`` under an action plan or a policy spec."""
+    """Imagine ``horizon`` steps from ``start_obs`` under an action plan or a policy spec:
+    send ``actions`` (the plan) or ``policy: "random"``, not both."""
+
+    model_config = ConfigDict(json_schema_extra=ACTIONS_OR_RANDOM)
 
     start_obs: Observations
     actions: ActionPlan | None = None
@@ -285,6 +300,19 @@ class StepResponse(BaseModel):
     agent_ids: list[str]
     checkpoint_id: str
     seed: int
+
+
+class EpisodeCacheSummary(BaseModel):
+    """GET /v1/episodes: the episode memories of the replica that answered."""
+
+    capacity: int = Field(description="Episodes one replica holds (memory.max_adapters)")
+    cached: int = Field(description="Episodes held now")
+    checkpoint_id: str = Field(description="The checkpoint these memories belong to")
+    posts: int
+    evictions: int
+    hits: int = Field(description="Imagine requests that found their episode")
+    misses: int = Field(description="Imagine requests whose episode was unknown or evicted (404)")
+    episodes: dict[str, int] = Field(description="episode_id -> steps, least recently used first")
 
 
 class ErrorResponse(BaseModel):
