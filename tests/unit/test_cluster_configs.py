@@ -406,6 +406,88 @@ def test_every_moedream_command_in_the_docs_parses_and_names_files_that_exist(do
         assert checked >= 5, commands
 
 
+RAY_CLIS = {"ray": "ray.scripts.scripts", "serve": "ray.serve.scripts"}  # their console scripts
+
+
+def ray_invocations(command: str) -> list[list[str]]:
+    """The `ray ...` / `serve ...` commands of one shell line (after `VAR=value` prefixes and
+    `export`, each side of `&&`)."""
+    import shlex
+
+    tokens = shlex.split(command)
+    parts, current = [], []
+    for token in [*tokens, "&&"]:
+        if token != "&&":
+            current.append(token)
+            continue
+        while current and re.match(r"^[A-Z_]+=", current[0]):
+            current = current[1:]  # environment prefix
+        if current and current[0] in RAY_CLIS:
+            parts.append(current)
+        current = []
+    return parts
+
+
+def parse_with_rays_cli(argv: list[str]):
+    """Parse a `ray`/`serve` command with Ray's own click CLI (its options, arguments and
+    types), without running it; returns the command's click context."""
+    import importlib
+
+    import click
+
+    command = importlib.import_module(RAY_CLIS[argv[0]]).cli
+    context, name, args = None, argv[0], argv[1:]
+    while isinstance(command, click.Group):
+        context = click.Context(command, info_name=name, parent=context)
+        name, *args = args
+        sub = command.get_command(context, name)
+        assert sub is not None, f"`{' '.join(argv)}`: Ray's CLI has no command {name!r}"
+        command = sub
+    return command.make_context(name, args, parent=context)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_ray_and_serve_command_in_the_docs_parses_with_rays_cli(doc, monkeypatch):
+    """A docs check: each `ray`/`serve` command of README.md and docs/ parses with the CLI the
+    shell would run (Ray 2.60's click commands); `ray start --resources` asks for the
+    platform's own custom resources."""
+    import click
+
+    monkeypatch.chdir(ROOT)  # the docs name files relative to the repository
+    checked = 0
+    for command in shell_commands((ROOT / doc).read_text()):
+        for argv in ray_invocations(command):
+            try:
+                context = parse_with_rays_cli(argv)
+            except click.ClickException as err:
+                pytest.fail(f"{doc}: `{command}` does not parse: {err.format_message()}")
+            if argv[:2] == ["ray", "start"] and context.params.get("resources"):
+                assert set(json.loads(context.params["resources"])) <= CUSTOM_RESOURCES, command
+            checked += 1
+    if doc == "docs/cluster.md":
+        assert checked >= 12, checked  # ray start/up/dashboard/job submit/exec, serve deploy
+
+
+def _first_table(markdown: str) -> list[str]:
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def test_the_readme_results_table_is_a_copy_of_the_results_block():
+    """The README opens with the results table: a copy of the block the results runner writes."""
+    readme = (ROOT / "README.md").read_text()
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    block = re.search(r"<!-- bench:results_overcooked -->(.*?)<!-- /bench", results, re.S)
+    assert block, "benchmarks/RESULTS.md has no block results_overcooked"
+    section = readme.split("\n## Results", 1)[1].split("\n## ", 1)[0]
+    assert _first_table(section) == _first_table(block.group(1)), (
+        "README.md's results table differs from the first table of the block "
+        "results_overcooked in benchmarks/RESULTS.md: copy that table into the README"
+    )
+
+
 def test_make_targets_the_readme_names_exist():
     readme = (ROOT / "README.md").read_text()
     makefile = (ROOT / "Makefile").read_text()
