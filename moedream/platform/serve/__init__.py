@@ -1,7 +1,8 @@
 """Serving the world model with Ray Serve: deployment + FastAPI ingress (``app``), request
-schemas (``schemas``), building the requests (``request``), job execution without ray
-(``runner``), per-episode memory experts in a bounded LRU cache (``episodes``), an HTTP client (``client``), hot-swapping the served checkpoint (``deploy``) and
-the app's names (``names``).
+schemas (``schemas``), the served model's OpenAPI schema (``openapi``), building the requests
+(``request``), job execution without ray (``runner``), per-episode memory experts in a bounded
+LRU cache (``episodes``), an HTTP client (``client``), hot-swapping the served checkpoint
+(``deploy``) and the app's names (``names``).
 
 ``build_app`` is the ``serve run`` / ``serve deploy`` entry (import_path
 ``moedream.platform.serve:build_app``). Attributes load lazily so that the client works
