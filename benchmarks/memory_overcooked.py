@@ -226,6 +226,7 @@ def main() -> None:
         f"{retrieval.cfg.spatial_capacity} entries, LoRA always kept):\n\n{cost_table}"
     )
     name = "memory_overcooked" if args.moves == "fixed" else f"memory_overcooked_{args.moves}"
+    name += f"_seed{args.seed}" if args.seed else ""  # another seed: its own block beside
     publish(
         name,
         f"Memory experts on the world model: long Overcooked rollouts ({args.moves} moves)",
