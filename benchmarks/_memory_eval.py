@@ -12,7 +12,9 @@ spatial memory and finetune the episode's LoRA adapter); from o_prefix the model
   it (or the other agent) stood on during the observed prefix, and not during the last
   ``max_context`` real steps (what the short context cannot hold);
 - standardised error: each feature's squared error divided by its variance (raw MSE is
-  dominated by a few wide features, e.g. a pot's cook time counting 20 .. 0).
+  dominated by a few wide features, e.g. a pot's cook time counting 20 .. 0);
+- spread: the variance between the samples of one episode, standardised the same way (how
+  diverse the imagined futures are; a composition that collapses modes lowers it).
 Ablations are paired (same sampling noise, see ``evaluate_rollouts``): compare them per
 episode with ``paired_difference``.
 """
@@ -92,6 +94,7 @@ class RolloutResult:
     episode_std_mse: np.ndarray  # [E] the same, each feature divided by its variance
     episode_recall_sq: np.ndarray  # [E] summed squared error on revisits (per (step, agent))
     episode_recall_n: np.ndarray  # [E] revisits per episode
+    episode_spread: np.ndarray  # [E] standardised variance between samples (0 with one)
 
     @property
     def long_horizon_mse(self) -> float:
@@ -166,6 +169,7 @@ def evaluate_rollouts(
     if feature_var is None:
         feature_var = (model.obs_std**2).cpu().numpy()
     std_sq = sq_feat / np.maximum(feature_var, 0.01)  # [E, H, N, D]
+    spread = imagined.var(axis=1) / np.maximum(feature_var, 0.01)  # [E, H, N, D]
     sq = sq_feat.mean(-1)  # [E, H, N]
     context = model.config.backbone.max_context
     positions = [memory.positions(torch.as_tensor(e.obs)).cpu().numpy() for e in episodes]
@@ -180,4 +184,22 @@ def evaluate_rollouts(
         episode_std_mse=std_sq.mean(axis=(1, 2, 3)),
         episode_recall_sq=(sq * mask).sum(axis=(1, 2)),
         episode_recall_n=mask.sum(axis=(1, 2)),
+        episode_spread=spread.mean(axis=(1, 2, 3)),
     )
+
+
+def seconds_per_step(model, memory, obs: torch.Tensor, act: torch.Tensor, steps: int) -> float:
+    """Seconds per imagined step (batch 1) after observing obs [L+1, N, D] and encoded actions
+    [L, N, A], with ``memory`` (a Recall or None); best of 3 (on a shared machine noise only
+    adds time)."""
+    import time
+
+    state = model.observe(obs[None], act[None])
+    plan = act[-1].expand(1, steps, *act.shape[1:])
+    model.imagine(state, plan[:, :1], 1, memory=memory)  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        model.imagine(state, plan, steps, memory=memory)
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best

@@ -39,6 +39,7 @@ from benchmarks._memory_eval import (  # noqa: E402
     evaluate_rollouts,
     paired_difference,
     random_episodes,
+    seconds_per_step,
     small_world_model,
     training_windows,
 )
@@ -165,19 +166,6 @@ def long_history(spec, length: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     _, (episode,) = random_episodes("memory", {"cue_delay": length}, [seed])
     act = torch.as_tensor(spec.encode_actions(episode.action), dtype=torch.float32)
     return torch.as_tensor(episode.obs), act
-
-
-def seconds_per_step(model: WorldModel, memory, obs, act, steps: int) -> float:
-    """Best of 3 (the machine is shared: noise only adds time) per imagined step."""
-    state = model.observe(obs[None], act[None])
-    plan = act[-1].expand(1, steps, *act.shape[1:])
-    model.imagine(state, plan[:, :1], 1, memory=memory)  # warm-up
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        model.imagine(state, plan, steps, memory=memory)
-        best = min(best, (time.perf_counter() - start) / steps)
-    return best
 
 
 def cost(args: Args, memory: MemoryExperts) -> list[list]:

@@ -10,9 +10,18 @@ sampling noise (paired), so the "vs short" columns are per-episode paired differ
 their standard error and the episodes where the row beats the short-term expert alone.
 Recall error = error on (step, agent) where the agent stands on a cell visited in the prefix
 but not inside the short context. Standardised = each feature's squared error divided by its
-training variance (floored at 0.01): raw MSE is dominated by a few wide features.
+training variance (floored at 0.01): raw MSE is dominated by a few wide features. Spread =
+the standardised variance between an episode's samples: how diverse the imagined futures are,
+which compares PoCE with one shared prior (the default) against the naive product of experts
+(``form: sum``, every expert brings its own prior). A second table times one imagined step
+after remembering 50 .. 800 real steps (does the cost stay constant with context length?).
+
+``--moves per_episode`` runs it on the Overcooked variant whose four moves are shuffled at
+every reset (hidden per-episode dynamics: only the episode's own history tells them), the
+task where long-term memory must help; it records its own block.
 
     python benchmarks/memory_overcooked.py                  # ~5 min on 2 cores
+    python benchmarks/memory_overcooked.py --moves per_episode --train-episodes 60 --train-steps 1000
     python benchmarks/memory_overcooked.py --train-steps 200 --eval-episodes 4 --no-record   # smoke
 """
 
@@ -33,6 +42,7 @@ from benchmarks._memory_eval import (  # noqa: E402
     evaluate_rollouts,
     paired_difference,
     random_episodes,
+    seconds_per_step,
     small_world_model,
     training_windows,
 )
@@ -54,8 +64,17 @@ class Args:
     horizon: int = 40
     samples: int = 2
     threads: int = 1
+    moves: str = "fixed"
+    """Overcooked ``moves``: fixed, or per_episode (moves shuffled at every reset)."""
+    lengths: tuple[int, ...] = (50, 200, 800)
+    """Remembered history lengths (real steps) at which one imagined step is timed."""
+    timed_steps: int = 10
     seed: int = 0
     record: bool = True
+
+    @property
+    def env(self) -> dict:
+        return {"layout": "cramped_room", "horizon": self.episode_horizon, "moves": self.moves}
 
 
 def train(args: Args, spec, episodes) -> tuple[MemoryExperts, MemoryExperts, float]:
@@ -96,15 +115,46 @@ def ablations(memory: MemoryConfig) -> dict[str, tuple[bool, MemoryConfig]]:
         "all three": (False, memory),
         "all three, LoRA always kept": (False, memory.replace(lora_validation=0.0)),
         "all three, alpha_long = 2": (False, memory.replace(alpha_long=2.0)),
+        "all three, naive product (form = sum)": (False, memory.replace(form="sum")),
     }
+
+
+def ratio_to(a: np.ndarray, b: np.ndarray) -> str:
+    """Per-episode a / b -> 'mean ± standard error'."""
+    r = np.asarray(a, dtype=np.float64) / np.maximum(np.asarray(b, dtype=np.float64), 1e-12)
+    se = r.std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else float("nan")
+    return f"{r.mean():.3f} ± {se:.3f}"
+
+
+def cost(args: Args, memory: MemoryExperts) -> list[list]:
+    """[history steps, remember s, ms per imagined step short-term alone, all three] rows."""
+    model, config = memory.model, memory.cfg
+    rows = []
+    for length in args.lengths:
+        env = {**args.env, "horizon": length}
+        spec, (episode,) = random_episodes("overcooked", env, [10_000 + length])
+        obs = torch.as_tensor(episode.obs)
+        act = torch.as_tensor(spec.encode_actions(episode.action), dtype=torch.float32)
+        start = time.perf_counter()
+        memory.remember("history", obs, act)
+        row = [length, f"{time.perf_counter() - start:.2f}"]
+        for experts in (("short",), ("short", "long", "spatial")):
+            memory.set_config(config.only(*experts))
+            ms = 1e3 * seconds_per_step(model, memory.recall(["history"]), obs, act,
+                                        args.timed_steps)  # fmt: skip
+            row.append(f"{ms:.2f}")
+        memory.set_config(config)
+        memory.forget("history")
+        rows.append(row)
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
     args = parse_args(Args, __doc__)
     torch.set_num_threads(args.threads)
-    env = {"layout": "cramped_room", "horizon": args.episode_horizon}
     n_train = args.train_episodes
-    spec, episodes = random_episodes("overcooked", env, range(n_train + args.eval_episodes))
+    spec, episodes = random_episodes("overcooked", args.env, range(n_train + args.eval_episodes))
     retrieval, adapter, train_s = train(args, spec, episodes[:n_train])
     held_out = episodes[n_train:]
     feature_var = np.concatenate([e.obs for e in episodes[:n_train]]).var(0)  # [N, D]
@@ -128,6 +178,9 @@ def main() -> None:
                      (recall[has], base_recall[has])):  # fmt: skip
             d, se, wins = paired_difference(a, b)
             cells.append(f"{d:+.4f} ± {se:.4f} ({wins}/{len(a)})")
+        cells.append(ratio_to(r.episode_mse, base.episode_mse))
+        spread_se = r.episode_spread.std(ddof=1) / np.sqrt(len(held_out))
+        cells.append(f"{r.episode_spread.mean():.4f} ± {spread_se:.4f}")
         steps = len(held_out) * args.samples * args.horizon
         by_quarter = [f"{r.horizon_mse[q].mean():.4f}" for q in quarters]
         rows.append([name, *by_quarter, f"{r.long_horizon_mse:.4f}", f"{r.standardized_mse:.4f}",
@@ -139,15 +192,25 @@ def main() -> None:
     table = markdown_table(
         ["experts", *heads, f"mean MSE (h 1-{h})", "standardised MSE", "recall MSE",
          "recall steps", "MSE vs short (paired, wins)", "std. MSE vs short", "recall vs short",
-         "ms per imagined step"], rows,
+         "MSE / short (per episode)", "spread between samples", "ms per imagined step"], rows,
+    )  # fmt: skip
+    retrieval.set_config(retrieval.cfg.replace(lora_validation=0.0))  # time the LoRA pass too
+    cost_table = markdown_table(
+        ["remembered real steps", "remember + LoRA finetune (s)", "ms per imagined step, short",
+         "ms per imagined step, all three"], cost(args, retrieval),
     )  # fmt: skip
     lora = (
         f" The LoRA adapter passed its validation (lower denoiser loss on the episode's latest "
         f"25 % of transitions than the base) on {kept[0]} of {len(held_out)} episodes."
         if kept else ""
     )  # fmt: skip
+    task = (
+        "Overcooked cramped_room with its four moves shuffled at every reset (moves: "
+        "per_episode; the permutation is hidden: only the episode's history tells it)"
+        if args.moves == "per_episode" else "Overcooked cramped_room"
+    )  # fmt: skip
     body = (
-        f"Overcooked cramped_room, small WorldModel (d_model 64, 2 layers, 4 experts) with a "
+        f"{task}, small WorldModel (d_model 64, 2 layers, 4 experts) with a "
         f"{args.context}-step context, trained {args.train_steps} steps on {n_train} random-policy "
         f"episodes of {args.episode_horizon} steps; spatial expert fitted on the same episodes, "
         f"adapter {args.adapter_steps} steps (total {train_s:.0f} s). {len(held_out)} held-out "
@@ -155,11 +218,18 @@ def main() -> None:
         f"steps observed, {h} steps imagined with the real actions. Errors are per-feature MSE "
         f"of the raw observation vs the real one; 'vs short' columns: mean per-episode "
         f"difference to the short-term expert alone ± its standard error (episodes where the "
-        f"row is lower / episodes).{lora}\n\n{table}"
+        f"row is lower / episodes); 'MSE / short': mean ± SE of the per-episode ratio; spread: "
+        f"standardised variance between the {args.samples} samples of an episode, mean ± SE "
+        f"over episodes.{lora} The machine was shared with other jobs.\n\n{table}\n\n"
+        f"Cost per imagined step (batch 1, best of 3 x {args.timed_steps} steps) after "
+        f"remembering a random-policy history of each length (spatial memory capped at "
+        f"{retrieval.cfg.spatial_capacity} entries, LoRA always kept):\n\n{cost_table}"
     )
+    name = "memory_overcooked" if args.moves == "fixed" else f"memory_overcooked_{args.moves}"
+    name += f"_seed{args.seed}" if args.seed else ""  # another seed: its own block beside
     publish(
-        "memory_overcooked",
-        "Memory experts on the world model: long Overcooked rollouts",
+        name,
+        f"Memory experts on the world model: long Overcooked rollouts ({args.moves} moves)",
         body,
         args.record,
     )

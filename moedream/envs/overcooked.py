@@ -3,6 +3,11 @@
 Two cooks share a kitchen; each delivered soup pays the team 20 (the sparse reward). An optional
 shaped reward (placing onions, picking up dishes and soups) helps exploration; its weight is
 ``shaped_reward_weight`` (0 = sparse only).
+
+``moves: per_episode`` makes a task where only an episode's own history tells its dynamics: at
+every reset the four move actions (up, down, right, left) are shuffled by a permutation drawn
+from the reset's seed (stay and interact keep their meaning). The permutation is not in the
+observation; a world model must infer it from the moves it has seen this episode.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ SOUP_REWARD = 20.0
 """What one delivered soup pays the team (overcooked_ai's sparse reward)."""
 
 ENCODINGS = ("featurized", "grid")
+MOVE_MODES = ("fixed", "per_episode")
+N_MOVES = 4
+"""Action indices 0..3 are the moves (north, south, east, west); 4 is stay, 5 interact."""
 
 
 @functools.cache
@@ -47,6 +55,9 @@ class OvercookedConfig(ConfigBase):
     """featurized: 96-dim hand-made features; grid: lossless (width, height, 26) planes."""
     shaped_reward_weight: float = 0.0
     """Weight of the shaped reward added to the sparse soup reward (0 = sparse only)."""
+    moves: Literal["fixed", "per_episode"] = "fixed"
+    """fixed: action i always moves the same way; per_episode: the four moves are shuffled at
+    every reset (hidden per-episode dynamics, see the module docstring)."""
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
@@ -59,13 +70,16 @@ class OvercookedConfig(ConfigBase):
         )
         check_choice(f"{prefix}encoding", self.encoding, ENCODINGS)
         check_positive(f"{prefix}shaped_reward_weight", self.shaped_reward_weight, allow_zero=True)
+        check_choice(f"{prefix}moves", self.moves, MOVE_MODES)
 
 
 class OvercookedParallelEnv(ParallelEnv):
     """Overcooked with agents ``agent_0``/``agent_1``, 6 discrete actions each.
 
     Rewards: every agent receives the team reward (sparse + weight * shaped, summed over cooks).
-    ``infos[agent]`` holds ``sparse_reward`` and ``shaped_reward`` of the team for the step.
+    ``infos[agent]`` holds ``sparse_reward`` and ``shaped_reward`` of the team for the step and,
+    with ``moves: per_episode``, ``action_map``: the Overcooked action each index plays this
+    episode (also in the reset infos).
     """
 
     metadata = {"name": "overcooked_v0", "render_modes": ["ansi"], "is_parallelizable": True}
@@ -81,6 +95,9 @@ class OvercookedParallelEnv(ParallelEnv):
         self._obs_shape = self._encode(self._env.state)[0].shape
         self._obs_space = spaces.Box(-np.inf, np.inf, shape=self._obs_shape, dtype=np.float32)
         self._act_space = spaces.Discrete(len(Action.ALL_ACTIONS))
+        self._rng = np.random.default_rng()
+        self.action_map = np.arange(len(Action.ALL_ACTIONS))
+        """[6] int: the Overcooked action index that our action i plays this episode."""
 
     def observation_space(self, agent: str) -> spaces.Box:
         return self._obs_space
@@ -92,14 +109,20 @@ class OvercookedParallelEnv(ParallelEnv):
         if seed is not None:
             self._obs_space.seed(seed)
             self._act_space.seed(seed)
+            self._rng = np.random.default_rng(seed)
+        if self.config.moves == "per_episode":
+            self.action_map[:N_MOVES] = self._rng.permutation(N_MOVES)
         # regen_mdp=False keeps the layout and its motion planner (else recomputed every episode).
         self._env.reset(regen_mdp=False)
         self.agents = list(self.possible_agents)
         obs = self._encode(self._env.state)
-        return ({a: obs[i] for i, a in enumerate(self.agents)}, {a: {} for a in self.agents})
+        infos = {a: self._map_info() for a in self.agents}
+        return {a: obs[i] for i, a in enumerate(self.agents)}, infos
 
     def step(self, actions: dict[str, int]):
-        joint = tuple(Action.INDEX_TO_ACTION[int(actions[a])] for a in self.possible_agents)
+        joint = tuple(
+            Action.INDEX_TO_ACTION[self.action_map[int(actions[a])]] for a in self.possible_agents
+        )
         state, sparse, done, info = self._env.step(joint)
         shaped = float(sum(info["shaped_r_by_agent"]))
         team = float(sparse) + self.config.shaped_reward_weight * shaped
@@ -109,7 +132,10 @@ class OvercookedParallelEnv(ParallelEnv):
         rewards = {a: team for a in agents}
         terminations = {a: False for a in agents}  # Overcooked never ends early.
         truncations = {a: bool(done) for a in agents}
-        infos = {a: {"sparse_reward": float(sparse), "shaped_reward": shaped} for a in agents}
+        infos = {
+            a: {"sparse_reward": float(sparse), "shaped_reward": shaped, **self._map_info()}
+            for a in agents
+        }
         if done:
             self.agents = []
         return observations, rewards, terminations, truncations, infos
@@ -148,11 +174,18 @@ class OvercookedParallelEnv(ParallelEnv):
             return {
                 agent: int(rng.integers(n_actions))
                 if rng.random() < epsilon
-                else Action.ACTION_TO_INDEX[joint[i][0]]
+                else self._index_playing(Action.ACTION_TO_INDEX[joint[i][0]])
                 for i, agent in enumerate(self.possible_agents)
             }
 
         return policy
+
+    def _index_playing(self, overcooked_index: int) -> int:
+        """Our action index that plays Overcooked action ``overcooked_index`` this episode."""
+        return int(np.flatnonzero(self.action_map == overcooked_index)[0])
+
+    def _map_info(self) -> dict[str, np.ndarray]:
+        return {"action_map": self.action_map.copy()} if self.config.moves == "per_episode" else {}
 
     def _encode(self, state) -> list[np.ndarray]:
         if self.config.encoding == "featurized":

@@ -7,6 +7,12 @@
   request to the Serve deployment (``imagine`` with horizon 1 and the imagined steps so far as
   context), so the planner acts on imagined observations, and the world model conditions on
   the whole imagined history;
+- with ``imagination.memory``, a round branches from the latest real episodes WITH their
+  memory: ``imagination.memory_branches`` real prefixes are posted to the deployment's
+  episode memory (``remember_episode``: spatial memory + a LoRA adapter per prefix), every row
+  starts at its branch's latest real observation and each step's request names the branch's
+  episode id, so the served memory experts compose into the rollout (the rows the algorithm
+  sampled only set how many rollouts to return). Episode memory is per replica: use one;
 - ``gate``: the trajectories go to the central gate actor (``judge_and_refine``); REFINE rows
   are re-imagined by the gate through the same deployment with shrunk noise, and the final
   (possibly re-imagined) rows come back with the verdicts;
@@ -52,7 +58,7 @@ from moedream.platform.retrain import (
 from moedream.platform.retry import RemoteCallFailed, RetryConfig, call_with_retries
 from moedream.platform.serve.deploy import push_checkpoint, served_checkpoint
 from moedream.platform.serve.names import APP_NAME, DEPLOYMENT_NAME
-from moedream.platform.serve.request import imagine_request
+from moedream.platform.serve.request import episode_request, imagine_request
 from moedream.platform.serve.schemas import RequestError
 from moedream.platform.served_retrain import ServedModelRetrainer
 from moedream.policies.imagination import ProviderFailure
@@ -188,7 +194,17 @@ class ServedWorldModelImaginerFactory(ConfigBase):
             seed=config.seed or 0,
             factory=self,
             refit_gate=self.gate_refit and config.imagination.gate,
+            memory_branches=config.imagination.memory_branches if config.imagination.memory else 0,
         )
+
+
+@dataclasses.dataclass
+class Branches:
+    """Where one round's memory-composed rollouts start: one posted real prefix per branch."""
+
+    episode_ids: list[str]  # [n] the ids the prefixes were posted under
+    start: np.ndarray  # [B, N, D] each row's start: its branch's latest real observation
+    rows: list[np.ndarray]  # n contiguous, ordered arrays of the rows (into B) of each branch
 
 
 class ServedWorldModelImaginer:
@@ -200,8 +216,11 @@ class ServedWorldModelImaginer:
         seed: int,
         factory: ServedWorldModelImaginerFactory,
         refit_gate: bool = False,
+        memory_branches: int = 0,
     ):
         self.spec, self.horizon, self.factory = spec, int(horizon), factory
+        self.memory_branches = int(memory_branches)  # 0: imagine without episode memory
+        self._branch_sources: list[Any] = []  # the latest real episodes (Episode), to branch from
         self.refit_gate = refit_gate  # the factory's gate_refit, when the gate is used at all
         self._seed = int(seed)
         self._calls = 0
@@ -219,10 +238,14 @@ class ServedWorldModelImaginer:
     # -------------------------------------------------------------------------- imagine
 
     def imagine(self, start_obs: np.ndarray, policy: Any) -> Trajectories:
-        """start_obs [B, N, D] -> Trajectories of ``horizon`` steps, actions from ``policy``.
-        Raises ProviderFailure("imagine") when a step's request fails for good."""
+        """start_obs [B, N, D] -> Trajectories of ``horizon`` steps, actions from ``policy``
+        (with episode memory: B rollouts from posted real prefixes instead, see the module
+        docstring). Raises ProviderFailure("imagine") when a step's request fails for good."""
         self._calls += 1
         handle = self._remote("imagine", "the world-model handle", lambda _: self._deployment())
+        branches = self._post_branches(handle, len(start_obs)) if self.memory_branches else None
+        if branches is not None:
+            start_obs = branches.start
         h = self.horizon
         obs = [np.asarray(start_obs, dtype=np.float32)]  # list of [B, N, D]
         actions, rewards, terms, loads = [], [], [], []
@@ -238,6 +261,7 @@ class ServedWorldModelImaginer:
                 context_obs=np.stack(obs[:-1], 1) if t else None,  # [B, t, N, D]
                 context_actions=np.stack(actions, 1) if t else None,  # [B, t, N, A]
                 seed=(self._seed * 1_000_003 + self._calls * 1009 + t) % 2**31,
+                branches=branches,
             )
             obs.append(out["obs"][:, 1])
             actions.append(encoded)
@@ -262,6 +286,42 @@ class ServedWorldModelImaginer:
             self._expert_load = trajs.expert_load
         return trajs
 
+    def set_branch_sources(self, episodes: list[Any]) -> None:
+        """The real episodes (moedream.data.Episode) memory-composed rounds branch from (the
+        iteration's new episodes, set by :meth:`observe`)."""
+        self._branch_sources = [e for e in episodes if e.length >= 2]
+
+    def _post_branches(self, handle: Any, rows: int) -> Branches | None:
+        """Post ``memory_branches`` real prefixes (a random episode of the latest ones, cut
+        after a random step) to the deployment's episode memory, under ids unique to this
+        call; None (plain imagination) before any real episode was observed."""
+        sources = self._branch_sources
+        if not sources:
+            return None
+        rng = np.random.default_rng((self._seed * 15_485_863 + self._calls) % 2**31)
+        n = min(self.memory_branches, rows)
+        ids, starts, start_time = [], [], time.perf_counter()
+        for j in range(n):
+            episode = sources[int(rng.integers(len(sources)))]
+            t = int(rng.integers(1, episode.length))  # branch after t real steps, 1 <= t < L
+            ids.append(f"branch-{self._seed}-{self._calls}-{j}")
+            body = episode_request(
+                ids[-1], episode.obs[: t + 1], episode.action[:t], seed=self._seed + j
+            )
+            self._post_episode(handle, body)
+            starts.append(episode.obs[t])
+        groups = np.array_split(np.arange(rows), n)  # contiguous rows per branch
+        start = np.stack([starts[j] for j, group in enumerate(groups) for _ in group])
+        self._last["memory_branches"] = float(n)
+        self._last["memory_post_seconds"] = time.perf_counter() - start_time
+        return Branches(ids, start.astype(np.float32), groups)
+
+    def _post_episode(self, handle: Any, body: dict[str, Any]) -> None:
+        def attempt(timeout_s: float) -> Any:
+            return handle.remember_episode.remote(body).result(timeout_s=timeout_s)
+
+        self._remote("imagine", f"Serve {self.factory.app_name} episode post", attempt)
+
     def _deployment(self) -> Any:
         """The deployment's handle; after a restore, it serves this run's checkpoint first."""
         from ray import serve
@@ -281,21 +341,24 @@ class ServedWorldModelImaginer:
         context_obs: np.ndarray | None,
         context_actions: np.ndarray | None,
         seed: int,
+        branches: Branches | None = None,
     ) -> dict[str, np.ndarray | None]:
         """The deployment's next step from start [B, N, D] under action [B, 1, N, A], after the
-        context [B, T, ...] (or none), in requests of at most ``max_rows`` rows. Retried as a
-        whole (same seed: a retry gives the same answer); ProviderFailure(stage) at the end."""
-        requests = [
-            imagine_request(
-                start[rows],
-                action[rows],
-                horizon=1,
-                seed=seed,
-                context_obs=_take(context_obs, rows),
-                context_actions=_take(context_actions, rows),
-            )
-            for rows in _row_chunks(len(start), self.factory.max_rows)
-        ]
+        context [B, T, ...] (or none), in requests of at most ``max_rows`` rows (with
+        ``branches``: of one branch each, naming its episode id). Retried as a whole (same
+        seed: a retry gives the same answer); ProviderFailure(stage) at the end."""
+        groups = [(None, np.arange(len(start)))]
+        if branches is not None:
+            groups = list(zip(branches.episode_ids, branches.rows, strict=True))
+        requests = []  # the groups are contiguous and in order: replies concatenate in row order
+        for episode_id, group in groups:
+            for chunk in _row_chunks(len(group), self.factory.max_rows):
+                rows = group[chunk]
+                requests.append(imagine_request(
+                    start[rows], action[rows], horizon=1, seed=seed,
+                    context_obs=_take(context_obs, rows),
+                    context_actions=_take(context_actions, rows), episode_id=episode_id,
+                ))  # fmt: skip
 
         def attempt(timeout_s: float) -> dict[str, np.ndarray | None]:
             replies = [handle.imagine.remote(request) for request in requests]
@@ -416,6 +479,8 @@ class ServedWorldModelImaginer:
                 self._skipped_episodes += 1
                 logger.debug("episode store: skipped an episode: %s", err)
         self.store.add(converted)
+        if self.memory_branches:
+            self.set_branch_sources(converted)
         if self.refit_gate:
             self._judge_real(converted)
         if self.refit_gate and self.store.episodes:
@@ -542,7 +607,7 @@ def gate_cause_rates(result: Any) -> dict[str, float]:
     return out
 
 
-def _take(array: np.ndarray | None, rows: slice) -> np.ndarray | None:
+def _take(array: np.ndarray | None, rows: Any) -> np.ndarray | None:
     return None if array is None else array[rows]
 
 

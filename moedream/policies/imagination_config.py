@@ -56,6 +56,17 @@ class ImaginationConfig(ConfigBase):
     """Retrain the world model every this many iterations (0 = never)."""
     gate: bool = True
     """Learn only from trajectories the coherence gate keeps."""
+    memory: bool = False
+    """Branch each imagination round from the latest real episodes WITH their memory
+    (provider 'world_model'): each branch posts its real episode prefix to the served model's
+    episode memory (the Serve ``remember_episode`` path) and its rollouts are imagined with
+    that episode id, so the memory experts (per-episode LoRA, spatial) compose into them;
+    long horizons (20-50) are where memory can pay. False: rollouts start from sampled real
+    states with the plain served model."""
+    memory_branches: int = 4
+    """Real-episode prefixes posted per imagination round when ``memory`` is on (each post
+    finetunes one LoRA adapter in the replica; keep it <= the replica's memory.max_adapters);
+    the round's rows are split evenly between them."""
     serve_app_name: str = APP_NAME
     """Ray Serve application serving the world model (provider 'world_model')."""
     world_model: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -65,7 +76,7 @@ class ImaginationConfig(ConfigBase):
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
-        for name in ("enabled", "real_every_update", "gate"):
+        for name in ("enabled", "real_every_update", "gate", "memory"):
             value = getattr(self, name)
             check(isinstance(value, bool), f"{prefix}{name}", value, "must be true or false")
         check_choice(f"{prefix}provider", self.provider, PROVIDERS)
@@ -100,6 +111,19 @@ class ImaginationConfig(ConfigBase):
             f"{prefix}start_iteration",
             self.start_iteration,
             "must be an integer >= 0 (0 = imagine from the first iteration)",
+        )
+        check(
+            not self.memory or self.provider == "world_model",
+            f"{prefix}memory",
+            self.memory,
+            "needs provider 'world_model' (episode memory lives in the served world model); "
+            "set memory: false for provider 'env_replay'",
+        )
+        check(
+            is_int(self.memory_branches) and self.memory_branches >= 1,
+            f"{prefix}memory_branches",
+            self.memory_branches,
+            "must be an integer >= 1 (real-episode prefixes posted per imagination round)",
         )
         check_positive(f"{prefix}uncertainty_penalty", self.uncertainty_penalty, allow_zero=True)
         check(

@@ -103,3 +103,54 @@ def test_episode_memory_over_http(served, model_path):
     bad = requests.post(client.base_url + "/v1/episodes", timeout=30,
                         json={"episode_id": "x", "obs": obs[:1].tolist(), "actions": []})  # fmt: skip
     assert bad.status_code == 422 and bad.json()["field"] == "obs", bad.text
+
+
+class _SeededTeam:
+    """Random joint actions from a seeded stream (two teams with one seed act alike)."""
+
+    def __init__(self, spec, seed: int) -> None:
+        self.spec, self.rng = spec, np.random.default_rng(seed)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self.rng.integers(0, 6, size=(len(obs), self.spec.n_agents))
+
+
+def test_imagination_branches_long_rollouts_from_real_prefixes_with_their_memory(served):
+    """imagination.memory: the provider posts real prefixes to the replica's episode memory
+    and imagines 20 steps with their episode ids: rows start at their branch's real state and
+    the rollouts differ from the plain model's from the same starts and seeds."""
+    from moedream.data import rollout_episode
+    from moedream.envs import make_env
+    from moedream.platform.model_based import (
+        ServedWorldModelImaginer,
+        ServedWorldModelImaginerFactory,
+    )
+
+    client, spec = served["client"], env_spec("overcooked")
+    real = [rollout_episode(make_env("overcooked", horizon=30), spec, s, f"real-{s}")
+            for s in (0, 1)]  # fmt: skip
+    factory = ServedWorldModelImaginerFactory("overcooked", app_name=APP, gate_refit=False)
+
+    def imaginer(branches: int) -> ServedWorldModelImaginer:
+        return ServedWorldModelImaginer(
+            spec=spec, horizon=20, seed=0, factory=factory, memory_branches=branches
+        )
+
+    with_memory, before = imaginer(2), client.episodes()
+    with_memory.set_branch_sources(real)
+    trajs = with_memory.imagine(np.zeros((4, spec.n_agents, spec.obs_dim)), _SeededTeam(spec, 0))
+    after = client.episodes()
+    assert trajs.obs.shape == (4, 21, spec.n_agents, spec.obs_dim)
+    assert after["posts"] - before["posts"] == 2
+    assert set(after["episodes"]) == {"branch-0-1-0", "branch-0-1-1"}  # unique ids per call
+    assert after["hits"] - before["hits"] >= 2 * 20  # every step of every branch read memory
+    real_states = np.concatenate([e.obs for e in real]).reshape(-1, spec.n_agents * spec.obs_dim)
+    for rows in ([0, 1], [2, 3]):  # each branch's rows start at one real state of an episode
+        start = trajs.obs[rows, 0].reshape(2, -1)
+        np.testing.assert_array_equal(start[0], start[1])
+        assert (real_states == start[0]).all(-1).any()
+    assert with_memory.metrics()["memory_branches"] == 2.0
+
+    plain = imaginer(0).imagine(trajs.obs[:, 0], _SeededTeam(spec, 0))
+    np.testing.assert_array_equal(plain.obs[:, 0], trajs.obs[:, 0])
+    assert not np.allclose(plain.obs[:, 1:], trajs.obs[:, 1:])  # the memory experts acted

@@ -13,6 +13,7 @@ from moedream.envs import env_names, env_spec, make_env
 CASES = [
     ("overcooked", {"layout": "cramped_room", "horizon": 60}),
     ("overcooked", {"layout": "coordination_ring", "horizon": 60, "encoding": "grid"}),
+    ("overcooked", {"layout": "cramped_room", "horizon": 60, "moves": "per_episode"}),
     ("mamujoco", {"scenario": "HalfCheetah", "agent_conf": "2x3", "max_episode_steps": 60}),
     ("mamujoco", {"scenario": "Hopper", "agent_conf": "3x1", "max_episode_steps": 60}),
 ]
@@ -99,6 +100,56 @@ def test_mamujoco_team_reward_and_float32():
     assert rew["agent_0"] == rew["agent_1"]
 
 
+def _play(env, seed: int, actions: list[tuple[int, int]]) -> list[np.ndarray]:
+    obs, _ = env.reset(seed=seed)
+    frames = [np.stack([obs["agent_0"], obs["agent_1"]])]
+    for a0, a1 in actions:
+        obs, *_ = env.step({"agent_0": a0, "agent_1": a1})
+        frames.append(np.stack([obs["agent_0"], obs["agent_1"]]))
+    return frames
+
+
+def test_overcooked_per_episode_moves_are_a_hidden_permutation_drawn_at_reset():
+    """moves: per_episode shuffles the four moves per episode (seeded), keeps stay/interact,
+    and is otherwise real Overcooked: playing each action through the inverse map reproduces
+    the fixed env's episode exactly, while the same indices played as-is diverge."""
+    env = make_env("overcooked", layout="cramped_room", horizon=40, moves="per_episode")
+    maps = []
+    for seed in range(12):
+        _, infos = env.reset(seed=seed)
+        maps.append(tuple(infos["agent_0"]["action_map"]))
+        assert sorted(maps[-1][:4]) == [0, 1, 2, 3] and maps[-1][4:] == (4, 5)
+    assert len(set(maps)) >= 6  # 24 permutations: a dozen seeds draw many of them
+    env.reset(seed=3)
+    again = tuple(env.action_map)
+    assert again == maps[3]  # the same seed draws the same dynamics
+
+    fixed = make_env("overcooked", layout="cramped_room", horizon=40)
+    rng = np.random.default_rng(0)
+    plan = [tuple(int(a) for a in rng.integers(0, 6, size=2)) for _ in range(40)]
+    seed = next(s for s, m in enumerate(maps) if m[:4] != (0, 1, 2, 3))
+    real = _play(fixed, seed, plan)
+    env.reset(seed=seed)
+    inverse = np.argsort(env.action_map)  # our index that plays each Overcooked action
+    translated = _play(env, seed, [(int(inverse[a]), int(inverse[b])) for a, b in plan])
+    np.testing.assert_array_equal(np.stack(translated), np.stack(real))
+    as_is = _play(env, seed, plan)
+    assert not np.array_equal(np.stack(as_is), np.stack(real))
+    assert fixed.reset(seed=0)[1] == {"agent_0": {}, "agent_1": {}}  # nothing to report
+
+
+def test_overcooked_scripted_team_plays_through_the_episode_permutation():
+    """The scripted cooks pick Overcooked actions and play them through the episode's map, so
+    with shuffled moves they cook exactly as in the fixed kitchen."""
+    episodes = []
+    for moves in ("fixed", "per_episode"):
+        env = make_env("overcooked", layout="cramped_room", horizon=120, moves=moves)
+        spec = env_spec("overcooked", layout="cramped_room", horizon=120, moves=moves)
+        episodes.append(rollout_episode(env, spec, 5, moves, env.scripted_team(0.0, seed=1)))
+    np.testing.assert_array_equal(episodes[0].obs, episodes[1].obs)
+    assert episodes[0].reward.sum() > 0  # the cooks got a soup out: a real plan was replayed
+
+
 def test_unknown_env_lists_valid_names():
     with pytest.raises(ConfigError, match=r"unknown env 'nope'.*overcooked"):
         make_env("nope")
@@ -111,6 +162,7 @@ def test_unknown_env_lists_valid_names():
         ("overcooked", {"layout": "kitchen"}, r"`layout` = 'kitchen'.*cramped_room"),
         ("overcooked", {"horizon": 0}, r"`horizon` = 0"),
         ("overcooked", {"encoding": "pixels"}, r"`encoding` = 'pixels'.*featurized"),
+        ("overcooked", {"moves": "random"}, r"`moves` = 'random'.*per_episode"),
         ("overcooked", {"layuot": "x"}, r"unknown config field.*layuot.*valid fields.*layout"),
         ("mamujoco", {"scenario": "Cheetah"}, r"`scenario` = 'Cheetah'.*HalfCheetah"),
         ("mamujoco", {"agent_conf": "two"}, r"`agent_conf` = 'two'.*2x3"),

@@ -35,6 +35,8 @@ BAD_VALUES = [
     ("gate", None, "true or false"),
     ("serve_app_name", "", "non-empty string"),
     ("world_model", [], "mapping"),
+    ("memory", "yes", "true or false"),
+    ("memory_branches", 0, "integer >= 1"),
 ]
 
 
@@ -59,6 +61,12 @@ def test_imagination_on_needs_imagined_steps():
     ImaginationConfig(imagined_ratio=0.0).validate()  # model-free: no imagined steps is fine
     with pytest.raises(ConfigError, match="imagined_ratio.*> 0 when imagination is enabled"):
         ImaginationConfig(enabled=True, imagined_ratio=0.0).validate()
+
+
+def test_memory_needs_the_served_world_model():
+    ImaginationConfig(memory=True).validate()  # provider world_model: the default
+    with pytest.raises(ConfigError, match=r"`imagination\.memory` = True.*provider 'world_model'"):
+        ImaginationConfig(memory=True, provider="env_replay").validate(prefix="imagination.")
 
 
 def test_agents_yaml_sections_load_unchanged():
