@@ -173,8 +173,8 @@ def build_imagined_episodes(
     first step where any agent's predicted termination reaches ``termination_threshold``,
     else it is truncated at its length (H, or the coherent prefix the gate kept:
     ``trajectories.length``). Either way every agent's episode ends terminated (and truncated
-    when cut short), as RLlib's ``add_env_step`` marks an episode whose agents are all done:
-    PPO's GAE does not bootstrap from the reflector's value at the cut.
+    when cut short): RLlib's ``add_env_step`` marks an episode whose agents are all done as
+    terminated, so PPO's GAE does not bootstrap from the reflector's value at the cut.
     """
     obs = np.asarray(trajectories.obs, dtype=np.float32)  # [B, H + 1, N, D]
     if obs_transform is not None:
@@ -221,54 +221,42 @@ def _episode(
     obs, actions, trajs, b, inputs, logps, spec, shared, seq_no, threshold
 ) -> MultiAgentEpisode:
     """One imagined trajectory (obs [H + 1, N, D], actions [H, N, ...]) -> MultiAgentEpisode
-    of its first ``length`` steps (up to the first predicted termination).
-
-    Built whole by the episode's constructor (its per-step lists, validated once) rather than
-    with ``add_env_reset`` + ``add_env_step`` per step: the same episode, and the per-step
-    calls (each validating the episode so far) cost most of the imagination's bookkeeping.
-    """
+    of its first ``length`` steps."""
     h = trajs.horizon  # rows of the flat [B * H] inputs and log-probs
-    agents = spec.agent_ids
-    done = np.max(trajs.terminated[b], axis=-1) >= threshold  # [H] any agent predicts the end
     steps = int(trajs.lengths()[b])
-    ends = np.flatnonzero(done[:steps])
-    terminated = ends.size > 0
-    steps = int(ends[0]) + 1 if terminated else steps
-    rows = range(b * h, b * h + steps)
-    # As the step-by-step build did: RLlib's add_env_step marks an episode whose agents are all
-    # done (here: all truncated) as terminated, and every agent with it, so the learner treats
-    # an imagined episode's last step as terminal (no value bootstrap) either way.
-    ended = {a: True for a in agents}
-    return MultiAgentEpisode(
+    agents = spec.agent_ids
+    episode = MultiAgentEpisode(
         id_=f"{IMAGINED_PREFIX}{uuid.uuid4().hex}",
-        observations=[_per_agent_obs(obs[t], spec) for t in range(steps + 1)],
         observation_space=gym.spaces.Dict(
             {a: _box(spec.obs_dims[i]) for i, a in enumerate(agents)}
         ),
-        actions=[
-            {a: _agent_action(actions[t], i, spec) for i, a in enumerate(agents)}
-            for t in range(steps)
-        ],  # fmt: skip
         action_space=gym.spaces.Dict({a: _action_space(spec, i) for i, a in enumerate(agents)}),
-        rewards=[
-            {a: float(trajs.reward[b, t, i]) for i, a in enumerate(agents)} for t in range(steps)
-        ],  # fmt: skip
-        terminateds={**ended, "__all__": True},
-        truncateds={**{a: not terminated for a in agents}, "__all__": not terminated},
-        extra_model_outputs=[
-            {
+        agent_to_module_mapping_fn=lambda agent_id, ep, _s=shared: planner_id(agent_id, _s),
+    )
+    episode.add_env_reset(observations=_per_agent_obs(obs[0], spec))
+    for t in range(steps):
+        terminated = bool(np.max(trajs.terminated[b, t]) >= threshold)
+        truncated = (t == steps - 1) and not terminated
+        row = b * h + t
+        episode.add_env_step(
+            observations=_per_agent_obs(obs[t + 1], spec),
+            actions={a: _agent_action(actions[t], i, spec) for i, a in enumerate(agents)},
+            rewards={a: float(trajs.reward[b, t, i]) for i, a in enumerate(agents)},
+            terminateds={**{a: terminated for a in agents}, "__all__": terminated},
+            truncateds={**{a: truncated for a in agents}, "__all__": truncated},
+            extra_model_outputs={
                 a: {
                     Columns.ACTION_DIST_INPUTS: inputs[i][row],
                     Columns.ACTION_LOGP: np.float32(logps[i][row]),
                     WEIGHTS_SEQ_NO: seq_no,
                 }
                 for i, a in enumerate(agents)
-            }
-            for row in rows
-        ],
-        len_lookback_buffer=0,
-        agent_to_module_mapping_fn=lambda agent_id, ep, _s=shared: planner_id(agent_id, _s),
-    ).to_numpy()
+            },
+        )
+        if terminated:
+            break
+    episode.validate()
+    return episode.to_numpy()
 
 
 def _per_agent_obs(obs: np.ndarray, spec: EnvSpec) -> dict[str, np.ndarray]:
