@@ -172,7 +172,9 @@ def build_imagined_episodes(
     episodes got (e.g. an observation filter): [..., D] -> [..., D]. An episode ends at the
     first step where any agent's predicted termination reaches ``termination_threshold``,
     else it is truncated at its length (H, or the coherent prefix the gate kept:
-    ``trajectories.length``) and PPO bootstraps from the reflector's value.
+    ``trajectories.length``). Either way every agent's episode ends terminated (and truncated
+    when cut short): RLlib's ``add_env_step`` marks an episode whose agents are all done as
+    terminated, so PPO's GAE does not bootstrap from the reflector's value at the cut.
     """
     obs = np.asarray(trajectories.obs, dtype=np.float32)  # [B, H + 1, N, D]
     if obs_transform is not None:
