@@ -118,6 +118,16 @@ def serve_on_loopback(ray_cluster, serve_http_port) -> int:
     return serve_http_port
 
 
+@pytest.fixture(scope="session")
+def trained_run(ray_cluster, tmp_path_factory):
+    """``trained_run(env)``: the tiny pipeline's run folder (tests/pipelines.py) after its
+    collect and world_model stages, made once per session for all workers; copy it
+    (tests.pipelines.copy_run) before running later stages in it."""
+    from tests.pipelines import shared_tmp, trained_run_folder
+
+    return lambda env: trained_run_folder(env, shared_tmp(tmp_path_factory))
+
+
 @pytest.fixture
 def storage_path(tmp_path):
     """Where Train/Tune/RLlib write, instead of ~/ray_results."""

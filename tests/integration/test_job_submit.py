@@ -1,5 +1,5 @@
 """`ray job submit` to a local head: distributed world-model training, and the whole pipeline
-(`python -m moedream.platform.jobs.train`) on tiny budgets.
+(`python -m moedream.platform.jobs.train`) on tiny budgets, resumed after its world model.
 
 The shared `ray_cluster` fixture has no dashboard (no job server), so this module starts its own
 head (one for both tests): `ray start --head --include-dashboard true --block` in a new session with a private temp
@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from moedream.data import collect_episodes
-from tests.pipelines import tiny_pipeline
+from tests.pipelines import TRAINED_STAGES, copy_run, tiny_pipeline
 from tests.ray_head import RAY_BIN, check_head_alive, free_port, running_head, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -127,11 +127,14 @@ def test_ray_job_submit_trains_and_leaves_a_checkpoint(local_head, tmp_path):
     assert (checkpoints[-1] / "trainer_state.json").is_file()
 
 
-def test_ray_job_submit_runs_the_whole_pipeline(local_head, tmp_path):
+def test_ray_job_submit_runs_the_whole_pipeline(local_head, trained_run, tmp_path):
     config = tmp_path / "pipeline.yaml"
     data = tiny_pipeline(
         "overcooked", name="job", out=str(tmp_path / "runs"), http_port=free_port()
     )
+    # collected data and a trained world model (Ray Train in a job: the test above): the job
+    # resumes the run and starts the services and the team in its own cluster
+    run_dir = copy_run(trained_run("overcooked"), tmp_path / "runs", "job")
     # one iteration, no retrain (tested locally): the job only has to run every stage
     data["agents"].update(iterations=1)
     data["agents"]["imagination"]["world_model_retrain_every"] = 0
@@ -145,7 +148,7 @@ def test_ray_job_submit_runs_the_whole_pipeline(local_head, tmp_path):
     assert job.returncode == 0, f"`ray job submit` failed; output:\n{logs}"
     for k, stage in enumerate(["collect", "world_model", "serve", "gate", "agents", "report"], 1):
         assert f"[{k}/6] {stage}" in job.stdout, logs
-    run_dir = tmp_path / "runs" / "job"
+    assert job.stdout.count("finished earlier") == len(TRAINED_STAGES), logs
     ledger = json.loads((run_dir / "stages.json").read_text())
     assert list(ledger) == ["collect", "world_model", "serve", "gate", "agents", "report"]
     assert len(ledger["agents"]["record"]["history"]) == 1

@@ -1,6 +1,7 @@
 """The pipeline end to end on the shared local cluster, with tiny budgets: collect -> Ray Train
-(2 workers, expert parallel) -> Serve -> gate -> MBMAPPO with gated imagination -> report; and
-a run interrupted after the world model resumes from its run folder, skipping what finished."""
+(2 workers, expert parallel) -> Serve -> gate -> MBMAPPO with gated imagination -> report; a
+run interrupted after the world model (the session's `trained_run`, copied) resumes from its
+run folder, skipping what finished."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from moedream.config import ConfigError
 from moedream.platform.pipeline import run_pipeline
 from moedream.platform.quickstart import QuickstartConfig, run_quickstart
-from tests.pipelines import tiny_pipeline
+from tests.pipelines import TRAINED_STAGES, copy_run, tiny_pipeline
 from tests.ray_head import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -19,16 +20,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.mark.parametrize("env", ["overcooked", "mamujoco"])
 def test_pipeline_resumes_runs_every_stage_and_writes_its_report(
-    ray_cluster, tmp_path, env, capsys
+    trained_run, tmp_path, env, capsys
 ):
     cfg = QuickstartConfig.from_dict(
         tiny_pipeline(env, name=f"qs_{env}", out=str(tmp_path), http_port=free_port())
     )
-    run_dir = tmp_path / f"qs_{env}"
     with pytest.raises(ConfigError, match="stage `collect` .* has not run"):
         run_pipeline(cfg, ["agents"])  # nothing to train agents from yet
     # an interrupted run: it got as far as the world model
-    first = run_pipeline(cfg, ["collect", "world_model"])
+    run_dir = copy_run(trained_run(env), tmp_path, cfg.name)
+    first = run_pipeline(cfg, TRAINED_STAGES)
     shards = {p.name: p.stat().st_mtime_ns for p in (run_dir / "data").glob("*.parquet")}
     capsys.readouterr()
 

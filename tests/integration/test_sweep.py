@@ -264,16 +264,19 @@ def test_interrupted_sweep_resumes_where_it_stopped(ray_cluster, tmp_path, stora
 
 @pytest.mark.slow
 def test_model_based_sweep_trials_share_one_served_world_model(
-    ray_cluster, tmp_path, storage_path, capsys
+    ray_cluster, trained_run, tmp_path, storage_path, capsys
 ):
     from moedream.coherence.gate import get_gate
     from moedream.platform.quickstart import QuickstartConfig
     from moedream.platform.serve.deploy import served_checkpoint
     from moedream.platform.serve.names import APP_NAME, DEPLOYMENT_NAME
     from moedream.platform.serve.runner import checkpoint_fingerprint
-    from tests.pipelines import tiny_pipeline
+    from tests.pipelines import copy_run, tiny_pipeline
     from tests.ray_head import free_port
 
+    # the pipeline's data and world model are made (tests/integration/test_quickstart.py shows
+    # those stages); the sweep resumes it: serve and gate, then the trials
+    copy_run(trained_run("overcooked"), tmp_path, "mb")
     pipeline = tmp_path / "pipeline.yaml"
     pipeline_data = tiny_pipeline("overcooked", name="mb", out=str(tmp_path), http_port=free_port())
     pipeline.write_text(yaml.safe_dump(pipeline_data))
