@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import markdown_table, parse_args, publish  # noqa: E402
+from _faults import with_corrupt_dynamics, with_reward_bias  # noqa: E402
 
 from moedream.coherence.kernel import GateConfig, Normalizer, Verdict, judge, truncate  # noqa: E402
 from moedream.coherence.model_calibration import calibrate_model_terms, model_view  # noqa: E402
@@ -99,30 +100,6 @@ def train_model(episodes: list[dict], args: Args, name: str) -> WorldModel:
     return model
 
 
-def with_reward_bias(good: WorldModel, bias: float) -> WorldModel:
-    """``bias`` in the model's normalised reward units (its reward std)."""
-    model = _copy(good)
-    with torch.no_grad():
-        model.reward_head.net[-1].bias.add_(bias)
-    return model
-
-
-def with_corrupt_dynamics(good: WorldModel, scale: float, seed: int) -> WorldModel:
-    model = _copy(good)
-    last = model.mean_head[-1]  # Linear(hidden, N*D): the regressed next-step change
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        noise = torch.randn(last.weight.shape, generator=gen) * last.weight.std() * scale
-        last.weight.add_(noise)
-    return model
-
-
-def _copy(model: WorldModel) -> WorldModel:
-    out = WorldModel(model.config, model.spec)
-    out.load_state_dict(model.state_dict())
-    return out
-
-
 def imagine(model: WorldModel, start: np.ndarray, args: Args):
     rng = np.random.default_rng(args.seed + 1)
     n, a = model.spec.n_agents, model.spec.action_dims[0]
@@ -164,7 +141,7 @@ def main(args: Args) -> None:
     good = train_model(train_eps, args, "good")
     models = {
         "good": good,
-        "reward_bias": with_reward_bias(good, args.reward_bias / float(good.reward_std.mean())),
+        "reward_bias": with_reward_bias(good, args.reward_bias),
         "corrupt_dynamics": with_corrupt_dynamics(good, args.corrupt_scale, args.seed),
         "other_layout": train_model(other_eps, args, "other_layout"),
     }
