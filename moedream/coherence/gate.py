@@ -47,6 +47,7 @@ import ray
 
 from moedream.coherence.actor_config import GateActorConfig
 from moedream.coherence.kernel import (
+    CAUSES,
     LEARNER_TERMS,
     QUANTILE_TERMS,
     GateResult,
@@ -408,7 +409,8 @@ def stats_from_state(state: dict[str, Any]) -> dict[str, float]:
                 out[f"{key}/{name}"] = float(c.get(name, 0))
             out[f"{key}/truncated_rate"] = c.get("truncated", 0) / judged
             for counter in CAUSE_COUNTERS:  # e.g. gate/overcooked/team/causes/reward
-                for cause, count in c.get(counter, {}).items():
+                counts = {cause: 0 for cause in CAUSES} | c.get(counter, {})  # every cause
+                for cause, count in counts.items():
                     out[f"{key}/{counter}/{cause}"] = float(count)
                     out[f"{key}/{counter}/{cause}_rate"] = count / judged
             for verdict in ("approve", "refine", "reject"):

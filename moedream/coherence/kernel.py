@@ -560,6 +560,19 @@ def stall_runs(stalled: np.ndarray) -> np.ndarray:
     return runs
 
 
+def td_residuals(
+    value: np.ndarray, reward: np.ndarray, terminated: np.ndarray, gamma: float
+) -> np.ndarray:
+    """The reflector's one-step TD residuals (section 6b): the team critic's values
+    value [B, T+1] of the obs, reward [B, T, N], terminated [B, T, N] (0/1, or a model's
+    probabilities) -> δ [B, T] = r̄_t + γ(1 − d̄_t)V(o_{t+1}) − V(o_t), r̄ and d̄ the means over
+    agents."""
+    value = np.asarray(value, np.float64)
+    done = np.mean(np.asarray(terminated, np.float64), axis=2)  # [B, T]
+    team_reward = np.mean(np.asarray(reward, np.float64), axis=2)  # [B, T]
+    return team_reward + gamma * (1.0 - done) * value[:, 1:] - value[:, :-1]
+
+
 def rms_ratio(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """x [B, H, N, D] / scale [N, D] -> sqrt(mean_f (x/scale)²) [B, H]."""
     return np.sqrt(np.mean((np.asarray(x, np.float64) / scale) ** 2, axis=(2, 3)))
@@ -945,6 +958,7 @@ __all__ = [
     "nonfinite_fields",
     "stall_runs",
     "step_magnitude",
+    "td_residuals",
     "truncate",
     "verdicts_from_counts",
 ]

@@ -28,6 +28,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.env.multi_agent_episode import MultiAgentEpisode
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
+from moedream.coherence.kernel import td_residuals as kernel_td_residuals
 from moedream.envs import episode_limit, make_env
 from moedream.envs.spec import EnvSpec
 from moedream.policies.names import AGENT_INDEX, IMAGINED_PREFIX, REFLECTOR, planner_id
@@ -164,15 +165,11 @@ class TeamPolicy:
 def td_residuals(
     policy: TeamPolicy, obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray, gamma: float
 ) -> np.ndarray:
-    """The reflector's one-step TD residuals, the gate's value term (coherence/kernel.py,
-    section 6b): obs [B, T+1, N, D], reward [B, T, N], terminated [B, T, N] (0/1, or the
-    model's probabilities) -> δ [B, T] = r̄_t + γ(1 − d̄_t)V(o_{t+1}) − V(o_t), where r̄ and
-    d̄ are the means over agents and V is :meth:`TeamPolicy.values`."""
+    """The reflector's one-step TD residuals δ [B, T] (coherence.kernel.td_residuals) of obs
+    [B, T+1, N, D], reward [B, T, N], terminated [B, T, N] with V = :meth:`TeamPolicy.values`."""
     b, t1, n, d = obs.shape
     value = policy.values(np.asarray(obs, np.float32).reshape(b * t1, n, d)).reshape(b, t1)
-    done = np.mean(np.asarray(terminated, np.float64), axis=2)  # [B, T]
-    team_reward = np.mean(np.asarray(reward, np.float64), axis=2)  # [B, T]
-    return team_reward + gamma * (1.0 - done) * value[:, 1:] - value[:, :-1]
+    return kernel_td_residuals(value, reward, terminated, gamma)
 
 
 def real_td_residuals(
