@@ -52,13 +52,13 @@ class Args:
     seeds: tuple[int, ...] = (0, 1, 2)
     batch: int = 2000
     """Real env steps per iteration (train_batch_size)."""
-    iterations: int = 4
+    iterations: int = 3
     updates: int = 2
     """PPO updates per real batch on imagination (imagination.updates)."""
     horizon: int = 5
     collect_episodes: int = 4
     """Random-policy episodes of 400 steps the world model trains on (counted as real steps)."""
-    world_model_steps: int = 600
+    world_model_steps: int = 300
     model_seed: int = 0
     fault_action: int = 4
     """Discrete action whose steps the faulty model rewards (4: Overcooked's STAY)."""
@@ -175,6 +175,40 @@ def final_points(out_dir: Path, variant: str, seeds: tuple[int, ...]) -> dict[in
     return out
 
 
+def iteration_means(run_dir: Path, prefix: str) -> dict[str, float]:
+    """Mean over a run's iterations of every TensorBoard scalar whose tag starts with
+    ``prefix`` (agents.train writes each iteration's metrics there)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[float]] = {}
+    for events in sorted(run_dir.glob("team/tensorboard/events.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            if tag.startswith(prefix):
+                out.setdefault(tag[len(prefix) :], []).extend(e.value for e in acc.Scalars(tag))
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def gate_causes(out_dir: Path, variant: str, seeds: list[int]) -> str:
+    """Per cause, the fraction of imagined trajectories not approved whole for it (mean over
+    iterations and seeds); '-' without the gate."""
+    runs = [iteration_means(out_dir / variant / f"seed_{s}_run", "provider/gate_cause_")
+            for s in seeds]  # fmt: skip
+    causes = sorted({c for r in runs for c in r})
+    rates = {c: np.mean([r.get(c, np.nan) for r in runs]) for c in causes}
+    shown = [f"{c.removesuffix('_rate')} {v:.2f}" for c, v in rates.items() if v >= 0.005]
+    return ", ".join(shown) or "-"
+
+
+def imagined_reward(out_dir: Path, variant: str, seeds: list[int]) -> list[float]:
+    """Per seed, the imagined reward per kept step (first agent), mean over iterations: what
+    the learner was shown."""
+    tag = "imagination/imagined_reward_per_step"
+    runs = [iteration_means(out_dir / variant / f"seed_{s}_run", tag) for s in seeds]
+    return [r.get("", math.nan) for r in runs]
+
+
 def mean_se(values: list[float]) -> str:
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -192,15 +226,19 @@ def render(args: Args, spec: ResultsSpec) -> str:
         runs = finals[variant.name]
         model, gate = VARIANTS[variant.name]
         per_seed = ", ".join(f"{s}: {m['team_return']:.1f}" for s, m in sorted(runs.items()))
+        causes = gate_causes(out_dir, variant.name, sorted(runs)) if gate and runs else "-"
+        shown = mean_se(imagined_reward(out_dir, variant.name, sorted(runs)))
         rows.append([variant.name, model, "on" if gate else "off", len(runs),
                      mean_se([m["team_return"] for m in runs.values()]),
                      mean_se([m[action] for m in runs.values()]),
-                     mean_se([m["gate_approve_rate"] for m in runs.values()]),
+                     mean_se([m["gate_approve_rate"] for m in runs.values()]), causes, shown,
                      mean_se([m["soups_per_episode"] for m in runs.values()]),
                      per_seed or "-"])  # fmt: skip
     headers = ["variant", "served model", "gate", "seeds done", "team return at budget",
                f"{OVERCOOKED_ACTIONS[args.fault_action]} rate at budget",
-               "gate approve rate (last iterations)", "soups per episode",
+               "gate approve rate (last iterations)",
+               "not approved whole, by cause (mean over iterations)",
+               "imagined reward per learnt step", "soups per episode",
                "team return per seed"]  # fmt: skip
     return markdown_table(headers, rows) + "\n\n" + paired_differences(finals, action)
 

@@ -326,3 +326,24 @@ def test_team_td_residuals_use_the_reflector_and_real_episodes():
     expected = reward.mean(2) + 0.9 * value[:, 1:] - value[:, :-1]
     expected[0, -1] = reward[0, -1].mean() - value[0, -2]  # terminal: no bootstrap
     np.testing.assert_allclose(delta, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gate_keeps_the_reflector_calibration_through_refits_and_restarts(data, tmp_path):
+    """The actor class itself (no Ray): calibrate_value_term persists, a refit of φ on new
+    real episodes keeps it, a restarted gate reads it back, and stats list every cause."""
+    from moedream.coherence.actor_config import GateActorConfig
+    from moedream.coherence.gate import CoherenceGate
+
+    normalizer, _, test = data
+    gate = CoherenceGate(GateActorConfig(), normalizer, str(tmp_path))
+    assert gate.calibrate_value_term(np.linspace(-1.0, 1.0, 201)) == {
+        "value_gap_quantile": pytest.approx(0.99)
+    }
+    gate.refit(list(test.obs[:10]))
+    assert gate.normalizer.quantiles["value_gap"] == pytest.approx(0.99)
+    again = CoherenceGate(GateActorConfig(), normalizer, str(tmp_path))
+    assert again.normalizer.quantiles["value_gap"] == pytest.approx(0.99)
+    again.judge(test.select(np.arange(8)), "overcooked", "team")
+    stats = again.stats()
+    for cause in CAUSES:
+        assert f"gate/overcooked/team/causes/{cause}" in stats
