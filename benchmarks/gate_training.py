@@ -231,7 +231,8 @@ def render(args: Args, spec: ResultsSpec) -> str:
         rows.append([variant.name, model, "on" if gate else "off", len(runs),
                      mean_se([m["team_return"] for m in runs.values()]),
                      mean_se([m[action] for m in runs.values()]),
-                     mean_se([m["gate_approve_rate"] for m in runs.values()]), causes, shown,
+                     mean_se([m["gate_approve_rate"] for m in runs.values()]) if gate else "-",
+                     causes, shown,
                      mean_se([m["soups_per_episode"] for m in runs.values()]),
                      per_seed or "-"])  # fmt: skip
     headers = ["variant", "served model", "gate", "seeds done", "team return at budget",
