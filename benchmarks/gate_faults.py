@@ -12,7 +12,15 @@ steps under uniformly random actions:
   step (what a planner exploiting hallucinated rewards finds);
 - corrupt_dynamics: the good model with Gaussian noise of ``corrupt_scale`` times the weights'
   own std added to the last layer of its dynamics (mean) head;
-- other_layout: trained the same way on ``other_layout`` episodes.
+- other_layout: trained the same way on ``other_layout`` episodes;
+- action_bias: the good model imagining ``action_bias`` extra reward on every agent step that
+  takes action ``bias_action`` (STAY), the exploitable fault of benchmarks/gate_training.py.
+
+The reflector's term (kernel section 6b) needs a team critic; here it is a linear critic fitted
+by least squares to the discounted real returns of the training episodes (a random team's
+critic), calibrated on the calibration windows' real TD residuals. "approved whole without the
+reflector's term" judges the same trajectories with its weight at 0: the difference to
+"approved whole" is what the term adds.
 
 A rollout counts as caught when the gate rejects it or truncates it; "steps kept" is the
 fraction of all imagined steps that would reach the learner (whole approved rollouts and the
@@ -34,8 +42,21 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import markdown_table, parse_args, publish  # noqa: E402
+from _faults import (  # noqa: E402
+    with_action_reward_bias,
+    with_corrupt_dynamics,
+    with_reward_bias,
+)
 
-from moedream.coherence.kernel import GateConfig, Normalizer, Verdict, judge, truncate  # noqa: E402
+from moedream.coherence.kernel import (  # noqa: E402
+    MODEL_TERMS,
+    GateConfig,
+    Normalizer,
+    Verdict,
+    judge,
+    td_residuals,
+    truncate,
+)
 from moedream.coherence.model_calibration import calibrate_model_terms, model_view  # noqa: E402
 from moedream.platform.commands.calibrate_gate import (  # noqa: E402
     collect_random_episodes,
@@ -70,6 +91,12 @@ class Args:
     """Added to every imagined reward (raw units when real rewards never vary; the README's
     exploited MaMuJoCo model imagined +0.24 per step against a real -0.25)."""
     corrupt_scale: float = 3.0
+    bias_action: int = 4
+    """Action the action_bias model rewards (4: Overcooked's STAY)."""
+    action_bias: float = 1.0
+    """Extra imagined reward per agent step on that action (as in gate_training.py)."""
+    gamma: float = 0.99
+    """Discount of the linear critic behind the reflector's term."""
     seed: int = 0
     cache: str = "runs/gate_faults"
     threads: int = 1
@@ -99,30 +126,6 @@ def train_model(episodes: list[dict], args: Args, name: str) -> WorldModel:
     return model
 
 
-def with_reward_bias(good: WorldModel, bias: float) -> WorldModel:
-    """``bias`` in the model's normalised reward units (its reward std)."""
-    model = _copy(good)
-    with torch.no_grad():
-        model.reward_head.net[-1].bias.add_(bias)
-    return model
-
-
-def with_corrupt_dynamics(good: WorldModel, scale: float, seed: int) -> WorldModel:
-    model = _copy(good)
-    last = model.mean_head[-1]  # Linear(hidden, N*D): the regressed next-step change
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        noise = torch.randn(last.weight.shape, generator=gen) * last.weight.std() * scale
-        last.weight.add_(noise)
-    return model
-
-
-def _copy(model: WorldModel) -> WorldModel:
-    out = WorldModel(model.config, model.spec)
-    out.load_state_dict(model.state_dict())
-    return out
-
-
 def imagine(model: WorldModel, start: np.ndarray, args: Args):
     rng = np.random.default_rng(args.seed + 1)
     n, a = model.spec.n_agents, model.spec.action_dims[0]
@@ -137,6 +140,31 @@ def one_step_error(model: WorldModel, windows: dict[str, np.ndarray]) -> float:
     pred = model.predict_windows(windows, noise_scale=0.0)["next_obs"].numpy()  # [B, T, N, D]
     nxt, now = windows["obs"][:, 1:], windows["obs"][:, :-1]
     return float(np.sqrt(np.mean((pred - nxt) ** 2)) / np.sqrt(np.mean((nxt - now) ** 2)))
+
+
+def fit_critic(episodes: list[dict], normalizer: Normalizer, gamma: float):
+    """values(obs [M, N, D]) -> [M]: least squares of the discounted returns of ``episodes``
+    (team-mean reward) on the normalised states, with a small ridge."""
+    xs, ys = [], []
+    for e in episodes:
+        reward = e["reward"].mean(axis=1)  # [T]
+        returns = np.zeros(len(reward) + 1)
+        for t in range(len(reward) - 1, -1, -1):
+            returns[t] = reward[t] + gamma * returns[t + 1]
+        xs.append(normalizer.normalised_state(e["obs"][:-1]).reshape(len(reward), -1))
+        ys.append(returns[:-1])
+    x = np.concatenate(xs)
+    x = np.concatenate([x, np.ones((len(x), 1))], 1)  # [M, N*D + 1]
+    w = np.linalg.solve(x.T @ x + 1e-3 * np.eye(x.shape[1]), x.T @ np.concatenate(ys))
+    return lambda obs: normalizer.normalised_state(obs).reshape(len(obs), -1) @ w[:-1] + w[-1]
+
+
+def with_critic(trajs, values, gamma: float):
+    """The trajectories with their TD residuals under the critic ``values``."""
+    b, h1 = trajs.obs.shape[:2]
+    value = values(trajs.obs.reshape(b * h1, *trajs.obs.shape[2:])).reshape(b, h1)
+    residual = td_residuals(value, trajs.reward, trajs.terminated, gamma)
+    return dataclasses.replace(trajs, td_residual=residual.astype(np.float32))
 
 
 def rates(trajs, normalizer: Normalizer, config: GateConfig) -> dict[str, float]:
@@ -162,52 +190,71 @@ def main(args: Args) -> None:
     other_eps = collect_random_episodes("overcooked", len(train_eps), args.max_steps,
                                         args.seed + 10_000, layout=args.other_layout)  # fmt: skip
     good = train_model(train_eps, args, "good")
+    train_windows = windows_from_episodes(train_eps, MODEL["backbone"]["max_context"])
+    action_bias, _ = with_action_reward_bias(
+        good, {f: getattr(train_windows, f) for f in ("obs", "action", "reward", "terminated")},
+        args.bias_action, args.action_bias,
+    )  # fmt: skip
     models = {
         "good": good,
-        "reward_bias": with_reward_bias(good, args.reward_bias / float(good.reward_std.mean())),
+        "reward_bias": with_reward_bias(good, args.reward_bias),
         "corrupt_dynamics": with_corrupt_dynamics(good, args.corrupt_scale, args.seed),
         "other_layout": train_model(other_eps, args, "other_layout"),
+        "action_bias": action_bias,
     }
     config = GateConfig()
-    old = GateConfig(**{f"weight_{t}": 0.0 for t in
-                        ("gap", "obs_spread", "reward_spread", "reward_gap", "error")})  # fmt: skip
+    old = GateConfig(**{f"weight_{t}": 0.0 for t in MODEL_TERMS})
+    no_reflector = GateConfig(weight_value_gap=0.0)
     normalizer = Normalizer.fit([e["obs"] for e in train_eps], config)
     calib = windows_from_episodes(calib_eps, args.horizon, stride=1)
     calib_windows = {f: getattr(calib, f) for f in ("obs", "action", "reward", "terminated")}
     fitted = calibrate_model_terms(normalizer, good, calib_windows, config)
+    critic = fit_critic(train_eps, normalizer, args.gamma)
+    scored = lambda trajs: with_critic(trajs, critic, args.gamma)  # noqa: E731
+    fitted["value_gap"] = normalizer.calibrate_value_term(scored(calib).td_residual, config)
     test = windows_from_episodes(test_eps, args.horizon, stride=args.horizon)
     test_windows = {f: getattr(test, f) for f in ("obs", "action", "reward", "terminated")}
     rng = np.random.default_rng(args.seed)
     pick = rng.integers(0, len(test.obs), size=args.rollouts)
     start = test.obs[pick, rng.integers(0, args.horizon, size=args.rollouts)]  # [B, N, D]
 
-    rows = [["real held-out (no model)", *_row(rates(test, normalizer, config))],
-            ["real held-out, good model's view", *_row(rates(model_view(good, test_windows),
-                                                             normalizer, config))]]  # fmt: skip
+    rows = []
+    for label, trajs in (
+        ("real held-out (no model)", test),
+        ("real held-out, good model's view", model_view(good, test_windows)),
+    ):
+        trajs = scored(trajs)
+        rows.append([label, *_row(rates(trajs, normalizer, config)),
+                     _approved(trajs, normalizer, no_reflector), "", ""])  # fmt: skip
     for name, model in models.items():
-        trajs = imagine(model, start, args)
+        trajs = scored(imagine(model, start, args))
         new, before = rates(trajs, normalizer, config), rates(trajs, normalizer, old)
         error = one_step_error(model, test_windows)
-        rows.append([f"{name}: imagined", *_row(new), f"{before['approved']:.3f}", f"{error:.3f}"])
+        rows.append([f"{name}: imagined", *_row(new), _approved(trajs, normalizer, no_reflector),
+                     f"{before['approved']:.3f}", f"{error:.3f}"])  # fmt: skip
     headers = ["trajectories", "approved whole", "truncated", "rejected",
                "steps kept (of all imagined)", "main causes of "
-               "non-approval (fraction of all)", "old gate approved",
-               "one-step obs error / copy's (real windows)"]  # fmt: skip
-    for row in rows[:2]:
-        row += ["", ""]
+               "non-approval (fraction of all)", "approved whole without the reflector's term",
+               "old gate approved", "one-step obs error / copy's (real windows)"]  # fmt: skip
     note = (
         f"Overcooked {args.layout}, {args.episodes} random-policy episodes x {args.max_steps} "
         f"steps; horizon {args.horizon}; {args.rollouts} rollouts per model under random "
         f"actions from held-out real states; reward bias +{args.reward_bias} per step, "
-        f"dynamics noise {args.corrupt_scale} x weight std, other layout {args.other_layout}. "
+        f"dynamics noise {args.corrupt_scale} x weight std, other layout {args.other_layout}, "
+        f"+{args.action_bias} per agent step on action {args.bias_action}. "
         "Model-term quantiles fitted on the calibration episodes (reward terms in raw reward "
-        "units: random play's real rewards never vary here): "
+        "units: random play's real rewards never vary here, so the linear critic is 0 and the "
+        "reflector's residual is the imagined reward itself): "
         + ", ".join(f"{k} {v:.3g}" for k, v in fitted.items())
         + f". Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
         "(a shared machine)."
     )
     body = note + "\n\n" + markdown_table(headers, rows)
     publish("gate_faults", "Coherence gate under fault injection", body, args.record)
+
+
+def _approved(trajs, normalizer: Normalizer, config: GateConfig) -> str:
+    return f"{np.mean(judge(trajs, normalizer, config).verdicts == Verdict.APPROVE):.3f}"
 
 
 def _row(r: dict) -> list[str]:

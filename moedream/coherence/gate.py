@@ -47,6 +47,8 @@ import ray
 
 from moedream.coherence.actor_config import GateActorConfig
 from moedream.coherence.kernel import (
+    CAUSES,
+    LEARNER_TERMS,
     QUANTILE_TERMS,
     GateResult,
     Normalizer,
@@ -150,7 +152,8 @@ class CoherenceGate:
                 f"refit sequences have {new.n_agents} agents x {new.obs_dim} features; this gate "
                 f"judges {old.n_agents} x {old.obs_dim}: send observations of the same env"
             )
-        for metric in ("kl", "ensemble", *QUANTILE_TERMS):  # calibrated on the model's outputs
+        # calibrated on the model's outputs or the learner's critic, not on these sequences
+        for metric in ("kl", "ensemble", *QUANTILE_TERMS, *LEARNER_TERMS):
             if metric in old.quantiles:
                 new.quantiles[metric] = old.quantiles[metric]
         new.reward_std, new.error_curve = old.reward_std, old.error_curve
@@ -159,6 +162,15 @@ class CoherenceGate:
         new.state_max = np.maximum(new.state_max, old.state_max)
         self.set_normalizer(new)
         return {"refit_steps": float(new.n_steps), "refit_l2_quantile": new.quantiles["l2"]}
+
+    def calibrate_value_term(self, residuals: np.ndarray) -> dict[str, float]:
+        """Calibrate the reflector's term on the team critic's TD residuals of real steps
+        (kernel.Normalizer.calibrate_value_term), e.g. every iteration as the critic learns.
+        Persisted like a refit."""
+        norm = Normalizer.from_dict(self.normalizer.to_dict())
+        q = norm.calibrate_value_term(residuals, self.config.kernel)
+        self.set_normalizer(norm)
+        return {"value_gap_quantile": q}
 
     def set_normalizer(self, normalizer: dict[str, Any] | Normalizer) -> None:
         """Replace φ (persisted, see :meth:`refit`)."""
@@ -397,7 +409,8 @@ def stats_from_state(state: dict[str, Any]) -> dict[str, float]:
                 out[f"{key}/{name}"] = float(c.get(name, 0))
             out[f"{key}/truncated_rate"] = c.get("truncated", 0) / judged
             for counter in CAUSE_COUNTERS:  # e.g. gate/overcooked/team/causes/reward
-                for cause, count in c.get(counter, {}).items():
+                counts = {cause: 0 for cause in CAUSES} | c.get(counter, {})  # every cause
+                for cause, count in counts.items():
                     out[f"{key}/{counter}/{cause}"] = float(count)
                     out[f"{key}/{counter}/{cause}_rate"] = count / judged
             for verdict in ("approve", "refine", "reject"):

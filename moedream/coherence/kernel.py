@@ -57,8 +57,21 @@ changes with the units of the observations. Here every quantity is measured agai
    its expected error only when that error also exceeds a copy predictor's (error_reference =
    1). σ_r is 1 (raw reward units) where real rewards never vary. Uncalibrated terms and
    absent fields are skipped.
+6b. The reflector's term: does the imagined trajectory agree with what the team's centralised
+   critic V (the reflector) learnt from real data? The learner that builds the imagined batch
+   computes every step's TD residual (Trajectories.td_residual, [B, H]; r̄ the agents' mean
+   reward, d̄ their mean termination probability, γ the team's discount)
+   δ_t = r̄_t + γ(1 − d̄_t)V(o_{t+1}) − V(o_t)
+   and, each iteration, the same residual on its latest REAL episodes with the same critic.
+   value_gap_t = |δ_t|, calibrated like the model terms (:meth:`Normalizer.calibrate_value_term`):
+   q is the real residuals' ``model_calibration_quantile``, at least ``value_reference``·σ_r, so
+   a step is incoherent when the critic finds its imagined reward-plus-next-value further off
+   than it finds 99% of real steps. The discounted sum of δ along a trajectory is its imagined
+   return plus bootstrap minus V at its real start state; δ_t places that inconsistency at the
+   step that makes it, so truncation can keep the steps before it.
 7. Causes. Every term belongs to one cause: drift (the weighted mean of section 3, and gap),
-   reward (reward_gap), disagreement (obs_spread, reward_spread, error). A cause's ratio is its
+   reward (reward_gap), disagreement (obs_spread, reward_spread, error), value (value_gap,
+   the reflector's). A cause's ratio is its
    largest weighted term ratio w·m/s, and D_t = max over causes (so one bad cause is enough:
    a weighted mean would dilute it); with only the real-data metrics D_t is exactly section 3's.
    An incoherent step's cause is stall if frozen, else support if off support, else the cause
@@ -94,7 +107,7 @@ METRICS = ("l2", "l1", "kl", "ensemble", "dispersion")
 REAL_METRICS = ("l2", "l1", "dispersion")
 ARRAY_FIELDS = ("state_mean", "state_std", "delta_mean", "delta_std", "state_min", "state_max")
 TRAJECTORY_FIELDS = ("obs", "action", "reward", "terminated", "uncertainty", "obs_std",
-                     "ensemble_obs", "ensemble_reward", "reward_spread")  # fmt: skip
+                     "ensemble_obs", "ensemble_reward", "reward_spread", "td_residual")  # fmt: skip
 
 # GateActorConfig's fields (moedream/coherence/actor_config.py). GateConfig refuses them with a pointer
 # there rather than as unknown keys: a YAML written when they were kernel settings then says
@@ -102,12 +115,15 @@ TRAJECTORY_FIELDS = ("obs", "action", "reward", "terminated", "uncertainty", "ob
 ACTOR_FIELDS = ("actor_name", "namespace", "num_cpus", "reimaginer_app", "reimaginer_deployment",
                 "refine_mode", "max_refine_tries", "noise_shrink", "initial_noise_scale", "h7_bins")  # fmt: skip
 
-MODEL_TERMS = ("gap", "obs_spread", "reward_spread", "reward_gap", "error")
+MODEL_TERMS = ("gap", "obs_spread", "reward_spread", "reward_gap", "error", "value_gap")
 # Terms calibrated by quantile on the model's outputs on held-out real windows.
 QUANTILE_TERMS = ("gap", "obs_spread", "reward_spread", "reward_gap", "error")
-CAUSES = ("drift", "reward", "disagreement", "support", "stall")
+# Terms calibrated on what the learner sends (the real TD residuals of its critic).
+LEARNER_TERMS = ("value_gap",)
+CAUSES = ("drift", "reward", "disagreement", "support", "stall", "value")
 TERM_CAUSE = {"gap": "drift", "reward_gap": "reward", "obs_spread": "disagreement",
-              "reward_spread": "disagreement", "error": "disagreement"}  # fmt: skip
+              "reward_spread": "disagreement", "error": "disagreement",
+              "value_gap": "value"}  # fmt: skip
 
 REASON_COHERENT = "coherent"
 REASON_LOW_COHERENCE = "low coherence"
@@ -115,9 +131,10 @@ REASON_FROZEN = "frozen state"
 REASON_OFF_SUPPORT = "off support"
 REASON_REWARD = "reward inconsistent"
 REASON_DISAGREEMENT = "ensemble disagreement"
+REASON_VALUE = "value inconsistent"
 CAUSE_REASON = {"drift": REASON_LOW_COHERENCE, "reward": REASON_REWARD,
                 "disagreement": REASON_DISAGREEMENT, "support": REASON_OFF_SUPPORT,
-                "stall": REASON_FROZEN}  # fmt: skip
+                "stall": REASON_FROZEN, "value": REASON_VALUE}  # fmt: skip
 TRUNCATED_PREFIX = "truncated: "
 
 
@@ -184,6 +201,12 @@ class GateConfig(ConfigBase):
     error_reference: float = 1.0
     """Least expected one-step error, in units of the mean real step (a copy predictor's
     error), that maps to coherence_threshold (the calibrated quantile when that is larger)."""
+    weight_value_gap: float = 1.0
+    """Weight of the reflector's TD residual on imagined steps (value cause)."""
+    value_reference: float = 0.1
+    """Least TD residual, in real reward stds σ_r, that maps to coherence_threshold (the
+    calibrated quantile when that is larger): a critic that predicts real rewards exactly
+    would otherwise call any imagined reward noise incoherent."""
     min_prefix: int = 2
     """Truncation keeps a non-approved trajectory's coherent prefix of at least this many steps."""
 
@@ -215,7 +238,7 @@ class GateConfig(ConfigBase):
             check_positive(f"{prefix}weight_{term}", getattr(self, f"weight_{term}"),
                            allow_zero=True)  # fmt: skip
         for name in ("kl_reference", "ensemble_reference", "std_floor", "support_margin",
-                     "error_reference"):  # fmt: skip
+                     "error_reference", "value_reference"):  # fmt: skip
             check_positive(f"{prefix}{name}", getattr(self, name))
         check(
             isinstance(self.min_prefix, int) and self.min_prefix >= 1,
@@ -380,6 +403,20 @@ class Normalizer:
         self.quantiles.update(fitted)
         return fitted
 
+    def calibrate_value_term(self, residuals: np.ndarray, config: GateConfig) -> float:
+        """Calibrate value_gap (module docstring, section 6b) on the team critic's TD residuals
+        of REAL steps (any shape; e.g. the latest real batch, with the critic the imagined batch
+        will be scored with). Returns the fitted quantile of |δ|."""
+        values = np.abs(np.asarray(residuals, np.float64)).ravel()
+        if values.size == 0 or not np.isfinite(values).all():
+            raise ValueError(
+                f"calibrate_value_term needs finite real TD residuals, got {values.size} values"
+                f"{'' if values.size == 0 else ' with NaN or inf'}; send the real batch's residuals"
+            )
+        q = float(np.quantile(values, config.model_calibration_quantile))
+        self.quantiles["value_gap"] = q
+        return q
+
     # -- phi -------------------------------------------------------------------------------
 
     def normalised_state(self, obs: np.ndarray) -> np.ndarray:
@@ -523,6 +560,19 @@ def stall_runs(stalled: np.ndarray) -> np.ndarray:
     return runs
 
 
+def td_residuals(
+    value: np.ndarray, reward: np.ndarray, terminated: np.ndarray, gamma: float
+) -> np.ndarray:
+    """The reflector's one-step TD residuals (section 6b): the team critic's values
+    value [B, T+1] of the obs, reward [B, T, N], terminated [B, T, N] (0/1, or a model's
+    probabilities) -> δ [B, T] = r̄_t + γ(1 − d̄_t)V(o_{t+1}) − V(o_t), r̄ and d̄ the means over
+    agents."""
+    value = np.asarray(value, np.float64)
+    done = np.mean(np.asarray(terminated, np.float64), axis=2)  # [B, T]
+    team_reward = np.mean(np.asarray(reward, np.float64), axis=2)  # [B, T]
+    return team_reward + gamma * (1.0 - done) * value[:, 1:] - value[:, :-1]
+
+
 def rms_ratio(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """x [B, H, N, D] / scale [N, D] -> sqrt(mean_f (x/scale)²) [B, H]."""
     return np.sqrt(np.mean((np.asarray(x, np.float64) / scale) ** 2, axis=(2, 3)))
@@ -549,6 +599,8 @@ def raw_model_terms(trajs: Trajectories, normalizer: Normalizer) -> dict[str, np
     if "obs_spread" in out and normalizer.error_curve and normalizer.mean_step > 0:
         out["error"] = expected_error(out["obs_spread"], normalizer.error_curve)
         out["error"] = out["error"] / normalizer.mean_step
+    if trajs.td_residual is not None:
+        out["value_gap"] = np.abs(np.asarray(trajs.td_residual, np.float64))
     return out
 
 
@@ -770,6 +822,8 @@ def cause_ratios(
         q = normalizer.quantiles[m]
         if m == "error":  # never stricter than "worse than predicting no change"
             q = max(q, config.error_reference)
+        if m == "value_gap":  # never stricter than a fraction of a real reward std
+            q = max(q, config.value_reference * (normalizer.reward_std or 1.0))
         scale = drift_scale(q, config.coherence_threshold)
         ratio = weights[m] * values / scale if scale > 0 else np.where(values > 0, np.inf, 0.0)
         cause = TERM_CAUSE[m]
@@ -869,6 +923,7 @@ def _check_compatible(trajs: Trajectories, normalizer: Normalizer, config: GateC
         ("ensemble_reward", step_obs[:3]),
         ("reward_spread", step_obs[:3]),
         ("uncertainty", obs.shape[:1] + (obs.shape[1] - 1,)),
+        ("td_residual", obs.shape[:1] + (obs.shape[1] - 1,)),
     ):
         arr = getattr(trajs, name)
         if arr is not None and np.asarray(arr).shape != want:
@@ -903,6 +958,7 @@ __all__ = [
     "nonfinite_fields",
     "stall_runs",
     "step_magnitude",
+    "td_residuals",
     "truncate",
     "verdicts_from_counts",
 ]

@@ -389,6 +389,13 @@ class ServedWorldModelImaginer:
 
     # ----------------------------------------------------------------------------- gate
 
+    def calibrate_value_term(self, residuals: np.ndarray) -> None:
+        """Calibrate the gate's reflector term on the team critic's TD residuals of the real
+        batch (kernel.py, section 6b); ProviderFailure("gate") when the gate cannot answer."""
+        self._push_restored_gate("gate")
+        info = self._gate_call("gate", "calibrate_value_term", np.asarray(residuals, np.float32))
+        self._last.update({f"gate_{k}": float(v) for k, v in info.items()})
+
     def gate(self, trajectories: Trajectories) -> Any:
         """The gate's verdicts (GateDecision); ProviderFailure("gate") when it cannot answer."""
         from moedream.coherence.kernel import Verdict

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -70,7 +71,9 @@ from moedream.policies.imagination import (
     TeamPolicy,
     build_imagined_episodes,
     penalise_uncertainty,
+    real_td_residuals,
     sample_start_obs,
+    td_residuals,
 )
 from moedream.policies.imagination_config import ImaginationConfig
 from moedream.world_model.trajectory import Trajectories
@@ -468,22 +471,29 @@ class MBMAPPO(PPO):
             self._count_skipped_round(True)
             return []
         with self._stage("gate"):
+            scored = self._score_with_reflector(trajs, episodes, policy) if im.gate else trajs
             verdicts = (
-                self._provider_call(self.provider.gate, trajs)
+                None
+                if scored is None
+                else self._provider_call(self.provider.gate, scored)
                 if im.gate
                 else np.ones(trajs.batch_size, dtype=bool)
             )
         if verdicts is None:  # imagined but never judged: dropped, and counted as such
             self._count_skipped_round(True, trajs.batch_size)
             return []
+        trajs = scored
         self._count_skipped_round(False)
         decision = GateDecision.from_result(verdicts)
         if decision.trajectories is not None:  # the gate re-imagined its REFINE rows
             trajs = decision.trajectories
         kept = trajs.select(np.flatnonzero(decision.keep))
-        if kept.batch_size:  # what the model predicts, before any pessimism
+        if kept.batch_size:  # what the model predicts on the kept steps, before any pessimism
+            valid = np.arange(kept.horizon) < kept.lengths()[:, None]  # [B, H]: not truncated
             self.metrics.log_value(
-                (METRICS, "imagined_reward_per_step"), float(np.mean(kept.reward[..., 0])), window=1
+                (METRICS, "imagined_reward_per_step"),
+                float(np.mean(kept.reward[..., 0][valid])),
+                window=1,
             )
         kept = self._penalise_uncertainty(kept)
         with self._stage("episodes"):
@@ -523,6 +533,23 @@ class MBMAPPO(PPO):
                 window=1,
             )
         return imagined
+
+    def _score_with_reflector(
+        self, trajs: Trajectories, episodes: list, policy: TeamPolicy
+    ) -> Trajectories | None:
+        """The reflector's gate term (coherence/kernel.py, section 6b) with the current critic:
+        the gate is calibrated on the real batch's TD residuals, and every imagined step gets
+        its own (``td_residual``). None when the provider failed to calibrate."""
+        if not hasattr(self.provider, "calibrate_value_term"):
+            return trajs
+        spec, gamma = self.config.env_spec, float(self.config.gamma)
+        real = real_td_residuals(policy, episodes, spec, gamma)
+        if real.size:
+            self._provider_call(self.provider.calibrate_value_term, real)
+            if self._imagination_down is not None:
+                return None
+        residual = td_residuals(policy, trajs.obs, trajs.reward, trajs.terminated, gamma)
+        return dataclasses.replace(trajs, td_residual=residual.astype(np.float32))
 
     def _penalise_uncertainty(self, kept: Trajectories) -> Trajectories:
         kept, penalty = penalise_uncertainty(kept, self.config.imagination.uncertainty_penalty)

@@ -28,9 +28,10 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.env.multi_agent_episode import MultiAgentEpisode
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
+from moedream.coherence.kernel import td_residuals as kernel_td_residuals
 from moedream.envs import episode_limit, make_env
 from moedream.envs.spec import EnvSpec
-from moedream.policies.names import AGENT_INDEX, IMAGINED_PREFIX, planner_id
+from moedream.policies.names import AGENT_INDEX, IMAGINED_PREFIX, REFLECTOR, planner_id
 from moedream.world_model.trajectory import Trajectories
 
 
@@ -137,6 +138,19 @@ class TeamPolicy:
         return dists
 
     @torch.no_grad()
+    def values(self, obs: np.ndarray) -> np.ndarray:
+        """obs [M, N, D] -> the reflector's team value [M] float64: the mean over agents i of
+        its centralised V(joint obs, i)."""
+        device, m = self._device(), obs.shape[0]
+        reflector = self.module[REFLECTOR]
+        joint = torch.as_tensor(obs.reshape(m, -1), dtype=torch.float32, device=device)
+        per_agent = [
+            reflector.value(joint, torch.full((m,), i, dtype=torch.int64, device=device))
+            for i in range(self.spec.n_agents)
+        ]  # each [M]
+        return torch.stack(per_agent, 1).mean(1).double().cpu().numpy()
+
+    @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:
         """obs [M, N, D] -> sampled raw actions [M, N] int64 or [M, N, A] float32."""
         samples = [d.sample().cpu().numpy() for d in self.distributions(obs)]
@@ -146,6 +160,31 @@ class TeamPolicy:
         for i, s in enumerate(samples):
             out[:, i, : s.shape[-1]] = s
         return out
+
+
+def td_residuals(
+    policy: TeamPolicy, obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray, gamma: float
+) -> np.ndarray:
+    """The reflector's one-step TD residuals δ [B, T] (coherence.kernel.td_residuals) of obs
+    [B, T+1, N, D], reward [B, T, N], terminated [B, T, N] with V = :meth:`TeamPolicy.values`."""
+    b, t1, n, d = obs.shape
+    value = policy.values(np.asarray(obs, np.float32).reshape(b * t1, n, d)).reshape(b, t1)
+    return kernel_td_residuals(value, reward, terminated, gamma)
+
+
+def real_td_residuals(
+    policy: TeamPolicy, episodes: list, spec: EnvSpec, gamma: float
+) -> np.ndarray:
+    """:func:`td_residuals` of every step of real RLlib episodes (or chunks), concatenated."""
+    from moedream.platform.retrain import episode_from_rllib
+
+    out = []
+    for episode in episodes:
+        ep = episode_from_rllib(episode, spec)
+        if ep.length:
+            out.append(td_residuals(policy, ep.obs[None], ep.reward[None],
+                                    ep.terminated[None], gamma)[0])  # fmt: skip
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def decode_actions(encoded: np.ndarray, spec: EnvSpec) -> np.ndarray:

@@ -64,6 +64,9 @@ class TeamEvaluation:
     soups_per_episode: float  # NaN for envs without soups
     episodes: int
     team_return_std: float = 0.0  # across episodes
+    action_rates: tuple[float, ...] = ()
+    """Discrete envs: the fraction of all agents' evaluation steps spent on each action index
+    (what a team learnt to do, e.g. from a model that rewards one action); () if continuous."""
 
     @property
     def standard_error(self) -> float:
@@ -92,6 +95,7 @@ def evaluate_team(
     envs = [make_env(env_name, **env_options) for _ in range(episodes)]
     obs = [env.reset(seed=seed + k)[0] for k, env in enumerate(envs)]
     returns, sparse = np.zeros(episodes), np.zeros(episodes)
+    counts = np.zeros(spec.action_dim if spec.action_kind == "discrete" else 0)
     running = list(range(episodes))
     first = spec.agent_ids[0]
     with torch.random.fork_rng(devices=[]):
@@ -102,6 +106,8 @@ def evaluate_team(
             )
             still = []
             for k, action in zip(running, actions):
+                if counts.size:
+                    np.add.at(counts, [int(action[a]) for a in spec.agent_ids], 1)
                 obs[k], rew, term, trunc, info = envs[k].step(action)
                 returns[k] += float(rew[first])
                 sparse[k] += float(info.get(first, {}).get("sparse_reward", np.nan))
@@ -115,6 +121,7 @@ def evaluate_team(
         float(np.mean(sparse / SOUP_REWARD)),
         episodes,
         float(np.std(returns, ddof=1)) if episodes > 1 else 0.0,
+        tuple(float(c) for c in counts / max(counts.sum(), 1.0)),
     )
 
 

@@ -15,6 +15,7 @@ weights). Reported metrics:
 
     team_return           mean team return of the evaluation episodes (shaped on Overcooked)
     soups_per_episode     soups delivered per evaluation episode (NaN off Overcooked)
+    action_rate_<k>       fraction of the evaluation's agent steps on action k (discrete envs)
     gate_approve_rate     imagined trajectories the gate approved, mean over the iterations since
                           the last evaluation (NaN without imagination)
     coherent_fraction     mean H7 (fraction of coherent imagined steps), same iterations
@@ -177,7 +178,9 @@ class _Evaluations:
         policy = self._team_policy(algo, spec)
         result = evaluate_team(policy, self.agents.env, dict(self.agents.env_options), spec,
                                episodes=self.protocol.eval_episodes, seed=self.eval_seed)  # fmt: skip
-        return {"team_return": result.team_return, "soups_per_episode": result.soups_per_episode}
+        rates = {f"action_rate_{k}": rate for k, rate in enumerate(result.action_rates)}
+        return {"team_return": result.team_return, "soups_per_episode": result.soups_per_episode,
+                **rates}  # fmt: skip
 
     def _team_policy(self, algo, spec):
         """The team's current weights as a TeamPolicy (an inference copy of the learner's)."""

@@ -24,8 +24,10 @@ OPTIONAL_STEP_FIELDS = (
     "ensemble_obs",
     "ensemble_reward",
     "reward_spread",
+    "td_residual",
 )
-"""Per-step model outputs a Trajectories may carry (each [B, H, ...] or None)."""
+"""Per-step model outputs (and the team critic's residual) a Trajectories may carry (each
+[B, H, ...] or None)."""
 BATCH_FIELDS = (*WINDOW_KEYS, *OPTIONAL_STEP_FIELDS, "length")
 """Every field with a leading batch axis (expert_load has none)."""
 
@@ -45,6 +47,9 @@ class Trajectories:
     ensemble_obs     [B, H, N, D] or None  the ensemble's mean prediction of each next obs
     ensemble_reward  [B, H, N] or None     the ensemble's mean reward prediction
     reward_spread    [B, H, N] or None     std of the reward across ensemble members
+    td_residual      [B, H] or None        the team critic's one-step TD residual
+                                           r̄_t + γ(1 − d̄_t)V(o_{t+1}) − V(o_t) (set by the
+                                           learner that builds the batch, for the gate)
     length           [B] int or None       valid steps of each row (the gate truncates a row
                                            at its first incoherent step); None: all H
     """
@@ -59,6 +64,7 @@ class Trajectories:
     ensemble_obs: np.ndarray | None = None
     ensemble_reward: np.ndarray | None = None
     reward_spread: np.ndarray | None = None
+    td_residual: np.ndarray | None = None
     length: np.ndarray | None = None
 
     @property

@@ -247,5 +247,103 @@ def test_cause_rates_reach_the_provider_metrics_and_the_report(calibrated):
     assert rates["gate_cause_reward_rate"] == 1.0 and rates["gate_truncated_rate"] == 0.5
     assert all(rates[f"gate_cause_{c}_rate"] == 0.0 for c in CAUSES if c != "reward")
     last = {f"provider/{k}": v for k, v in rates.items()}
-    assert _cause_rates(last) == "drift 0, reward 1, disagreement 0, support 0, stall 0"
+    assert _cause_rates(last) == "drift 0, reward 1, disagreement 0, support 0, stall 0, value 0"
     assert _cause_rates({}) == "n/a"
+
+
+# ------------------------------------------------------------------- the reflector's term
+
+
+def with_residuals(trajs: Trajectories, residual: np.ndarray) -> Trajectories:
+    return dataclasses.replace(trajs, td_residual=residual.astype(np.float32))
+
+
+def test_reflector_term_is_calibrated_on_real_residuals_and_truncates_where_it_disagrees(
+    calibrated,
+):
+    """Residuals of real steps set the scale; an imagined step the critic finds 5 of those
+    quantiles off is incoherent for its value, and truncation keeps the steps before it."""
+    norm, view = calibrated
+    config = GateConfig()
+    rng = np.random.default_rng(4)
+    real = rng.normal(0.0, 0.5, size=5000)  # a critic's TD residuals on real steps
+    norm = Normalizer.from_dict(norm.to_dict())
+    q = norm.calibrate_value_term(real, config)
+    assert q == pytest.approx(np.quantile(np.abs(real), 0.99))
+    whole = np.flatnonzero(judge(view, norm, config).h7 == 1.0)[:20]
+    rows = view.select(whole)
+    residual = rng.normal(0.0, 0.5, size=(rows.batch_size, rows.horizon))
+    assert np.all(judge(with_residuals(rows, residual), norm, config).h7 >= 0.8)
+    residual[:, :2] = 0.0
+    residual[:, 2:] = 5.0 * q  # the imagined return disagrees with the critic from step 2 on
+    first = judge(with_residuals(rows, residual), norm, config)
+    assert np.all(first.verdicts != Verdict.APPROVE)
+    assert first.cause.count("value") == rows.batch_size
+    assert all(r == "value inconsistent" for r in first.reasons)
+    final, kept = truncate(first, with_residuals(rows, residual), config)
+    assert np.all(final.truncated) and kept.lengths().tolist() == [2] * rows.batch_size
+    off = dataclasses.replace(config, weight_value_gap=0.0)  # the term off: approved whole
+    assert approve_rate(judge(with_residuals(rows, residual), norm, off)) == 1.0
+    uncalibrated = Normalizer.from_dict({**norm.to_dict(), "quantiles": {
+        k: v for k, v in norm.quantiles.items() if k != "value_gap"}})  # fmt: skip
+    assert "value_gap" not in judge(with_residuals(rows, residual), uncalibrated, config).metrics
+
+
+def test_reflector_term_floor_and_bad_residuals(calibrated):
+    norm, view = calibrated
+    config = GateConfig()
+    norm = Normalizer.from_dict(norm.to_dict())
+    norm.calibrate_value_term(np.zeros(100), config)  # a critic exact on real steps
+    small = with_residuals(view, np.full((view.batch_size, view.horizon), 0.05 * norm.reward_std))
+    assert "value" not in judge(small, norm, config).cause  # below value_reference: fine
+    for bad in (np.zeros(0), np.array([0.0, np.nan])):
+        with pytest.raises(ValueError, match="finite real TD residuals"):
+            norm.calibrate_value_term(bad, config)
+    with pytest.raises(ValueError, match="Trajectories.td_residual has shape"):
+        judge(with_residuals(view, np.zeros((view.batch_size, 2))), norm, config)
+
+
+def test_team_td_residuals_use_the_reflector_and_real_episodes():
+    """td_residuals = r̄ + γ(1 − d̄)V' − V with the team module's critic; on real RLlib-like
+    episodes the same formula applies step by step."""
+    from moedream.envs import env_spec
+    from moedream.policies.imagination import TeamPolicy, td_residuals
+    from moedream.policies.rl_modules import team_module_spec
+
+    spec = env_spec("overcooked")
+    module = team_module_spec(
+        spec, embedding_dim=16, perceiver_hidden=[16], planner_hidden=[16], reflector_hidden=[16]
+    ).build()
+    policy = TeamPolicy(module, spec, True)
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(3, 5, 2, spec.obs_dim)).astype(np.float32)
+    reward = rng.normal(size=(3, 4, 2))
+    terminated = np.zeros((3, 4, 2))
+    terminated[0, -1] = 1.0
+    value = policy.values(obs.reshape(15, 2, -1)).reshape(3, 5)
+    assert value.shape == (3, 5) and np.std(value) > 0
+    delta = td_residuals(policy, obs, reward, terminated, 0.9)
+    expected = reward.mean(2) + 0.9 * value[:, 1:] - value[:, :-1]
+    expected[0, -1] = reward[0, -1].mean() - value[0, -2]  # terminal: no bootstrap
+    np.testing.assert_allclose(delta, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gate_keeps_the_reflector_calibration_through_refits_and_restarts(data, tmp_path):
+    """The actor class itself (no Ray): calibrate_value_term persists, a refit of φ on new
+    real episodes keeps it, a restarted gate reads it back, and stats list every cause."""
+    from moedream.coherence.actor_config import GateActorConfig
+    from moedream.coherence.gate import CoherenceGate
+
+    normalizer, _, test = data
+    gate = CoherenceGate(GateActorConfig(), normalizer, str(tmp_path))
+    assert gate.calibrate_value_term(np.linspace(-1.0, 1.0, 201)) == {
+        "value_gap_quantile": pytest.approx(0.99)
+    }
+    gate.refit(list(test.obs[:10]))
+    assert gate.normalizer.quantiles["value_gap"] == pytest.approx(0.99)
+    again = CoherenceGate(GateActorConfig(), normalizer, str(tmp_path))
+    assert again.normalizer.quantiles["value_gap"] == pytest.approx(0.99)
+    again.judge(test.select(np.arange(8)), "overcooked", "team")
+    stats = again.stats()
+    for cause in CAUSES:
+        assert f"gate/overcooked/team/causes/{cause}" in stats

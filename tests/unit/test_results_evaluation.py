@@ -37,3 +37,23 @@ def test_episodes_run_in_lockstep_and_repeat_exactly_with_the_seed():
     assert first.soups_per_episode == 0.0  # 30 random steps cook no soup
     random_team = evaluate_team(None, "overcooked", OPTIONS, spec, episodes=2, seed=5)
     assert random_team == evaluate_team(None, "overcooked", OPTIONS, spec, episodes=2, seed=5)
+
+
+class StayingTeam:
+    """Takes action 4 (Overcooked's STAY) on every other step, action 5 otherwise."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return np.full(obs.shape[:2], 4 if self.calls % 2 else 5)
+
+
+def test_action_rates_count_every_agent_step():
+    spec = env_spec("overcooked", **OPTIONS)
+    result = evaluate_team(StayingTeam(), "overcooked", OPTIONS, spec, episodes=2, seed=3)
+    assert result.action_rates == (0.0, 0.0, 0.0, 0.0, 0.5, 0.5)
+    uniform = evaluate_team(None, "overcooked", OPTIONS, spec, episodes=4, seed=3)
+    assert len(uniform.action_rates) == 6 and abs(sum(uniform.action_rates) - 1.0) < 1e-9
+    assert min(uniform.action_rates) > 0.08  # 240 uniform agent steps: every action taken
