@@ -8,6 +8,9 @@ measures on held-out episodes (other seeds of the same team):
 - one-step relative next-observation error RMS(pred - next) / RMS(next - obs) over every
   held-out transition (1.0 = "nothing changes"), with the deterministic prediction (the
   regressed mean for the diffusion head, the categorical mode for the discrete head);
+- for grid variants, the error budget: squared one-step error per plane group (players,
+  cook time, ...) and kind of real change (none, a step, a jump), as shares of the squared
+  real change (they sum to the squared relative error);
 - reward MAE vs the constant predictor's (the held-out mean reward);
 - open-loop rollouts of ``--horizon`` steps under the real actions from held-out states: the
   fraction whose imagined soup count (predicted reward / 20, rounded) equals the real one,
@@ -78,6 +81,11 @@ OBJECT_TYPES = ("player", "pot", "onion dispenser", "dish dispenser", "serving",
                 "floor", "agent token", "action token")  # fmt: skip
 OBJECT_PLANES = {"player": (0, 1), "pot": (10,), "onion dispenser": (12,),
                  "dish dispenser": (14,), "serving": (15,), "counter": (11,)}  # fmt: skip
+# the grid encoding's planes by what they show (overcooked_ai's lossless state encoding)
+PLANE_GROUPS = {"players": [0, 1], "orientation": list(range(2, 10)),
+                "pot contents": list(range(16, 20)), "cook time": [20], "soup done": [21],
+                "held and counter objects": [22, 23, 24],
+                "terrain and urgency": list(range(10, 16)) + [25]}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -193,16 +201,35 @@ def step_cpu_seconds(args: Args) -> dict[str, float]:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def one_step(model: WorldModel, test: dict[str, np.ndarray]) -> dict[str, float]:
+def one_step(model: WorldModel, test: dict[str, np.ndarray]) -> tuple[dict[str, float], Any]:
+    """The one-step scores and the deterministic next-observation prediction [B, T, N, D]."""
     pred = model.predict_windows(test, noise_scale=0.0)
-    obs = test["obs"]
-    return prediction_scores(
-        pred_obs=pred["next_obs_mean"].numpy(),
+    obs, next_obs = test["obs"], pred["next_obs_mean"].numpy()
+    scores = prediction_scores(
+        pred_obs=next_obs,
         pred_reward=pred["reward"].numpy()[..., 0],
         obs=obs[:, :-1],
         next_obs=obs[:, 1:],
         reward=test["reward"][..., 0],
     )
+    return scores, next_obs
+
+
+def error_budget(pred: np.ndarray, obs: np.ndarray) -> dict[str, float]:
+    """Where the one-step error of a grid model comes from: squared error / squared real
+    change (the sum over keys is the squared relative error) per plane group and kind of real
+    change of the feature: none, a step (|change| <= 1: a move, a countdown tick) or a jump
+    (|change| > 1: a pot starting to cook or emptied). pred [B, T, N, D], obs [B, T+1, N, D]."""
+    cells = (*pred.shape[:-1], -1, GRID_PLANES)
+    error = ((pred - obs[:, 1:]) ** 2).reshape(cells)  # [B, T, N, C, P]
+    change = np.abs(obs[:, 1:] - obs[:, :-1]).reshape(cells)
+    total = float((change**2).sum())
+    kinds = {"none": change == 0, "step": (change > 0) & (change <= 1), "jump": change > 1}
+    return {
+        f"{group}/{kind}": float(error[..., planes][mask[..., planes]].sum() / total)
+        for group, planes in PLANE_GROUPS.items()
+        for kind, mask in kinds.items()
+    }
 
 
 def open_loop(model: WorldModel, eps: list[Any], spec: Any, args: Args) -> dict[str, float]:
@@ -283,19 +310,39 @@ def heatmap(tables: dict[str, np.ndarray], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def budget_table(budgets: list[tuple[str, int, dict[str, float]]]) -> str:
+    """The error budgets of the grid variants as a markdown table (rows: variant x change)."""
+    if not budgets:
+        return ""
+    rows = [
+        [name, seed, kind] + [budget[f"{group}/{kind}"] for group in PLANE_GROUPS]
+        for name, seed, budget in budgets
+        for kind in ("none", "step", "jump")
+    ]
+    return (
+        "\n\nOne-step error budget of the grid variants: squared error / squared real change "
+        "per plane group and kind of real change of a feature (none; a step, |change| <= 1: a "
+        "move, a countdown tick; a jump, |change| > 1: a pot starting to cook or emptied); "
+        "all entries of a variant sum to its squared one-step error:\n\n"
+        + markdown_table(["variant", "seed", "change", *PLANE_GROUPS], rows)
+    )
+
+
 # ------------------------------------------------------------------------------------ main
 
 
 def run(args: Args) -> None:
     torch.set_num_threads(args.threads)
-    rows, spec_rows = [], []
+    rows, spec_rows, budgets = [], [], []
     for name in args.variants:
         encoding = VARIANTS[name][0]
         spec, test_eps = episodes(args, encoding, "test")
         test = windows_of(test_eps, spec, args.window)
         for seed in args.seeds:
             model = train(name, seed, args)
-            scores = one_step(model, test)
+            scores, pred = one_step(model, test)
+            if encoding == "grid":
+                budgets.append((name, seed, error_budget(pred, test["obs"])))
             soups = open_loop(model, test_eps, spec, args)
             tables = specialisation(model, test)
             heatmap(tables, f"{name} seed {seed}", ROOT / "benchmarks" / "plots" /
@@ -312,6 +359,7 @@ def run(args: Args) -> None:
          "MAE / const", f"{args.horizon}-step soups match", "... with a real soup"],
         rows,
     )  # fmt: skip
+    body += budget_table(budgets)
     cpu = step_cpu_seconds(args)
     agent_steps = args.batch_size * args.window * 2
     first = args.variants[0]

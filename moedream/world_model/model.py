@@ -318,7 +318,9 @@ class WorldModel(nn.Module):
             DiscreteObsHead(
                 d_model=config.d_model,
                 latent_dim=self.rssm.feature_dim,
-                per_token=d_obs // tokenizer.obs_tokens,
+                obs_dim=d_obs,
+                tokens=tokenizer.obs_tokens,
+                n_agents=n,
                 action_dim=d_act,
                 hidden=config.heads.hidden,
                 values=config.discrete_values,
@@ -669,13 +671,17 @@ class WorldModel(nn.Module):
         return self.discrete_head(obs_tokens, latent, obs_norm, action, index)
 
     def _discrete_loss(self, logits: Tensor, next_obs: Tensor) -> Tensor:
-        """Cross-entropy of the next values' indices over the discrete features: logits
-        [M, N, D, V], next_obs [M, N, D] raw."""
+        """Cross-entropy of the next values' indices, summed over an agent's discrete
+        features and averaged over rows and agents: logits [M, N, D, V], next_obs [M, N, D]
+        raw. Summed, not averaged over features: a step changes a few of hundreds of features
+        (a player's two cells), and a per-feature mean divides their signal by the hundreds
+        that never change (the head then learnt 'nothing changes' and nothing else)."""
         chosen = self.discrete_features()  # [N, D]
         if not bool(chosen.any()):
             return logits.sum() * 0.0
         target = nearest_index(next_obs, self.obs_values)  # [M, N, D]
-        return F.cross_entropy(logits[:, chosen].flatten(0, 1), target[:, chosen].flatten())
+        ce = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none")
+        return (ce.view_as(target) * chosen).sum(-1).mean()
 
     def _with_discrete(
         self,
