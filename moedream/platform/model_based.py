@@ -514,13 +514,17 @@ class ServedWorldModelImaginer:
             "seed": self._seed,
             **self.retrainer.get_state(),
             "gate_normalizer": self._gate_normalizer,
+            "store": self.store.get_state(),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore; a retrained checkpoint in ``state`` is served again (before the next
-        imagination) if the deployment serves another one."""
+        imagination) if the deployment serves another one, and the episode store holds the
+        real episodes it held (the next retrain trains on the same data)."""
         self._calls = int(state.get("calls", 0))
         self.retrainer.set_state(state)
+        if state.get("store") is not None:
+            self.store.set_state(state["store"])
         if state.get("gate_normalizer"):  # the gate's refit φ at save time
             self._gate_normalizer = state["gate_normalizer"]
             self._gate_restored = True
