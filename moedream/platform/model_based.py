@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from moedream.coherence.actor_config import ACTOR_NAME, NAMESPACE
-from moedream.config import ConfigBase, ConfigError, check, check_positive, is_int
+from moedream.config import ConfigBase, ConfigError, check, check_choice, check_positive, is_int
 from moedream.data.episodes import episode_windows
 from moedream.envs.spec import EnvSpec
 from moedream.platform.retrain import (
@@ -57,7 +57,7 @@ from moedream.platform.serve.schemas import RequestError
 from moedream.platform.served_retrain import ServedModelRetrainer
 from moedream.policies.imagination import ProviderFailure
 from moedream.world_model.evaluation import eval_windows, prediction_scores
-from moedream.world_model.model import WorldModel
+from moedream.world_model.model import PREDICTIONS, WorldModel
 from moedream.world_model.trajectory import OPTIONAL_STEP_FIELDS, Trajectories
 
 T = TypeVar("T")
@@ -82,6 +82,10 @@ class ServedWorldModelImaginerFactory(ConfigBase):
     policy_id: str = "team"
     max_rows: int = 256
     """Rows per Serve request (the deployment's max_batch)."""
+    prediction: str = "sample"
+    """How the served model predicts each imagined next observation: "sample" (a draw of its
+    diffusion head) or "mean" (its regressed mean alone: the ablation of diffusion). The
+    gate's re-imaginations and the held-out scoring use the same."""
     # ----------------------------------------------------------- episode store and retraining
     store_max_steps: int = 50_000
     """Real env steps kept in memory for retraining (oldest episodes dropped first)."""
@@ -145,6 +149,7 @@ class ServedWorldModelImaginerFactory(ConfigBase):
             value = getattr(self, name)
             check(is_int(value) and value >= 0, f"{prefix}{name}", value,
                   "must be an integer >= 0")  # fmt: skip
+        check_choice(f"{prefix}prediction", self.prediction, PREDICTIONS)
         for name in ("gate_refit", "retrain_in_background"):
             value = getattr(self, name)
             check(isinstance(value, bool), f"{prefix}{name}", value, "must be true or false")
@@ -293,6 +298,7 @@ class ServedWorldModelImaginer:
                 seed=seed,
                 context_obs=_take(context_obs, rows),
                 context_actions=_take(context_actions, rows),
+                prediction=self.factory.prediction,
             )
             for rows in _row_chunks(len(start), self.factory.max_rows)
         ]
@@ -335,6 +341,7 @@ class ServedWorldModelImaginer:
         result = self._gate_call(
             "gate", "judge_and_refine",
             trajectories, self.spec.env_name, self.factory.policy_id, seed=self._calls,
+            prediction=self.factory.prediction,
         )  # fmt: skip
         keep = result.verdicts == Verdict.APPROVE
         truncated = result.truncated if result.truncated is not None else np.zeros_like(keep)
