@@ -113,6 +113,8 @@ class PlatformTrainer:
         agents, quickstart = self.configs(variant, seed)
         run_dir = self.run_dir(variant, seed)
         point = self._start(variant, seed, resumed)
+        if point is not None and point.real_steps >= variant.protocol.budget_real_steps:
+            return  # evaluated at its budget: killed before the runner marked it done
         clock = _Clock(already=point.wallclock_s if point else 0.0)
         offset = self._prepare(quickstart) if quickstart is not None else 0
         budget = variant.protocol.budget_real_steps
