@@ -51,6 +51,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,7 @@ class PlatformTrainer:
                 from ray import serve
 
                 serve.shutdown()  # frees the replica's CPU for the runs after this one
+                _wait_port_free(self.settings.http_port)  # the next serve.start binds it
 
     def _start(self, variant: Variant, seed: int, resumed: int):
         """The resume point to continue from (None: a fresh start in an emptied folder)."""
@@ -164,6 +166,25 @@ class PlatformTrainer:
         from moedream.platform.quickstart import prepare_imagination
 
         return int(prepare_imagination(quickstart)["collect_env_steps"])
+
+
+def _wait_port_free(port: int, timeout_s: float = 120.0) -> None:
+    """Wait until 127.0.0.1:``port`` can be bound: Serve's proxy of the run just shut down can
+    hold it a while on a loaded machine, and the next run (or a resumed sitting, whose
+    preparation skips straight to deploying Serve) would fail to bind it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                probe.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    log.warning("port %d is still taken %.0f s after Serve shut down", port,
+                                timeout_s)  # fmt: skip
+                    return
+        time.sleep(1.0)
 
 
 def _check_offset(variant: Variant, offset: int, budget: int, point: ResumePoint | None) -> None:
