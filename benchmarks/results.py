@@ -6,7 +6,8 @@ budget and evaluated on fixed-seed episodes; resumable; table, curves and a RESU
     python benchmarks/results.py --spec configs/results/overcooked.yaml --summarise-only
 
 Runs go to ``--out`` (default runs/results/<spec name>): one JSONL curve per (variant, seed),
-finished runs are skipped on a re-run, unfinished ones restart (moedream/results/runner.py).
+finished runs are skipped on a re-run, unfinished ones continue from their last evaluation
+(a resume point saved after every evaluation; moedream/results/runner.py, resume.py).
 The table and curves are built from the finished runs only (moedream/results/summary.py):
 ``summary.md`` and ``curves.png`` in ``--out``, and with ``--record`` the block
 ``results_<spec name>`` of benchmarks/RESULTS.md with the plot in benchmarks/plots/.

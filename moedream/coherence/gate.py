@@ -77,10 +77,13 @@ CAUSE_COUNTERS = ("causes", "truncated_causes")
 that truncation kept."""
 
 
-def reimagine_request(trajs: Trajectories, noise_scale: float, seed: int) -> dict[str, Any]:
+def reimagine_request(
+    trajs: Trajectories, noise_scale: float, seed: int, prediction: str = "sample"
+) -> dict[str, Any]:
     """The request the gate sends to the Serve deployment's ``imagine`` method: replay the
     trajectories' encoded joint actions (open loop) from their first observations, over their
-    horizon, with the sampling noise scaled by ``noise_scale`` and a different ``seed`` per try.
+    horizon, with the sampling noise scaled by ``noise_scale`` and a different ``seed`` per try,
+    predicted as the imaginer predicted them (``prediction``: "sample" or "mean").
     JSON-ready (nested lists). The reply must hold B trajectories of the same horizon H
     (Trajectories or its to_dict())."""
     return imagine_request(
@@ -89,6 +92,7 @@ def reimagine_request(trajs: Trajectories, noise_scale: float, seed: int) -> dic
         horizon=int(trajs.horizon),
         noise_scale=float(noise_scale),
         seed=int(seed),
+        prediction=prediction,
         as_lists=True,
     )
 
@@ -192,9 +196,12 @@ class CoherenceGate:
         policy_id: str = "default",
         noise_scale: float | None = None,
         seed: int = 0,
+        prediction: str = "sample",
     ) -> GateResult:
         """Judge, re-imagine REFINE trajectories up to max_refine_tries times, reject the rest.
-        ``result.trajectories`` holds the final batch (re-imagined rows replaced)."""
+        ``result.trajectories`` holds the final batch (re-imagined rows replaced).
+        ``prediction``: how the deployment re-imagines them ("sample", or "mean" for
+        trajectories imagined from the regressed mean; a ``reimagine`` callable ignores it)."""
         trajs = resolve_trajectories(trajs)
         first = judge(trajs, self.normalizer, self.config.kernel)
         if self.config.refine_mode == "truncate":
@@ -209,21 +216,27 @@ class CoherenceGate:
                 "judge_and_refine needs a re-imaginer: pass reimagine= to get_or_create_gate or "
                 "set GateActorConfig.reimaginer_app and reimaginer_deployment (or call judge)"
             )
-        result, attempts = self._refine(trajs, first, entered, base, seed)
+        result, attempts = self._refine(trajs, first, entered, (base, seed, prediction))
         recovered = int(np.sum(result.verdicts[entered] == Verdict.APPROVE))
         self._record(result, env_name, policy_id, len(entered), attempts, recovered, first=first)
         return result
 
     def _refine(
-        self, trajs: Trajectories, result: GateResult, pending: np.ndarray, base: float, seed: int
+        self,
+        trajs: Trajectories,
+        result: GateResult,
+        pending: np.ndarray,
+        how: tuple[float, int, str],
     ) -> tuple[GateResult, int]:
+        """``how``: (base noise scale, seed, prediction) of the re-imaginations."""
+        base, seed, prediction = how
         current, final = trajs, _copy_result(result)
         attempts = 0
         for k in range(1, self.config.max_refine_tries + 1):
             if pending.size == 0:
                 break
             subset = current.select(pending)
-            new = self._reimagine(subset, base * self.config.noise_shrink**k, seed + k)
+            new = self._reimagine(subset, base * self.config.noise_shrink**k, seed + k, prediction)
             _check_reimagined(subset, new)
             attempts += int(pending.size)
             again = judge(new, self.normalizer, self.config.kernel)
@@ -237,7 +250,9 @@ class CoherenceGate:
         final.trajectories = current
         return final, attempts
 
-    def _reimagine(self, trajs: Trajectories, noise_scale: float, seed: int) -> Trajectories:
+    def _reimagine(
+        self, trajs: Trajectories, noise_scale: float, seed: int, prediction: str = "sample"
+    ) -> Trajectories:
         if self._reimagine_fn is not None:
             return self._reimagine_fn(trajs, noise_scale)
         if self._handle is None:
@@ -246,7 +261,8 @@ class CoherenceGate:
             self._handle = serve.get_deployment_handle(
                 self.config.reimaginer_deployment, app_name=self.config.reimaginer_app
             )
-        reply = self._handle.imagine.remote(reimagine_request(trajs, noise_scale, seed)).result()
+        request = reimagine_request(trajs, noise_scale, seed, prediction)
+        reply = self._handle.imagine.remote(request).result()
         return resolve_trajectories(reply)
 
     # -- counters --------------------------------------------------------------------------------

@@ -334,6 +334,7 @@ def train(
     progress: bool = True,
     checkpoint: bool = True,
     on_iteration: Callable[[Any, list[dict[str, float]]], None] | None = None,
+    resume_from: str | Path | None = None,
 ) -> TrainResult:
     """Train a team; TensorBoard scalars and the final checkpoint go under storage_path/run_name.
 
@@ -341,6 +342,12 @@ def train(
     cfg.env_steps) > 0, once that many real env steps were sampled. ``on_iteration(algo,
     history)``, if given, is called before the first iteration (empty history) and after each
     one, e.g. to evaluate the team on separate episodes.
+
+    ``resume_from``: an ``algo.save_to_path`` folder of this run to continue from (team, optimizer,
+    RLlib's lifetime counters, so the real-step budget counts the steps before it; the
+    imagination provider's state). Then ``on_iteration`` is not called before the first
+    iteration, ``history`` holds only the iterations after the restore, and TensorBoard hides
+    the events an interrupted try logged past the restored real step.
     """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
@@ -357,16 +364,21 @@ def train(
     iterations = cfg.iterations if iterations is None else iterations
     env_steps = cfg.env_steps if env_steps is None else env_steps
     algo = build_algo_config(cfg, logdir_root=str(run_dir / "rllib")).build_algo()
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    restored_steps, restored_iterations = _restore(algo, resume_from)
+    # purge_step: events of an interrupted try past the restored step are hidden
+    writer = SummaryWriter(
+        str(run_dir / "tensorboard"), purge_step=restored_steps + 1 if resume_from else None
+    )
     history: list[dict[str, float]] = []
     bar = tqdm(
         total=env_steps or iterations,
+        initial=restored_steps if env_steps else restored_iterations,
         disable=not progress,
         unit="steps" if env_steps else "it",
         desc=f"train-agents {cfg.env}",
     )
     try:
-        if on_iteration is not None:
+        if on_iteration is not None and resume_from is None:
             on_iteration(algo, history)
         start, empty = time.perf_counter(), 0
         while True:
@@ -386,7 +398,7 @@ def train(
             empty = 0
             metrics["time/iteration_s"] = time.perf_counter() - before  # with RLlib's bookkeeping
             metrics["charts/wall_time_s"] = time.perf_counter() - start
-            metrics["iteration"] = float(len(history) + 1)
+            metrics["iteration"] = float(restored_iterations + len(history) + 1)
             history.append(metrics)
             _write_scalars(writer, metrics)
             real = metrics["charts/real_env_steps"]
@@ -394,7 +406,8 @@ def train(
             bar.set_postfix(team_return=f"{metrics['charts/team_return']:.1f}", real=int(real))
             if on_iteration is not None:
                 on_iteration(algo, history)
-            if (env_steps and real >= env_steps) or (not env_steps and len(history) >= iterations):
+            done = restored_iterations + len(history)
+            if (env_steps and real >= env_steps) or (not env_steps and done >= iterations):
                 break
         ckpt = str(algo.save_to_path(str(run_dir / "checkpoint"))) if checkpoint else None
     finally:
@@ -402,6 +415,20 @@ def train(
         writer.close()
         algo.stop()
     return TrainResult(history=history, run_dir=str(run_dir), checkpoint=ckpt)
+
+
+def _restore(algo, resume_from: str | Path | None) -> tuple[int, int]:
+    """Restore ``algo`` from ``resume_from`` (if given); (real env steps, iterations) it had
+    (RLlib's iteration count, which includes iterations that sampled nothing)."""
+    if resume_from is None:
+        return 0, 0
+    from moedream.policies.algorithm import METRICS
+
+    if not Path(resume_from).is_dir():
+        raise FileNotFoundError(f"train(): resume_from = {str(resume_from)!r} is not a folder")
+    algo.restore_from_path(str(resume_from))
+    steps = algo.metrics.peek((METRICS, "real_env_steps_lifetime"), default=0)
+    return int(steps), int(algo.iteration)
 
 
 def _write_scalars(writer, metrics: dict[str, float]) -> None:

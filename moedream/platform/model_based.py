@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from moedream.coherence.actor_config import ACTOR_NAME, NAMESPACE
-from moedream.config import ConfigBase, ConfigError, check, check_positive, is_int
+from moedream.config import ConfigBase, ConfigError, check, check_choice, check_positive, is_int
 from moedream.data.episodes import episode_windows
 from moedream.envs.spec import EnvSpec
 from moedream.platform.retrain import (
@@ -63,7 +63,7 @@ from moedream.platform.serve.schemas import RequestError
 from moedream.platform.served_retrain import ServedModelRetrainer
 from moedream.policies.imagination import ProviderFailure
 from moedream.world_model.evaluation import eval_windows, prediction_scores
-from moedream.world_model.model import WorldModel
+from moedream.world_model.model import PREDICTIONS, WorldModel
 from moedream.world_model.trajectory import OPTIONAL_STEP_FIELDS, Trajectories
 
 T = TypeVar("T")
@@ -88,6 +88,10 @@ class ServedWorldModelImaginerFactory(ConfigBase):
     policy_id: str = "team"
     max_rows: int = 256
     """Rows per Serve request (the deployment's max_batch)."""
+    prediction: str = "sample"
+    """How the served model predicts each imagined next observation: "sample" (a draw of its
+    diffusion head) or "mean" (its regressed mean alone: the ablation of diffusion). The
+    gate's re-imaginations and the held-out scoring use the same."""
     # ----------------------------------------------------------- episode store and retraining
     store_max_steps: int = 50_000
     """Real env steps kept in memory for retraining (oldest episodes dropped first)."""
@@ -151,6 +155,7 @@ class ServedWorldModelImaginerFactory(ConfigBase):
             value = getattr(self, name)
             check(is_int(value) and value >= 0, f"{prefix}{name}", value,
                   "must be an integer >= 0")  # fmt: skip
+        check_choice(f"{prefix}prediction", self.prediction, PREDICTIONS)
         for name in ("gate_refit", "retrain_in_background"):
             value = getattr(self, name)
             check(isinstance(value, bool), f"{prefix}{name}", value, "must be true or false")
@@ -358,6 +363,7 @@ class ServedWorldModelImaginer:
                     start[rows], action[rows], horizon=1, seed=seed,
                     context_obs=_take(context_obs, rows),
                     context_actions=_take(context_actions, rows), episode_id=episode_id,
+                    prediction=self.factory.prediction,
                 ))  # fmt: skip
 
         def attempt(timeout_s: float) -> dict[str, np.ndarray | None]:
@@ -405,6 +411,7 @@ class ServedWorldModelImaginer:
         result = self._gate_call(
             "gate", "judge_and_refine",
             trajectories, self.spec.env_name, self.factory.policy_id, seed=self._calls,
+            prediction=self.factory.prediction,
         )  # fmt: skip
         keep = result.verdicts == Verdict.APPROVE
         truncated = result.truncated if result.truncated is not None else np.zeros_like(keep)
@@ -586,13 +593,17 @@ class ServedWorldModelImaginer:
             "seed": self._seed,
             **self.retrainer.get_state(),
             "gate_normalizer": self._gate_normalizer,
+            "store": self.store.get_state(),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore; a retrained checkpoint in ``state`` is served again (before the next
-        imagination) if the deployment serves another one."""
+        imagination) if the deployment serves another one, and the episode store holds the
+        real episodes it held (the next retrain trains on the same data)."""
         self._calls = int(state.get("calls", 0))
         self.retrainer.set_state(state)
+        if state.get("store") is not None:
+            self.store.set_state(state["store"])
         if state.get("gate_normalizer"):  # the gate's refit φ at save time
             self._gate_normalizer = state["gate_normalizer"]
             self._gate_restored = True

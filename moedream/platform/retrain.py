@@ -16,6 +16,7 @@ checkpoint and pushes it to Serve is ``moedream.platform.served_retrain``):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -185,11 +186,26 @@ class RealEpisodeStore:
             self.shards_written += 1
         return sum(ep.length for ep in fresh)
 
+    def get_state(self) -> dict[str, Any]:
+        """The stored episodes and counters (a resumed run retrains on the same data)."""
+        return {
+            "episodes": [dataclasses.asdict(ep) for ep in self._episodes],
+            **{k: getattr(self, k) for k in STORE_COUNTERS},
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._episodes = collections.deque(Episode(**ep) for ep in state["episodes"])
+        for key in STORE_COUNTERS:
+            setattr(self, key, int(state[key]))
+
     def windows(self, window: int, stride: int | None = None) -> dict[str, np.ndarray]:
         """Training windows of all stored episodes (those shorter than ``window`` give none):
         obs [M, T+1, N, D], action [M, T, N, A], reward [M, T, N], terminated [M, T, N]."""
         parts = [episode_windows(ep, self.spec, window, stride) for ep in self._episodes]
         return concat_windows([p for p in parts if p])
+
+
+STORE_COUNTERS = ("steps", "added_steps", "dropped_steps", "shards_written")
 
 
 def _last_steps(episode: Episode, max_steps: int) -> Episode:

@@ -120,6 +120,13 @@ class ImaginationConfig(ConfigBase):
             "set memory: false for provider 'env_replay'",
         )
         check(
+            not (self.memory and (self.world_model or {}).get("prediction") == "mean"),
+            f"{prefix}memory",
+            self.memory,
+            "composes the memory experts into diffusion samples, which prediction 'mean' "
+            "skips: set imagination.world_model.prediction: sample, or memory: false",
+        )
+        check(
             is_int(self.memory_branches) and self.memory_branches >= 1,
             f"{prefix}memory_branches",
             self.memory_branches,

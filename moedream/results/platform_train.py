@@ -22,8 +22,29 @@ weights). Reported metrics:
     imagined_env_steps    imagined steps learnt from so far
     train_team_return     the training episodes' running mean (for reference only)
 
-``wallclock_s`` is the seconds of the run so far without the evaluations' own time (world-model
-preparation included).
+``wallclock_s`` is the seconds of the run so far without the evaluations' and resume points'
+own time (world-model preparation included).
+
+Resume. After every evaluation the run saves a resume point (moedream.results.resume: the RLlib
+algorithm with ``Algorithm.save_to_path``, i.e. the team, its optimizer, RLlib's lifetime
+counters and, for model-based runs, the imagination provider's state: the served world model's
+current checkpoint, the episode store the world model retrains on, the gate's refit
+normaliser; plus the real-step offset of the world model's collection, the next evaluation
+mark and the wall-clock so far). When the runner finds an unfinished run with a resume point,
+it keeps the curve's rows up to that evaluation and calls this trainer with ``resumed``: the
+world model's stages are resumed from the run folder (Serve deployed again from the recorded
+checkpoint and the gate started again from its saved normaliser if they are gone), the
+algorithm is restored, the provider serves its saved world-model checkpoint again and pushes
+the saved normaliser to the gate, and training continues from the restored real-step count.
+The real steps sampled after the resume point by an interrupted sitting are neither counted
+nor learnt from: they are sampled again. A resumed run does not reproduce an uninterrupted one
+exactly: RNG streams (torch, the env runners' action sampling, MBMAPPO's start-state sampling)
+restart from their seeds, the envs restart from reset (a partly sampled episode is dropped),
+a background world-model fine-tune still running at the resume point is not restarted (the
+next scheduled one runs), and the gate actor's own counters keep what the interrupted sitting
+judged. ``wallclock_s`` adds the seconds of the earlier sittings up to their resume points to
+the resumed sitting's (its start-up included); the time a sitting spent past its last resume
+point is not counted.
 """
 
 from __future__ import annotations
@@ -31,6 +52,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from moedream.config import ConfigError
+from moedream.results.resume import ResumePoint, RunCheckpoints
 from moedream.results.runner import Callback
 from moedream.results.spec import Protocol, ResultsSpec, Variant
 from moedream.results.variants import train_settings, variant_configs
@@ -77,27 +100,31 @@ class PlatformTrainer:
     def run_dir(self, variant: Variant, seed: int) -> Path:
         return self.out_dir / variant.name / RUN_FOLDER.format(seed=seed)
 
-    def __call__(self, variant: Variant, seed: int, callback: Callback) -> None:
+    def resume_point(self, variant: Variant, seed: int) -> int:
+        """Evaluations the run's last resume point covers (0: none; the run starts over)."""
+        point = RunCheckpoints(self.run_dir(variant, seed)).latest()
+        return point.evaluations if point is not None else 0
+
+    def __call__(
+        self, variant: Variant, seed: int, callback: Callback, *, resumed: int = 0
+    ) -> None:
+        """Train the run, or with ``resumed`` > 0 continue it from its resume point after that
+        many evaluations (already on record: the next one reported is the one after)."""
         from moedream.platform.agents import train
 
         agents, quickstart = self.configs(variant, seed)
         run_dir = self.run_dir(variant, seed)
-        if run_dir.exists():  # an unfinished earlier try: its logs and models must not mix in
-            log.warning("%s seed %d: removing the unfinished run's folder %s", variant.name, seed,
-                        run_dir)  # fmt: skip
-            shutil.rmtree(run_dir)
-        clock = _Clock()
+        point = self._start(variant, seed, resumed)
+        if point is not None and point.real_steps >= variant.protocol.budget_real_steps:
+            return  # evaluated at its budget: killed before the runner marked it done
+        clock = _Clock(already=point.wallclock_s if point else 0.0)
         offset = self._prepare(quickstart) if quickstart is not None else 0
         budget = variant.protocol.budget_real_steps
-        if offset >= budget:
-            raise ConfigError(
-                f"variant {variant.name!r}: the world model's collection took {offset} real "
-                f"steps, the whole budget of {budget}; collect fewer episodes or raise "
-                "protocol.budget_real_steps"
-            )
+        _check_offset(variant, offset, budget, point)
         evaluations = _Evaluations(
-            agents, variant, self.settings.eval_seed, offset, callback, clock
-        )
+            agents, variant, self.settings.eval_seed, offset, callback, clock,
+            checkpoints=RunCheckpoints(run_dir), point=point,
+        )  # fmt: skip
         try:
             train(
                 agents,
@@ -107,18 +134,75 @@ class PlatformTrainer:
                 progress=self.progress,
                 checkpoint=False,
                 on_iteration=evaluations,
+                resume_from=evaluations.checkpoints.path(point) if point else None,
             )
         finally:
             if quickstart is not None:
                 from ray import serve
 
                 serve.shutdown()  # frees the replica's CPU for the runs after this one
+                _wait_port_free(self.settings.http_port)  # the next serve.start binds it
+
+    def _start(self, variant: Variant, seed: int, resumed: int):
+        """The resume point to continue from (None: a fresh start in an emptied folder)."""
+        run_dir = self.run_dir(variant, seed)
+        point = RunCheckpoints(run_dir).latest() if resumed else None
+        if resumed and (point is None or point.evaluations != resumed):
+            raise ValueError(
+                f"{variant.name} seed {seed}: asked to resume after {resumed} evaluations, but "
+                f"the run's resume point covers {point.evaluations if point else 'none'}; "
+                f"delete {run_dir} and its seed_{seed}.jsonl to run it again from scratch"
+            )
+        if point is not None:
+            log.warning("%s seed %d: resuming after evaluation %d (real step %d) from %s",
+                        variant.name, seed, point.evaluations, point.real_steps, run_dir)  # fmt: skip
+        elif run_dir.exists():  # an unfinished earlier try: its logs and models must not mix in
+            log.warning("%s seed %d: removing the unfinished run's folder %s", variant.name, seed,
+                        run_dir)  # fmt: skip
+            shutil.rmtree(run_dir)
+        return point
 
     def _prepare(self, quickstart) -> int:
         """Stages 1-4 of the main job for this run; the real env steps they took."""
         from moedream.platform.quickstart import prepare_imagination
 
         return int(prepare_imagination(quickstart)["collect_env_steps"])
+
+
+def _wait_port_free(port: int, timeout_s: float = 120.0) -> None:
+    """Wait until 127.0.0.1:``port`` can be bound: Serve's proxy of the run just shut down can
+    hold it a while on a loaded machine, and the next run (or a resumed sitting, whose
+    preparation skips straight to deploying Serve) would fail to bind it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                probe.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    log.warning("port %d is still taken %.0f s after Serve shut down", port,
+                                timeout_s)  # fmt: skip
+                    return
+        time.sleep(1.0)
+
+
+def _check_offset(variant: Variant, offset: int, budget: int, point: ResumePoint | None) -> None:
+    """The world model's collection fits the budget and, when resuming, is the one the resume
+    point was made with (a collection run again would make other data and another model)."""
+    if offset >= budget:
+        raise ConfigError(
+            f"variant {variant.name!r}: the world model's collection took {offset} real "
+            f"steps, the whole budget of {budget}; collect fewer episodes or raise "
+            "protocol.budget_real_steps"
+        )
+    if point is not None and point.offset != offset:
+        raise ValueError(
+            f"variant {variant.name!r}: the resume point was made after a collection of "
+            f"{point.offset} real steps, the world model's preparation now reports {offset} "
+            "(its stages ran again); delete the run's folder and its JSONL to start over"
+        )
 
 
 def _built(cls, data: dict[str, Any], where: str):
@@ -129,13 +213,14 @@ def _built(cls, data: dict[str, Any], where: str):
 
 
 class _Clock:
-    """Seconds since the run started, without the evaluations' own time."""
+    """Seconds of the run so far, without the evaluations' own time; ``already``: the seconds
+    of earlier sittings up to the resume point."""
 
-    def __init__(self):
-        self.start, self.excluded = time.perf_counter(), 0.0
+    def __init__(self, already: float = 0.0):
+        self.start, self.excluded, self.already = time.perf_counter(), 0.0, already
 
     def seconds(self) -> float:
-        return time.perf_counter() - self.start - self.excluded
+        return self.already + time.perf_counter() - self.start - self.excluded
 
 
 class _Evaluations:
@@ -143,10 +228,13 @@ class _Evaluations:
     steps (world-model data included) pass the next multiple of protocol.eval_every_real_steps
     or reach the budget."""
 
-    def __init__(self, agents, variant: Variant, eval_seed: int, offset: int, callback, clock):
+    def __init__(self, agents, variant: Variant, eval_seed: int, offset: int, callback, clock,
+                 *, checkpoints: RunCheckpoints, point: ResumePoint | None = None):  # fmt: skip
         self.agents, self.protocol, self.name = agents, variant.protocol, variant.name
         self.eval_seed, self.offset, self.callback, self.clock = eval_seed, offset, callback, clock
-        self.policy, self.next_mark, self.seen = None, 0, 0
+        self.checkpoints, self.policy, self.seen = checkpoints, None, 0
+        self.count = point.evaluations if point else 0
+        self.next_mark = point.next_mark if point else 0
 
     def __call__(self, algo, history: list[dict[str, float]]) -> None:
         real = self.offset + int(history[-1]["charts/real_env_steps"]) if history else 0
@@ -168,7 +256,16 @@ class _Evaluations:
         log.info("%s: real step %d, %.0f s: %s", self.name, real, seconds,
                  ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))  # fmt: skip
         self.next_mark = (real // p.eval_every_real_steps + 1) * p.eval_every_real_steps
-        self.seen = len(history)
+        self.seen, self.count = len(history), self.count + 1
+        self._save(algo, real, seconds)
+
+    def _save(self, algo, real: int, seconds: float) -> None:
+        """A resume point right after this evaluation (its row is on record already)."""
+        point = {"evaluations": self.count, "real_steps": real, "offset": self.offset,
+                 "wallclock_s": seconds, "next_mark": self.next_mark}  # fmt: skip
+        before = time.perf_counter()
+        self.checkpoints.save(point, lambda folder: algo.save_to_path(str(folder)))
+        self.clock.excluded += time.perf_counter() - before  # bookkeeping, not training
 
     def _evaluate(self, algo) -> dict[str, float]:
         from moedream.envs import env_spec

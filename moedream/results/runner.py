@@ -7,9 +7,12 @@ On disk, under ``out_dir``::
     <variant>/seed_<k>.done       written atomically once the run has evaluated at its budget
 
 Each evaluation is flushed and fsynced as it is reported, so a crash loses at most the point
-being written. Re-running skips finished runs and restarts unfinished ones from scratch (their
-partial file is truncated and the log says so): a resumed training run would not be the same
-experiment as an uninterrupted one.
+being written. Re-running skips finished runs. An unfinished run continues from its last resume
+point when ``train_fn`` can resume (it has ``resume_point(variant, seed)``, the evaluations its
+saved state covers; moedream.results.platform_train): the curve keeps its rows up to that
+evaluation and ``train_fn(variant, seed, callback, resumed=n)`` reports the evaluations after
+them. Otherwise (or without a resume point) the run restarts from scratch and its partial file
+is truncated; the log says which.
 
 ``train_fn(variant, seed, callback)`` trains ``variant`` with ``seed`` and calls
 ``callback(real_steps, wallclock_s, metrics)`` at every evaluation: first at real step 0 (before
@@ -26,7 +29,7 @@ import logging
 import math
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -51,9 +54,13 @@ def done_path(out_dir: Path, variant: str, seed: int) -> Path:
 class EvaluationLog:
     """The callback given to train_fn: checks each evaluation point and appends it durably."""
 
-    def __init__(self, file: TextIO, protocol: Protocol, run: str):
+    def __init__(
+        self, file: TextIO, protocol: Protocol, run: str, recorded: Sequence[dict[str, Any]] = ()
+    ):
+        """``recorded``: the points already in ``file`` (a resumed run continues after them)."""
         self.file, self.protocol, self.run = file, protocol, run
-        self.count, self.last_steps = 0, -1
+        self.count = len(recorded)
+        self.last_steps = int(recorded[-1]["real_steps"]) if recorded else -1
 
     def __call__(self, real_steps: int, wallclock_s: float, metrics: dict[str, Any]) -> None:
         self._check(real_steps, metrics)
@@ -137,18 +144,36 @@ def run_one(variant: Variant, seed: int, train_fn: TrainFn, out_dir: Path) -> bo
     if done.exists():
         log.info("%s: finished before, skipped", run)
         return False
-    if points.exists():
-        partial = len(points.read_text().splitlines())
-        log.warning(
-            "%s: unfinished, restarting from scratch (dropping %d evaluations)", run, partial
-        )
-    with open(points, "w") as file:  # truncates a partial run
-        evaluations = EvaluationLog(file, variant.protocol, run)
-        train_fn(variant, seed, evaluations)
+    kept = _kept_points(points, variant, seed, train_fn, run)
+    atomic_write_text(points, "".join(json.dumps(p) + "\n" for p in kept))
+    with open(points, "a") as file:
+        evaluations = EvaluationLog(file, variant.protocol, run, recorded=kept)
+        if kept:
+            train_fn(variant, seed, evaluations, resumed=len(kept))
+        else:
+            train_fn(variant, seed, evaluations)
         evaluations.check_finished()
     atomic_write_text(done, json.dumps({"evaluations": evaluations.count}))
     log.info("%s: finished after %d evaluations", run, evaluations.count)
     return True
+
+
+def _kept_points(
+    points: Path, variant: Variant, seed: int, train_fn: TrainFn, run: str
+) -> list[dict[str, Any]]:
+    """The recorded evaluations an unfinished run resumes after ([] = start from scratch)."""
+    if not points.exists():
+        return []
+    lines = points.read_text().splitlines()
+    resume_point = getattr(train_fn, "resume_point", None)
+    covered = resume_point(variant, seed) if resume_point is not None else 0
+    if covered and covered <= len(lines):
+        log.warning("%s: unfinished, resuming after evaluation %d of %d recorded", run, covered,
+                    len(lines))  # fmt: skip
+        return [json.loads(line) for line in lines[:covered]]
+    log.warning("%s: unfinished, restarting from scratch (dropping %d evaluations)", run,
+                len(lines))  # fmt: skip
+    return []
 
 
 def run_all(spec: ResultsSpec, train_fn: TrainFn, out_dir: str | Path) -> list[tuple[str, int]]:

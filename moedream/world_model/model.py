@@ -806,10 +806,14 @@ class WorldModel(nn.Module):
         noise_scale: float | None = None,
         generator: torch.Generator | None = None,
         memory: Memory | None = None,
+        prediction: Prediction = "sample",
     ) -> tuple[dict[str, Tensor], WorldModelState]:
         """One imagined joint step from ``state`` with encoded actions [B, N, A]; ``memory``
         (optional) supplies the diffusion head's predict_fn (e.g. memory experts composed
-        with the denoiser)."""
+        with the denoiser). ``prediction`` "mean": the next observation is the regressed mean
+        (the mean head's expected delta; the discrete head's mode) instead of a diffusion
+        sample, the ablation of the diffusion head."""
+        check_prediction(prediction, memory)
         keep = self.config.backbone.max_context
         ctx_obs = state.obs[:, -keep:]  # [B, c, N, D]
         ctx_act = torch.cat(
@@ -825,7 +829,11 @@ class WorldModel(nn.Module):
         )  # [B, N, F], [B, C]
         b, n, d = ctx_obs.shape[0], ctx_obs.shape[2], ctx_obs.shape[3]
         predict_fn = None if memory is None else memory.predict_fn(self, state, action, cond)
-        x0 = self._sample_delta(cond, sampler, noise_scale, generator, predict_fn)  # [B, N*D]
+        if prediction == "mean":  # E[x_0 | cond]: no diffusion draw
+            x0 = self.mean_head(cond).float()  # [B, N*D]
+            noise_scale = 0.0  # ... and the discrete head's mode
+        else:
+            x0 = self._sample_delta(cond, sampler, noise_scale, generator, predict_fn)
         delta = x0.view(b, n, d) * self.delta_std + self.delta_mean  # [B, N, D]
         next_obs = torch.maximum(torch.minimum(current + delta, self.obs_high), self.obs_low)
         next_obs = next_obs * self.obs_mask  # [B, N, D], inside the data's support
@@ -866,10 +874,12 @@ class WorldModel(nn.Module):
         noise_scale: float | None = None,
         generator: torch.Generator | None = None,
         memory: Memory | None = None,
+        prediction: Prediction = "sample",
     ) -> dict[str, Any]:
         """One joint transition (used by Serve): obs [B, N, D] (ignored when ``state`` is
         given), encoded actions [B, N, A] -> next_obs, reward, terminated, uncertainty (numpy)
-        and the ``state`` to continue from. ``memory``: as in :meth:`transition`."""
+        and the ``state`` to continue from. ``memory``, ``prediction``: as in
+        :meth:`transition`."""
         state = state or self.observe(self._tensor(obs)[:, None], generator=generator)
         action = self._encode_action(action, (state.batch_size,))
         with self._eval_mode():
@@ -880,6 +890,7 @@ class WorldModel(nn.Module):
                 noise_scale=noise_scale,
                 generator=generator,
                 memory=memory,
+                prediction=prediction,
             )
         result: dict[str, Any] = {k: v.cpu().numpy() for k, v in out.items()}
         result["state"] = new_state
@@ -897,6 +908,7 @@ class WorldModel(nn.Module):
         noise_scale: float | None = None,
         generator: torch.Generator | None = None,
         memory: Memory | None = None,
+        prediction: Prediction = "sample",
     ) -> Trajectories:
         """Roll the model forward ``horizon`` steps.
 
@@ -905,6 +917,8 @@ class WorldModel(nn.Module):
         policy   callable obs [B, N, D] tensor -> encoded actions [B, N, A] (or indices [B, N]
                  for discrete actions), or an action plan [B, horizon, N, A]
         memory   supplies every step's predict_fn (see :meth:`transition`); None: the denoiser
+        prediction  "sample" (the diffusion head) or "mean" (the regressed mean; see
+                 :meth:`transition`)
         """
         if not isinstance(horizon, int) or horizon < 1:
             raise ValueError(f"imagine: horizon = {horizon!r} must be an integer >= 1")
@@ -921,7 +935,7 @@ class WorldModel(nn.Module):
                 action = self._encode_action(policy(state.current_obs), (state.batch_size,))
                 out, state = self.transition(
                     state, action, sampler=run_sampler, noise_scale=noise_scale,
-                    generator=generator, memory=memory,
+                    generator=generator, memory=memory, prediction=prediction,
                 )  # fmt: skip
                 obs.append(out["next_obs"])
                 actions.append(action)
@@ -1059,6 +1073,24 @@ class WorldModel(nn.Module):
         }
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
+
+
+Prediction = Literal["sample", "mean"]
+PREDICTIONS = ("sample", "mean")
+"""What an imagined next observation is: a draw of the diffusion head ("sample") or the
+regressed mean of the mean head ("mean", the ablation of diffusion)."""
+
+
+def check_prediction(prediction: str, memory: Any = None) -> None:
+    """ValueError naming the setting unless ``prediction`` is one of PREDICTIONS (and "mean"
+    comes without memory experts, which compose into the diffusion head only)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction = {prediction!r} must be one of {list(PREDICTIONS)}")
+    if prediction == "mean" and memory is not None:
+        raise ValueError(
+            "prediction 'mean' takes the regressed mean, which memory experts do not change "
+            "(they compose into the diffusion head); use prediction 'sample' with memory"
+        )
 
 
 def moe_logs(stats: list[MoEStats]) -> dict[str, float]:

@@ -43,7 +43,7 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 class MoEConfig(ConfigBase):
     d_model: int = 128
     d_hidden: int = 256
-    """Hidden width of one expert (the dense backend uses top_k * d_hidden)."""
+    """Hidden width of one expert (the dense backend's width is :func:`dense_hidden_width`)."""
     num_experts: int = 8
     top_k: int = 2
     capacity_factor: float = 1.25
@@ -423,7 +423,7 @@ class MoEFeedForward(nn.Module):
                 first_expert=self.ep_rank * self.num_local_experts,
             )
         elif cfg.backend == "dense":
-            self.dense = DenseFeedForward(cfg.d_model, cfg.top_k * cfg.d_hidden, cfg.activation)
+            self.dense = DenseFeedForward(cfg.d_model, dense_hidden_width(cfg), cfg.activation)
         else:
             self.deepspeed = DeepSpeedMoE(cfg, ep_group)
 
@@ -524,6 +524,15 @@ def _autocast_input(x: Tensor) -> Tensor:
     if torch.is_autocast_enabled(device) and x.is_floating_point():
         return x.to(torch.get_autocast_dtype(device))
     return x
+
+
+def dense_hidden_width(cfg: MoEConfig) -> int:
+    """Hidden width of the dense FFN with the MoE's active parameters per token.
+
+    A token runs through top_k experts of d_hidden each (2 d d_hidden + d_hidden + d weights
+    apiece), so one MLP of top_k * d_hidden has the same weights per token up to the router's
+    d x num_experts and (top_k - 1) output biases."""
+    return cfg.top_k * cfg.d_hidden
 
 
 class DenseFeedForward(nn.Module):
@@ -651,6 +660,7 @@ __all__ = [
     "Router",
     "BatchedExperts",
     "DenseFeedForward",
+    "dense_hidden_width",
     "DeepSpeedMoE",
     "top_k_routing",
     "load_balancing_loss",

@@ -1,16 +1,19 @@
 """The results runner through the platform's own train_fn, tiny: a model-free and a model-based
-variant (its own world model per seed: collect, Ray Train, Serve, gate) x 2 seeds, then the
-table; a second pass trains nothing."""
+variant (its own world model per seed: collect, Ray Train, Serve, gate) x 2 seeds, the last run
+killed after its second evaluation and resumed in a second pass, then the table; a third pass
+trains nothing."""
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 
 import pytest
 
 from moedream.results.platform_train import PlatformTrainer
+from moedream.results.resume import RunCheckpoints
 from moedream.results.runner import points_path, run_all
 from moedream.results.spec import spec_from_dict
 from moedream.results.summary import summarise
@@ -44,6 +47,11 @@ WORLD_MODEL = {
     "prepare.world_model.train.steps": 5,
     "prepare.world_model.train.log_every": 5,
     "prepare.world_model.train.eval_every": 5,
+    # fine-tune the served model every iteration, in the driver: each resume point has a
+    # retrained model that a resumed run must serve again
+    "imagination.world_model_retrain_every": 1,
+    "imagination.world_model.retrain_in_background": False,
+    "imagination.world_model.retrain_steps": 5,
 }
 
 
@@ -52,7 +60,7 @@ def tiny_spec() -> dict:
         "baseline": "model_free",
         "protocol": {
             "seeds": [0, 1],
-            "budget_real_steps": BATCH,  # one training iteration per run
+            "budget_real_steps": 2 * BATCH,
             "eval_every_real_steps": BATCH,
             "eval_episodes": 2,
             "metric": "team_return",
@@ -78,19 +86,30 @@ def points(out: Path, variant: str, seed: int) -> list[dict]:
 
 
 def test_two_variants_two_seeds_through_the_platform(ray_cluster, tmp_path):
+    import ray
+
+    from moedream.coherence.actor_config import ACTOR_NAME, NAMESPACE
+
     spec = resolve(spec_from_dict(tiny_spec()))
     trainer = PlatformTrainer(spec, tmp_path, progress=False)
-    trained = run_all(spec, trainer, tmp_path)
-    assert trained == [("model_free", 0), ("model_free", 1), ("model_based", 0), ("model_based", 1)]
+    # The last run's sitting is killed after training its second iteration, before evaluating it
+    # (the 12th evaluation of the pass): it resumes from its 2nd evaluation in a new sitting.
+    with pytest.raises(Interrupted):
+        run_all(spec, InterruptedTrainer(trainer, at=12), tmp_path)
+    before = points(tmp_path, "model_based", 1)
+    assert [p["real_steps"] for p in before] == [0, COLLECTED + BATCH]
+    ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE), no_restart=True)  # as a new cluster
+    assert run_all(spec, trainer, tmp_path) == [("model_based", 1)]
+    check_resumed(trainer, spec, tmp_path, before)
 
     for seed in (0, 1):
         free = points(tmp_path, "model_free", seed)
-        assert [p["real_steps"] for p in free] == [0, BATCH]
+        assert [p["real_steps"] for p in free] == [0, BATCH, 2 * BATCH]
         assert all(math.isnan(p["metrics"]["gate_approve_rate"]) for p in free)
         based = points(tmp_path, "model_based", seed)
         # The world model's random episodes count: its evaluations sit that much further on; the
         # evaluation closing the budget is the first at or past it.
-        assert [p["real_steps"] for p in based] == [0, COLLECTED + BATCH]
+        assert [p["real_steps"] for p in based] == [0, COLLECTED + BATCH, COLLECTED + 2 * BATCH]
         last = based[-1]["metrics"]
         assert last["imagined_env_steps"] > 0
         assert 0.0 <= last["gate_approve_rate"] <= 1.0 and 0.0 <= last["coherent_fraction"] <= 1.0
@@ -109,3 +128,50 @@ def test_two_variants_two_seeds_through_the_platform(ray_cluster, tmp_path):
     markdown = summarise(tmp_path, spec)
     assert "| model_free | 2/2 |" in markdown and "| model_based | 2/2 |" in markdown
     assert run_all(spec, trainer, tmp_path) == []  # finished runs are skipped
+
+
+class Interrupted(Exception):
+    """Stands for the kill of a sitting (the runner's process ends mid-run)."""
+
+
+class InterruptedTrainer:
+    """PlatformTrainer whose evaluation callback raises at its ``at``-th call, before recording
+    it (as if the process were killed while the run trained past its resume point)."""
+
+    def __init__(self, trainer: PlatformTrainer, at: int):
+        self.trainer, self.at, self.calls = trainer, at, 0
+
+    def resume_point(self, variant, seed):
+        return self.trainer.resume_point(variant, seed)
+
+    def __call__(self, variant, seed, callback, **kwargs):
+        def interrupting(*args):
+            self.calls += 1
+            if self.calls == self.at:
+                raise Interrupted
+            callback(*args)
+
+        self.trainer(variant, seed, interrupting, **kwargs)
+
+
+def check_resumed(trainer: PlatformTrainer, spec, out: Path, before: list[dict]) -> None:
+    """The resumed run kept its first sitting's rows, counted each real step once and came back
+    with its episode store and its retrained world model."""
+    after = points(out, "model_based", 1)
+    assert after[:2] == before
+    # The restored real-step count goes on: the iteration the killed sitting trained past its
+    # resume point is neither counted nor lost.
+    assert [p["real_steps"] for p in after] == [0, COLLECTED + BATCH, COLLECTED + 2 * BATCH]
+    assert after[2]["wallclock_s"] > after[1]["wallclock_s"]
+    assert after[2]["metrics"]["imagined_env_steps"] > before[1]["metrics"]["imagined_env_steps"]
+    checkpoints = RunCheckpoints(trainer.run_dir(spec.variants[1], 1))
+    final = checkpoints.latest()
+    assert (final.evaluations, final.team_real_steps) == (3, 2 * BATCH)
+    with open(checkpoints.path(final) / "algorithm_state.pkl", "rb") as f:
+        provider = pickle.load(f)["moedream_imagination"]
+    # the episode store came back (the first sitting's batch + the resumed one's) ...
+    assert provider["store"]["added_steps"] == 2 * BATCH
+    # ... and the resumed iteration fine-tuned the model the first sitting had retrained
+    assert provider["checkpoint_version"] == 2
+    info = json.loads((Path(provider["checkpoint"]).parent / "retrain.json").read_text())
+    assert Path(info["source_checkpoint"]).parent.name == "retrain_0"

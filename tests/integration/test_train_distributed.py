@@ -84,6 +84,7 @@ def tiny_config(data: str, storage: str, **changes) -> DistributedTrainConfig:
         ({"engine": "deepspeed", "zero_stage": 3}, "zero_stage"),
         ({"engine": "native", "zero_stage": 1}, "zero_stage"),
         ({"storage_path": ""}, "storage_path"),
+        ({"model": {"moe": {"backend": "dense"}}}, "expert_parallel_size"),  # P = 2: no experts
     ],
 )
 def test_impossible_settings_are_refused(tmp_path, changes, field):
@@ -119,12 +120,18 @@ def test_cluster_capacity_and_data_are_checked_first(ray_cluster, episodes, tmp_
 
 @pytest.mark.slow
 def test_expert_parallel_matches_single_process(ray_cluster, episodes, tmp_path):
-    """Native and DeepSpeed engines, one worker-group start: outputs, losses, gradients and the
-    first AdamW step equal the single-process model's."""
+    """Native and DeepSpeed engines and the dense FFN (native, data parallel), one worker-group
+    start: outputs, losses, gradients and the first AdamW step equal the single-process
+    model's."""
     configs = {
         e: tiny_config(episodes, str(tmp_path / "ray"), engine=e, name="check")
         for e in ("native", "deepspeed")
     }
+    # the dense-FFN ablation: data parallel only, through the same native engine
+    dense = configs["native"].to_dict()
+    dense["expert_parallel_size"] = 1
+    dense["model"]["moe"]["backend"] = "dense"
+    configs["dense"] = DistributedTrainConfig.from_dict(dense)
     checks = [
         {"train_config": c.to_dict(), "out_dir": str(tmp_path / e)} for e, c in configs.items()
     ]
@@ -157,7 +164,8 @@ def compare_with_single_process(
 
     grads, params = records[0]["grads"], records[0]["params"]
     assert grads is not None
-    assert any(".experts." in name for name in grads), "the model has no expert parameters"
+    layer = ".dense." if cfg.model.moe.backend == "dense" else ".experts."
+    assert any(layer in name for name in grads), f"the model has no {layer} parameters"
     for name, param in reference.named_parameters():
         torch.testing.assert_close(
             grads[name], param.grad, **TOL, msg=lambda m, n=name: f"{engine} grad {n}: {m}"

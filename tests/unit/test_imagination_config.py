@@ -177,3 +177,25 @@ def test_mbmappo_config_survives_rllib_copies_and_dicts():
     space["imagination"] = {"horizn": 9}
     with pytest.raises(ConfigError, match=r"imagination\.horizn"):
         MBMAPPOConfig.from_dict(space)
+
+
+def test_the_regressed_mean_switch_is_an_imagination_setting():
+    """imagination.world_model.prediction reaches the served-model provider (the regressed
+    mean row of the results table); a typo fails before Ray starts, naming the field."""
+    from moedream.platform.agents import provider_factory
+
+    data = load_yaml("configs/agents_overcooked.yaml")
+    data["imagination"] = {"enabled": True, "provider": "world_model",
+                           "world_model": {"prediction": "mean"}}  # fmt: skip
+    assert provider_factory(AgentsConfig.from_dict(data)).prediction == "mean"
+    data["imagination"]["world_model"]["prediction"] = "median"
+    with pytest.raises(ConfigError, match=r"prediction` = 'median' is invalid: must be one of"):
+        provider_factory(AgentsConfig.from_dict(data))
+
+
+def test_memory_with_the_regressed_mean_names_both_fields():
+    with pytest.raises(ConfigError, match=r"memory.*prediction: sample"):
+        ImaginationConfig.from_dict(
+            {"enabled": True, "provider": "world_model", "memory": True,
+             "world_model": {"prediction": "mean"}}
+        )  # fmt: skip

@@ -13,6 +13,7 @@ from moedream.world_model.moe import (
     MoEConfig,
     MoEFeedForward,
     MoEStats,
+    dense_hidden_width,
     expert_capacity,
     load_balancing_loss,
     merge_stats,
@@ -261,7 +262,13 @@ def test_jitter_noise_only_in_training():
 def test_dense_backend_has_top_k_experts_active_width():
     cfg = small_cfg(backend="dense", top_k=2)
     layer = MoEFeedForward(cfg)
-    assert layer.dense.fc_in.weight.shape == (cfg.top_k * cfg.d_hidden, cfg.d_model)
+    assert dense_hidden_width(cfg) == cfg.top_k * cfg.d_hidden
+    assert layer.dense.fc_in.weight.shape == (dense_hidden_width(cfg), cfg.d_model)
+    # active weights per token: top_k experts' minus the (top_k - 1) output biases they add
+    moe = MoEFeedForward(small_cfg(backend="native", top_k=2))
+    one_expert = sum(p[0].numel() for p in moe.experts.parameters())  # [E, ...] stacked
+    dense = sum(p.numel() for p in layer.dense.parameters())
+    assert dense == cfg.top_k * one_expert - (cfg.top_k - 1) * cfg.d_model
     x = torch.randn(3, 5, 8, requires_grad=True)
     y, stats = layer(x)
     assert y.shape == x.shape

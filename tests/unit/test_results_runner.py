@@ -234,3 +234,73 @@ def test_points_reported_before_a_hard_crash_are_on_disk(tmp_path):
     assert done.returncode == 3
     assert len(points_path(tmp_path, "slow", 0).read_text().splitlines()) == 3
     assert not done_path(tmp_path, "slow", 0).exists()
+
+
+class ResumableTrainer(SyntheticTrainer):
+    """SyntheticTrainer with a resume point after each evaluation (``saved`` of them), as
+    PlatformTrainer keeps one; ``resumed`` records what the runner asked for."""
+
+    def __init__(self, fail_at=None, saved: dict | None = None):
+        super().__init__(fail_at)
+        self.saved = saved if saved is not None else {}
+        self.resumed: list[int] = []
+
+    def resume_point(self, variant, seed):
+        return self.saved.get((variant.name, seed), 0)
+
+    def __call__(self, variant, seed, callback, *, resumed=0):
+        self.calls.append((variant.name, seed))
+        self.resumed.append(resumed)
+        for step in range(resumed * EVERY, variant.protocol.budget_real_steps + 1, EVERY):
+            if (variant.name, seed, step) == self.fail_at:
+                self.fail_at = None
+                raise RuntimeError("killed")
+            value = min(1.0, variant.overrides["rate"] * step) + 0.01 * seed
+            callback(step, step / 100, {"eval_return": value})
+            self.saved[(variant.name, seed)] = step // EVERY + 1
+
+
+def test_an_unfinished_run_resumes_after_its_resume_point_and_keeps_its_rows(tmp_path, caplog):
+    spec = spec_from_dict(spec_dict(variants=("slow",), seeds=(0,)))
+    first = ResumableTrainer(fail_at=("slow", 0, 500))
+    with pytest.raises(RuntimeError, match="killed"):
+        run_all(spec, first, tmp_path)
+    before = points_path(tmp_path, "slow", 0).read_text().splitlines()
+    assert len(before) == 5 and first.saved[("slow", 0)] == 5
+    # A kill between a row's write and its resume point: the row past the point is dropped.
+    first.saved[("slow", 0)] = 4
+
+    second = ResumableTrainer(saved=first.saved)
+    with caplog.at_level(logging.INFO, logger="moedream.results.runner"):
+        assert run_all(spec, second, tmp_path) == [("slow", 0)]
+    assert second.resumed == [4]
+    assert "slow seed 0: unfinished, resuming after evaluation 4 of 5 recorded" in caplog.text
+    lines = points_path(tmp_path, "slow", 0).read_text().splitlines()
+    assert lines[:4] == before[:4]  # the rows up to the resume point are the first sitting's
+    assert [json.loads(line)["real_steps"] for line in lines] == list(range(0, BUDGET + 1, EVERY))
+    assert json.loads(done_path(tmp_path, "slow", 0).read_text()) == {"evaluations": 11}
+
+
+def test_a_resume_point_past_the_recorded_rows_restarts_the_run(tmp_path, caplog):
+    spec = spec_from_dict(spec_dict(variants=("slow",), seeds=(0,)))
+    with pytest.raises(RuntimeError, match="killed"):
+        run_all(spec, ResumableTrainer(fail_at=("slow", 0, 300)), tmp_path)
+    second = ResumableTrainer(saved={("slow", 0): 7})  # more than the 3 rows on record
+    with caplog.at_level(logging.INFO, logger="moedream.results.runner"):
+        run_all(spec, second, tmp_path)
+    assert second.resumed == [0]  # told to start over
+    assert "restarting from scratch (dropping 3 evaluations)" in caplog.text
+    assert len(points_path(tmp_path, "slow", 0).read_text().splitlines()) == BUDGET // EVERY + 1
+
+
+def test_a_resumed_run_must_continue_past_its_recorded_rows(tmp_path):
+    spec = spec_from_dict(spec_dict(variants=("slow",), seeds=(0,)))
+    with pytest.raises(RuntimeError, match="killed"):
+        run_all(spec, ResumableTrainer(fail_at=("slow", 0, 300)), tmp_path)
+
+    class Repeats(ResumableTrainer):  # reports the resume point's evaluation again
+        def __call__(self, variant, seed, callback, *, resumed=0):
+            callback((resumed - 1) * EVERY, 1.0, {"eval_return": 0.0})
+
+    with pytest.raises(ValueError, match="evaluation at real step 200 after one at 200"):
+        run_all(spec, Repeats(saved={("slow", 0): 3}), tmp_path)

@@ -175,3 +175,28 @@ def test_spec_file_errors_say_which_file(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=str(path)):
         load_spec(path)
+
+
+def test_committed_ablation_rows_build_their_typed_configs(tmp_path):
+    """The dense-FFN row trains its world model data parallel through Ray Train's native engine
+    with the MoE's active width; the regressed-mean row imagines from the mean. Every row of
+    both specs builds before any Ray work (as PlatformTrainer checks at its start)."""
+    from moedream.results.platform_train import PlatformTrainer
+    from moedream.world_model.moe import dense_hidden_width
+
+    for name in ("mamujoco", "overcooked"):
+        spec = resolve(load_spec(ROOT / f"configs/results/{name}.yaml"))
+        trainer = PlatformTrainer(spec, tmp_path, progress=False)
+    by_name = {v.name: v for v in spec.variants}
+    _, dense = trainer.configs(by_name["model_based_dense_ffn"], seed=10)
+    world_model = dense.world_model_config()
+    assert (world_model.model.moe.backend, world_model.expert_parallel_size) == ("dense", 1)
+    assert world_model.engine == "native"
+    moe = trainer.configs(by_name["model_based_full"], seed=10)[1].world_model_config().model.moe
+    assert dense_hidden_width(world_model.model.moe) == moe.top_k * moe.d_hidden
+    agents, _ = trainer.configs(by_name["model_based_regressed_mean"], seed=10)
+    assert agents.imagination.world_model["prediction"] == "mean"
+    assert (
+        "prediction"
+        not in trainer.configs(by_name["model_based_full"], 10)[0].imagination.world_model
+    )

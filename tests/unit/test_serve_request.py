@@ -74,3 +74,16 @@ def test_random_policy_needs_no_actions_and_a_half_context_is_the_servers_to_ref
                            context_obs=np.zeros((2, 1, 2, 4), np.float32))  # fmt: skip
     with pytest.raises(RequestError, match="context.actions"):
         _parse(half, DISCRETE)
+
+
+def test_mean_prediction_reaches_the_job_and_is_refused_with_memory_or_a_typo():
+    start = np.zeros((2, 2, 3), np.float32)
+    plan = np.zeros((2, 1, 2, 2), np.float32)
+    job = _parse(imagine_request(start, plan, horizon=1, prediction="mean"), CONTINUOUS)
+    assert job.prediction == "mean"
+    assert _parse(imagine_request(start, plan, horizon=1), CONTINUOUS).prediction == "sample"
+    with pytest.raises(RequestError, match="prediction"):
+        _parse(imagine_request(start, plan, horizon=1, prediction="median"), CONTINUOUS)
+    with_memory = imagine_request(start, plan, horizon=1, prediction="mean", episode_id="ep")
+    with pytest.raises(RequestError, match="'mean' cannot compose an episode's memory"):
+        _parse(with_memory, CONTINUOUS)

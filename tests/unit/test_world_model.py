@@ -253,6 +253,31 @@ def test_a_seeded_imagine_after_context_never_touches_the_global_rng(model):
         np.testing.assert_array_equal(a, b)
 
 
+def test_mean_prediction_is_the_mean_heads_not_a_diffusion_draw(model):
+    """prediction "mean" (the diffusion ablation) moves with the mean head only: changing the
+    denoiser or the sampling noise leaves it as it is, and it differs from the sample."""
+    start, action = fake_batch()["obs"][:, 0], np.full((B, 3, 2), 0.5, np.float32)
+
+    def next_obs(prediction: str, noise_scale: float = 1.0) -> np.ndarray:
+        out = model.step(start, action, generator=torch.Generator().manual_seed(3),
+                         noise_scale=noise_scale, prediction=prediction)  # fmt: skip
+        return out["next_obs"]
+
+    mean, sample = next_obs("mean"), next_obs("sample")
+    assert not np.allclose(mean, sample)
+    np.testing.assert_array_equal(next_obs("mean", noise_scale=0.3), mean)
+    with torch.no_grad():
+        for p in model.denoiser.parameters():
+            p.add_(0.1)
+    np.testing.assert_array_equal(next_obs("mean"), mean)
+    assert not np.allclose(next_obs("sample"), sample)
+    with torch.no_grad():
+        model.mean_head[-1].bias.add_(0.5)  # half a delta std more on every feature
+    assert not np.allclose(next_obs("mean"), mean)
+    with pytest.raises(ValueError, match=r"prediction = 'median' must be one of"):
+        next_obs("median")
+
+
 def test_imagined_observations_stay_inside_the_data_support():
     """Features real data never moves (a constant flag here) stay put, and every imagined
     feature stays within the fitted [min, max]; support_margin None turns the clamp off."""

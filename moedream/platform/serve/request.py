@@ -25,6 +25,7 @@ def imagine_request(
     policy: str | None = None,
     sampler: dict[str, Any] | None = None,
     episode_id: str | None = None,
+    prediction: str | None = None,
     as_lists: bool = False,
 ) -> dict[str, Any]:
     """An ``ImagineRequest`` (schemas.py) body.
@@ -36,6 +37,7 @@ def imagine_request(
     context_obs      [B, T, N, D]    the steps before ``start_obs`` the model conditions on ...
     context_actions  [B, T, N, A]    ... and the actions taken after each of them
     episode_id       str             compose this posted episode's memory (see episode_request)
+    prediction       str             "sample" (diffusion, the server's default) or "mean"
 
     The other fields go in only when given, so the server's defaults apply otherwise. Values
     are passed as they are (the server validates them); ``as_lists`` turns numpy arrays into
@@ -43,7 +45,7 @@ def imagine_request(
     body: dict[str, Any] = {"start_obs": start_obs, "horizon": horizon, "seed": seed}
     optional = {"actions": actions, "policy": policy, "num_samples": num_samples,
                 "noise_scale": noise_scale, "sampler": sampler,
-                "episode_id": episode_id}  # fmt: skip
+                "episode_id": episode_id, "prediction": prediction}  # fmt: skip
     body.update({k: v for k, v in optional.items() if v is not None})
     if context_obs is not None or context_actions is not None:
         body["context"] = {"obs": context_obs, "actions": context_actions}

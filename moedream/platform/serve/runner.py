@@ -123,6 +123,7 @@ def run_imagine(
         sampler=job.sampler,
         noise_scale=job.noise_scale,
         generator=_generator(job.seed, loaded.device),
+        prediction=job.prediction,
     )
     out = dataclasses.asdict(traj)  # numpy arrays (Trajectories fields)
     return _tag(out, loaded, job.seed)
@@ -174,6 +175,7 @@ def run_step(loaded: LoadedModel, job: StepJob) -> dict[str, Any]:
         sampler=job.sampler,
         noise_scale=job.noise_scale,
         generator=_generator(job.seed, loaded.device),
+        prediction=job.prediction,
     )
     out.pop("state", None)  # the latent state stays in the replica: steps are stateless
     return _tag(out, loaded, job.seed)

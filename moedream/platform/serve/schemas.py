@@ -25,7 +25,7 @@ from moedream.config import ConfigBase, ConfigError, check, check_positive
 from moedream.envs.spec import EnvSpec
 from moedream.world_model.diffusion import SamplerConfig, check_compatible
 from moedream.world_model.memory.config import MemoryConfig
-from moedream.world_model.model import WorldModelConfig
+from moedream.world_model.model import Prediction, WorldModelConfig
 
 MAX_SEED = 2**63 - 1
 
@@ -229,6 +229,11 @@ ACTIONS_OR_RANDOM = {
     ]
 }  # fmt: skip
 
+PREDICTION_HELP = (
+    "'sample' (default): next observations drawn by the diffusion head; 'mean': the "
+    "regressed mean alone (the diffusion ablation; not with episode_id)."
+)
+
 
 class ImagineRequest(_Strict):
     """Imagine ``horizon`` steps from ``start_obs`` under an action plan or a policy spec:
@@ -248,6 +253,7 @@ class ImagineRequest(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     noise_scale: FiniteFloat | None = Field(None, ge=0.0)
     sampler: SamplerOptions | None = None
+    prediction: Prediction = Field("sample", description=PREDICTION_HELP)
     context: Context | None = None
     episode_id: EpisodeId | None = Field(
         None,
@@ -265,6 +271,7 @@ class StepRequest(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     noise_scale: FiniteFloat | None = Field(None, ge=0.0)
     sampler: SamplerOptions | None = None
+    prediction: Prediction = Field("sample", description=PREDICTION_HELP)
 
 
 class ImagineResponse(BaseModel):
@@ -342,6 +349,8 @@ class ImagineJob:
     context: dict[str, np.ndarray] | None = None
     episode_id: str | None = None
     """Rows compose this episode's memory (``memory=`` MemoryExperts.recall) when set."""
+    prediction: str = "sample"
+    """"sample" (diffusion) or "mean" (the regressed mean): WorldModel.transition."""
 
     @property
     def rows(self) -> int:
@@ -363,6 +372,7 @@ class StepJob:
     seed: int
     noise_scale: float | None = None
     sampler: SamplerConfig | None = None
+    prediction: str = "sample"
 
     @property
     def rows(self) -> int:
@@ -373,6 +383,12 @@ def parse_imagine(
     request: ImagineRequest | dict, spec: EnvSpec, model: WorldModelConfig, config: ServeConfig
 ) -> ImagineJob:
     req = _model(ImagineRequest, request)
+    if req.prediction == "mean" and req.episode_id is not None:
+        raise RequestError(
+            "prediction",
+            "'mean' cannot compose an episode's memory experts (they change the diffusion "
+            "head only); send prediction 'sample' with episode_id, or leave episode_id out",
+        )
     check_limit("horizon", req.horizon, config.max_horizon, "max_horizon")
     check_limit("num_samples", req.num_samples, config.max_num_samples, "max_num_samples")
     start = parse_obs(req.start_obs, spec, "start_obs")  # [B, N, D]
@@ -401,6 +417,7 @@ def parse_imagine(
         sampler=parse_sampler(req.sampler, model, config),
         context=context,
         episode_id=req.episode_id,
+        prediction=req.prediction,
     )
 
 
@@ -428,6 +445,7 @@ def parse_step(
         seed=req.seed,
         noise_scale=req.noise_scale,
         sampler=parse_sampler(req.sampler, model, config),
+        prediction=req.prediction,
     )
 
 

@@ -8,7 +8,8 @@ YAML layout (configs/world_model_distributed.yaml)::
     storage_path: runs/ray_results     # required: checkpoints, TensorBoard, progress.jsonl
     num_workers: 2
     expert_parallel_size: 2            # P: each worker holds num_experts / P experts
-    engine: native                     # or deepspeed (then model.moe.backend: deepspeed)
+    engine: native                     # or deepspeed (then model.moe.backend: deepspeed); a
+                                       # dense FFN (moe.backend: dense) trains natively, P = 1
     train: {...}                       # TrainConfig (train.batch_size is the GLOBAL batch)
     model: {...}                       # WorldModelConfig
 """
@@ -115,9 +116,14 @@ class DistributedTrainConfig(ConfigBase):
         if self.engine == "native":
             check(self.zero_stage == 0, f"{prefix}zero_stage", self.zero_stage,
                   "applies to engine: deepspeed only; set it to 0 or use engine: deepspeed")  # fmt: skip
-            check(backend == "native", f"{prefix}model.moe.backend", backend,
-                  "must be 'native' with engine: native (DeepSpeed MoE layers need the "
+            check(backend in ("native", "dense"), f"{prefix}model.moe.backend", backend,
+                  "must be 'native' or 'dense' with engine: native (DeepSpeed MoE layers need the "
                   "DeepSpeed engine to reduce their gradients); set engine: deepspeed to use them")  # fmt: skip
+            # a dense FFN has no experts to shard: its workers are data parallel only
+            check(backend != "dense" or self.expert_parallel_size == 1,
+                  f"{prefix}expert_parallel_size", self.expert_parallel_size,
+                  "must be 1 with model.moe.backend: dense (a dense FFN has no experts to "
+                  "shard; every worker holds the whole model); set expert_parallel_size: 1")  # fmt: skip
             return
         check(backend == "deepspeed", f"{prefix}model.moe.backend", backend,
               "must be 'deepspeed' with engine: deepspeed (the engine reduces expert gradients "
