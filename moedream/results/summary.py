@@ -81,6 +81,10 @@ def _speedup_cells(base: Scores | None, mine: Scores, protocol: Protocol) -> lis
         protocol.bootstrap_seed,
     )
     shown = stats.verdict(ratio, not base.reached.all(), not mine.reached.all())
+    seeds = len(protocol.seeds)
+    if min(base.reached.size, mine.reached.size) < seeds:  # a verdict needs every seed's run
+        shown = (f"provisional ({mine.reached.size}/{seeds} runs vs {base.reached.size}/{seeds}):"
+                 f" {shown}")  # fmt: skip
     return [f"{ratio.point:.2f}x [{ratio.lo:.2f}, {ratio.hi:.2f}]", shown]
 
 

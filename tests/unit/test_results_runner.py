@@ -142,7 +142,8 @@ def test_summary_table_has_the_hand_computed_rows(tmp_path):
     assert never[4:6] == ["1,000 [1,000, 1,000]", "0/4"]
     assert never[7:] == ["0.30x [0.30, 0.30]", "worse"]
     same = _row(markdown, "same")
-    assert same[1] == "3/4" and same[8] == "no difference shown"
+    # an unfinished row's verdict is provisional: the protocol asks for every seed
+    assert same[1] == "3/4" and same[8] == "provisional (3/4 runs vs 4/4): no difference shown"
     assert "Not finished, so not in the table: same seed 3." in markdown
     # every reported metric at the closing evaluation (columns sorted: episodes, eval_return)
     at_budget = markdown.split("Every metric at the evaluation closing the budget")[1]
