@@ -173,7 +173,8 @@ class CoherenceGate:
         Persisted like a refit."""
         norm = Normalizer.from_dict(self.normalizer.to_dict())
         q = norm.calibrate_value_term(residuals, self.config.kernel)
-        self.set_normalizer(norm)
+        self.state["value_calibrations"] = int(self.state.get("value_calibrations", 0)) + 1
+        self._store_normalizer(norm)  # not a refit of φ: the refit counter stays
         return {"value_gap_quantile": q}
 
     def set_normalizer(self, normalizer: dict[str, Any] | Normalizer) -> None:
@@ -181,9 +182,12 @@ class CoherenceGate:
         norm = (
             normalizer if isinstance(normalizer, Normalizer) else Normalizer.from_dict(normalizer)
         )
+        self.state["refits"] = int(self.state.get("refits", 0)) + 1
+        self._store_normalizer(norm)
+
+    def _store_normalizer(self, norm: Normalizer) -> None:
         norm.save(self.normalizer_path)  # atomic: a crash leaves the old file or the new one
         self.normalizer = norm
-        self.state["refits"] = int(self.state.get("refits", 0)) + 1
         self._persist()
 
     def get_normalizer(self) -> dict[str, Any]:
@@ -415,6 +419,7 @@ def stats_from_state(state: dict[str, Any]) -> dict[str, float]:
         "gate/starts": float(state["starts"]),
         "gate/calls": float(state["calls"]),
         "gate/refits": float(state.get("refits", 0)),
+        "gate/value_calibrations": float(state.get("value_calibrations", 0)),
     }
     bins = int(state["h7_bins"])
     for env_name, per_env in state["counters"].items():

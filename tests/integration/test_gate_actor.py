@@ -219,7 +219,8 @@ def test_refine_through_a_serve_deployment(ray_cluster, real, config, refine_bat
             self.requests: list[dict] = []
 
         def imagine(self, request: dict) -> dict:
-            assert set(request) == {"start_obs", "actions", "horizon", "noise_scale", "seed"}
+            fields = {"start_obs", "actions", "horizon", "noise_scale", "seed", "prediction"}
+            assert set(request) == fields and request["prediction"] == "sample"  # the default
             start = np.asarray(request["start_obs"], dtype=np.float32)  # [B, N, D]
             actions = np.asarray(request["actions"], dtype=np.float32)  # [B, H, N, A]
             assert actions.shape[:1] == start.shape[:1] and actions.shape[1] == HORIZON

@@ -143,10 +143,14 @@ def test_mbmappo_retrains_the_served_world_model_and_keeps_imagining(served_worl
     fresh = algo_config(root, data, 1).imagination_provider(algo.config)
     fresh.set_state(state)
     assert fresh.metrics()["wm_checkpoint_version"] == 2
-    assert fresh.retrain(2) == {}  # nothing observed yet: skipped, but the checkpoint is back
-    assert fresh.metrics()["wm_retrain_skipped"] == 1.0
-    assert served_checkpoint(APP, DEPLOYMENT)["id"] == ids[1]
-    assert not (root / "world_model" / "retrain_2").exists()
+    # The episode store came back too, so the next retrain fine-tunes the restored checkpoint
+    # on the same real episodes (a resumed run goes on where it stopped).
+    assert fresh.store.steps == real_steps
+    assert fresh.retrain(2)["wm_retrain_skipped"] == 0.0
+    assert fresh.metrics()["wm_checkpoint_version"] == 3
+    resumed = root / "world_model" / "retrain_2" / "world_model.safetensors"
+    assert _retrain_info(resumed)["source_checkpoint"] == str(paths[1])
+    assert served_checkpoint(APP, DEPLOYMENT)["path"] == str(resumed)
 
 
 def test_the_gate_is_refit_on_the_teams_real_episodes_and_restored(served_world_model):
