@@ -6,8 +6,12 @@ random-policy episodes; the spatial expert is fitted on those training episodes 
 retrieval expert's memory error; the adapter row trains the adapter too); then on held-out
 episodes it observes a prefix and imagines ``horizon`` steps beyond it with the episode's REAL
 actions (``evaluate_rollouts`` of benchmarks/_memory_eval.py). Every row sees the same
-sampling noise (paired), so the "vs short" columns are per-episode paired differences with
-their standard error and the episodes where the row beats the short-term expert alone.
+sampling noise (paired), so each row is compared with the short-term expert alone per
+episode. ``--seeds`` (default 0 1: world-model init and sampling noise, same episodes) run in
+turn; each seed's trained model and each row's per-episode results are saved under ``--out``,
+so an interrupted run resumes and a re-run only evaluates rows whose config changed (or those
+named in ``--rerun``). The ratio to the short-term expert is taken per episode, averaged
+over the seeds, and reported as mean ± standard error over episodes.
 Recall error = error on (step, agent) where the agent stands on a cell visited in the prefix
 but not inside the short context. Standardised = each feature's squared error divided by its
 training variance (floored at 0.01): raw MSE is dominated by a few wide features. Spread =
@@ -20,14 +24,17 @@ after remembering 50 .. 800 real steps (does the cost stay constant with context
 every reset (hidden per-episode dynamics: only the episode's own history tells them), the
 task where long-term memory must help; it records its own block.
 
-    python benchmarks/memory_overcooked.py                  # ~5 min on 2 cores
-    python benchmarks/memory_overcooked.py --moves per_episode --train-episodes 60 --train-steps 1000
-    python benchmarks/memory_overcooked.py --train-steps 200 --eval-episodes 4 --no-record   # smoke
+    python benchmarks/memory_overcooked.py                  # ~10 min on 2 cores
+    python benchmarks/memory_overcooked.py --moves per_episode --train-episodes 40 --train-steps 800
+    python benchmarks/memory_overcooked.py --train-steps 50 --train-episodes 4 --eval-episodes 3 \
+        --horizon 8 --lengths 50 --out runs/memory_smoke --no-record   # smoke
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -40,13 +47,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import markdown_table, parse_args, publish  # noqa: E402
 from benchmarks._memory_eval import (  # noqa: E402
     evaluate_rollouts,
-    paired_difference,
     random_episodes,
     seconds_per_step,
     small_world_model,
     training_windows,
 )
-from moedream.world_model.memory import MemoryConfig, MemoryExperts  # noqa: E402
+from moedream.files import atomic_write_text  # noqa: E402
+from moedream.world_model.memory import (  # noqa: E402
+    MemoryConfig,
+    MemoryExperts,
+    load_memory,
+    save_memory,
+)
 from moedream.world_model.model import WorldModel  # noqa: E402
 from moedream.world_model.train_local import TrainConfig, fit  # noqa: E402
 
@@ -69,22 +81,49 @@ class Args:
     lengths: tuple[int, ...] = (50, 200, 800)
     """Remembered history lengths (real steps) at which one imagined step is timed."""
     timed_steps: int = 10
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1)
+    """World-model init and sampling-noise seeds (same episodes: paired), run in turn."""
+    out: str = "runs/memory_overcooked"
+    """Per-seed trained models and per-row results; a re-run reuses them (resumable)."""
+    rerun: tuple[str, ...] = ()
+    """Rows to evaluate again although saved (after a code change; 'all' = every row)."""
     record: bool = True
 
     @property
     def env(self) -> dict:
         return {"layout": "cramped_room", "horizon": self.episode_horizon, "moves": self.moves}
 
+    def folder(self, seed: int) -> Path:
+        """Where one seed's models and results live: every setting that changes them (not the
+        seeds, threads or timing lengths) names the folder."""
+        keep = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("seeds", "out", "rerun", "record", "threads", "lengths", "timed_steps")}  # fmt: skip
+        digest = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
+        return Path(self.out) / f"{self.moves}-{digest}" / f"seed{seed}"
 
-def train(args: Args, spec, episodes) -> tuple[MemoryExperts, MemoryExperts, float]:
-    """-> (memory with the retrieval spatial expert, memory with the adapter, seconds), both
-    on the same trained world model."""
-    torch.manual_seed(args.seed)
-    config = MemoryConfig(
+
+def memory_config(args: Args) -> MemoryConfig:
+    """The memory settings of every row (rows switch experts and weights on top)."""
+    return MemoryConfig(
         adapter_steps=args.adapter_steps, adapter_horizon=16,
         max_adapters=max(16, args.eval_episodes),
     )  # fmt: skip
+
+
+def train(args: Args, seed: int, spec, episodes) -> tuple[MemoryExperts, MemoryExperts, float]:
+    """-> (memory with the retrieval spatial expert, memory with the adapter, seconds), both
+    on the same world model, trained on ``episodes`` or loaded from this seed's folder."""
+    folder = args.folder(seed)
+    if (folder / "train.json").exists():
+        model = WorldModel.load(folder / "world_model.safetensors")
+        memories = [load_memory(folder / f"{mode}.safetensors", model)
+                    for mode in ("retrieval", "adapter")]  # fmt: skip
+        memories[0].set_config(memory_config(args))
+        memories[1].set_config(memory_config(args).replace(spatial_mode="adapter"))
+        print(f"seed {seed}: world model and spatial experts loaded from {folder}", flush=True)
+        return *memories, json.loads((folder / "train.json").read_text())["seconds"]
+    torch.manual_seed(seed)
+    config = memory_config(args)
     model = WorldModel(small_world_model(args.context), spec)
     memory = MemoryExperts(model, config)
     cfg = TrainConfig(steps=args.train_steps, batch_size=32, window=args.context, lr=2e-3,
@@ -96,10 +135,16 @@ def train(args: Args, spec, episodes) -> tuple[MemoryExperts, MemoryExperts, flo
     adapter = MemoryExperts(model, config.replace(spatial_mode="adapter"))
     adapter.fit_spatial(
         [(e.obs, e.action) for e in episodes[:10]],
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(seed),
         progress=True,
     )
-    return memory, adapter, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder / "world_model.safetensors")
+    save_memory(memory, folder / "retrieval.safetensors")
+    save_memory(adapter, folder / "adapter.safetensors")
+    atomic_write_text(folder / "train.json", json.dumps({"seconds": seconds}))
+    return memory, adapter, seconds
 
 
 def ablations(memory: MemoryConfig) -> dict[str, tuple[bool, MemoryConfig]]:
@@ -119,15 +164,79 @@ def ablations(memory: MemoryConfig) -> dict[str, tuple[bool, MemoryConfig]]:
     }
 
 
-def ratio_to(a: np.ndarray, b: np.ndarray) -> str:
-    """Per-episode a / b -> 'mean ± standard error'."""
-    r = np.asarray(a, dtype=np.float64) / np.maximum(np.asarray(b, dtype=np.float64), 1e-12)
-    se = r.std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else float("nan")
-    return f"{r.mean():.3f} ± {se:.3f}"
+def evaluate_seed(args: Args, seed: int, spec, episodes) -> dict[str, dict]:
+    """Every ablation row on one seed -> {row: {"config", "kept", "result"}}; rows saved in
+    the seed's folder are reused unless named in ``--rerun``."""
+    n_train = args.train_episodes
+    retrieval, adapter, train_s = train(args, seed, spec, episodes[:n_train])
+    held_out = episodes[n_train:]
+    feature_var = np.concatenate([e.obs for e in episodes[:n_train]]).var(0)  # [N, D]
+    path = args.folder(seed) / "rows.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    rows = {}
+    for name, (use_adapter, config) in ablations(retrieval.cfg).items():
+        old = saved.get(name)
+        if old and old["config"] == config.to_dict() and not {name, "all"} & set(args.rerun):
+            rows[name] = old
+            continue
+        memory = adapter if use_adapter else retrieval
+        memory.set_config(config)
+        r = evaluate_rollouts(
+            memory, held_out, prefix=args.prefix, horizon=args.horizon, samples=args.samples,
+            seed=seed, feature_var=feature_var,
+        )  # fmt: skip
+        kept = None
+        if config.long_term and config.lora_validation > 0 and memory.store is not None:
+            kept = sum(memory.store.last_kept.get(e.episode_id, 0) for e in held_out)
+        result = {k: np.asarray(v).tolist() for k, v in dataclasses.asdict(r).items()}
+        rows[name] = {"config": config.to_dict(), "kept": kept, "result": result}
+        atomic_write_text(path, json.dumps({**saved, **rows}))
+        print(f"seed {seed}, {name}: mean MSE {r.long_horizon_mse:.4f}, LoRA kept {kept}",
+              flush=True)  # fmt: skip
+    retrieval.set_config(retrieval.cfg.replace(lora_validation=0.0))  # time the LoRA pass too
+    return {"train_seconds": train_s, "rows": rows, "memory": retrieval}
+
+
+def ratio_cells(rows: list[dict], bases: list[dict]) -> tuple[str, str, str]:
+    """One row on every seed vs the short-term expert alone -> (per-episode ratio averaged
+    over seeds: 'mean ± SE over episodes', each seed's mean ratio, episode-seed pairs lower)."""
+    ratios = np.stack(
+        [
+            np.asarray(r["episode_mse"]) / np.maximum(b["episode_mse"], 1e-12)
+            for r, b in zip(rows, bases)
+        ]
+    )  # fmt: skip  [S, E]
+    per_episode = ratios.mean(0)
+    se = per_episode.std(ddof=1) / np.sqrt(len(per_episode)) if len(per_episode) > 1 else np.nan
+    per_seed = " / ".join(f"{m:.3f}" for m in ratios.mean(1))
+    return f"{per_episode.mean():.3f} ± {se:.3f}", per_seed, f"{(ratios < 1).sum()}/{ratios.size}"
+
+
+def combined_row(args: Args, name: str, seeds: list[dict]) -> list:
+    """One table row: figures averaged over seeds, ratios to short-term alone paired."""
+    res = [s["rows"][name]["result"] for s in seeds]
+    base = [s["rows"]["short-term alone"]["result"] for s in seeds]
+    mean = lambda key: float(np.mean([np.mean(r[key]) for r in res]))  # noqa: E731
+    last = float(np.mean([np.mean(r["horizon_mse"][-(args.horizon // 4) :]) for r in res]))
+    recall = np.mean([r["recall_mse"] / b["recall_mse"] for r, b in zip(res, base)])
+    spread = np.stack([r["episode_spread"] for r in res]).mean(0)  # [E]
+    kept = [s["rows"][name]["kept"] for s in seeds]
+    steps = args.eval_episodes * args.samples * args.horizon
+    return [
+        name, f"{mean('horizon_mse'):.4f}", f"{last:.4f}",
+        f"{mean('episode_std_mse'):.4f}", f"{mean('recall_mse'):.4f}", f"{recall:.3f}", *ratio_cells(res, base),
+        f"{spread.mean():.4f} ± {spread.std(ddof=1) / np.sqrt(len(spread)):.4f}",
+        "-" if kept[0] is None else " / ".join(str(k) for k in kept),
+        f"{1e3 * mean('seconds') / steps:.1f}",
+    ]  # fmt: skip
 
 
 def cost(args: Args, memory: MemoryExperts) -> list[list]:
-    """[history steps, remember s, ms per imagined step short-term alone, all three] rows."""
+    """[history steps, remember s, ms per imagined step short-term alone, all three] rows,
+    saved beside the first seed's results (resumable)."""
+    path = args.folder(args.seeds[0]) / "cost.json"
+    if path.exists() and "cost" not in args.rerun:
+        return json.loads(path.read_text())
     model, config = memory.model, memory.cfg
     rows = []
     for length in args.lengths:
@@ -147,90 +256,61 @@ def cost(args: Args, memory: MemoryExperts) -> list[list]:
         memory.forget("history")
         rows.append(row)
         print(rows[-1], flush=True)
+    atomic_write_text(path, json.dumps(rows))
     return rows
+
+
+def block(args: Args, seeds: list[dict], cost_rows: list[list]) -> str:
+    """The RESULTS.md block: setup, the ablation table over seeds, the cost table."""
+    h, n = args.horizon, len(seeds)
+    table = markdown_table(
+        ["experts", f"MSE h 1-{h}", f"MSE h {h - h // 4 + 1}-{h}", "standardised MSE",
+         "recall MSE", "recall MSE / short", "MSE / short (per episode, mean ± SE)",
+         "per seed", "lower than short (episode x seed)", "spread between samples",
+         "LoRA kept (per seed)", "ms per imagined step"],
+        [combined_row(args, name, seeds) for name in seeds[0]["rows"]],
+    )  # fmt: skip
+    cost_table = markdown_table(
+        ["remembered real steps", "remember + LoRA finetune (s)", "ms per step, short",
+         "ms per step, all three"], cost_rows,
+    )  # fmt: skip
+    task = (
+        "Overcooked cramped_room, its four moves shuffled at every reset (hidden: only the "
+        "episode's history tells them)" if args.moves == "per_episode"
+        else "Overcooked cramped_room"
+    )  # fmt: skip
+    train_s = " / ".join(f"{s['train_seconds']:.0f}" for s in seeds)
+    return (
+        f"{task}. Small WorldModel (d_model 64, 2 layers, 4 experts, {args.context}-step context) "
+        f"trained {args.train_steps} steps on {args.train_episodes} random-policy episodes of "
+        f"{args.episode_horizon} steps, spatial experts fitted on them ({train_s} s per seed); "
+        f"{args.eval_episodes} held-out episodes x {args.samples} samples: {args.prefix} real "
+        f"steps observed, {h} imagined with the real actions; same sampling noise in every row. "
+        f"Seeds {', '.join(map(str, args.seeds))}: world-model init and noise, same episodes. "
+        f"MSE: raw per-feature error vs the real observation, mean over seeds; 'MSE / short': "
+        f"per-episode ratio averaged over the {n} seeds, mean ± SE over episodes; recall: "
+        f"(step, agent) on a cell seen in the prefix but not in the context; spread: "
+        f"standardised variance between samples; LoRA kept: episodes whose adapter lowered the "
+        f"denoiser loss on the prefix's latest 25 %. Machine shared with other jobs.\n\n"
+        f"{table}\n\nCost per imagined step (batch 1, best of 3 x {args.timed_steps}; first "
+        f"seed) after remembering a history of each length (spatial memory capped at "
+        f"{memory_config(args).spatial_capacity} entries, LoRA kept):\n\n{cost_table}"
+    )
 
 
 def main() -> None:
     args = parse_args(Args, __doc__)
     torch.set_num_threads(args.threads)
-    n_train = args.train_episodes
-    spec, episodes = random_episodes("overcooked", args.env, range(n_train + args.eval_episodes))
-    retrieval, adapter, train_s = train(args, spec, episodes[:n_train])
-    held_out = episodes[n_train:]
-    feature_var = np.concatenate([e.obs for e in episodes[:n_train]]).var(0)  # [N, D]
-    quarters = np.array_split(np.arange(args.horizon), 4)
-    rows, base, kept = [], None, []
-    for name, (use_adapter, config) in ablations(retrieval.cfg).items():
-        memory = adapter if use_adapter else retrieval
-        memory.set_config(config)
-        r = evaluate_rollouts(
-            memory, held_out, prefix=args.prefix, horizon=args.horizon, samples=args.samples,
-            seed=args.seed, feature_var=feature_var,
-        )  # fmt: skip
-        if config.long_term and config.lora_validation > 0 and memory.store is not None:
-            kept.append(sum(memory.store.last_kept.get(e.episode_id, 0) for e in held_out))
-        base = base or r
-        recall = r.episode_recall_sq / np.maximum(r.episode_recall_n, 1)
-        base_recall = base.episode_recall_sq / np.maximum(base.episode_recall_n, 1)
-        has = (r.episode_recall_n > 0) & (base.episode_recall_n > 0)
-        cells = []
-        for a, b in ((r.episode_mse, base.episode_mse), (r.episode_std_mse, base.episode_std_mse),
-                     (recall[has], base_recall[has])):  # fmt: skip
-            d, se, wins = paired_difference(a, b)
-            cells.append(f"{d:+.4f} ± {se:.4f} ({wins}/{len(a)})")
-        cells.append(ratio_to(r.episode_mse, base.episode_mse))
-        spread_se = r.episode_spread.std(ddof=1) / np.sqrt(len(held_out))
-        cells.append(f"{r.episode_spread.mean():.4f} ± {spread_se:.4f}")
-        steps = len(held_out) * args.samples * args.horizon
-        by_quarter = [f"{r.horizon_mse[q].mean():.4f}" for q in quarters]
-        rows.append([name, *by_quarter, f"{r.long_horizon_mse:.4f}", f"{r.standardized_mse:.4f}",
-                     f"{r.recall_mse:.4f}", str(r.n_recall), *cells,
-                     f"{1e3 * r.seconds / steps:.1f}"])  # fmt: skip
-        print(rows[-1], flush=True)
-    h = args.horizon
-    heads = [f"MSE steps {q[0] + 1}-{q[-1] + 1}" for q in quarters]
-    table = markdown_table(
-        ["experts", *heads, f"mean MSE (h 1-{h})", "standardised MSE", "recall MSE",
-         "recall steps", "MSE vs short (paired, wins)", "std. MSE vs short", "recall vs short",
-         "MSE / short (per episode)", "spread between samples", "ms per imagined step"], rows,
-    )  # fmt: skip
-    retrieval.set_config(retrieval.cfg.replace(lora_validation=0.0))  # time the LoRA pass too
-    cost_table = markdown_table(
-        ["remembered real steps", "remember + LoRA finetune (s)", "ms per imagined step, short",
-         "ms per imagined step, all three"], cost(args, retrieval),
-    )  # fmt: skip
-    lora = (
-        f" The LoRA adapter passed its validation (lower denoiser loss on the episode's latest "
-        f"25 % of transitions than the base) on {kept[0]} of {len(held_out)} episodes."
-        if kept else ""
-    )  # fmt: skip
-    task = (
-        "Overcooked cramped_room with its four moves shuffled at every reset (moves: "
-        "per_episode; the permutation is hidden: only the episode's history tells it)"
-        if args.moves == "per_episode" else "Overcooked cramped_room"
-    )  # fmt: skip
-    body = (
-        f"{task}, small WorldModel (d_model 64, 2 layers, 4 experts) with a "
-        f"{args.context}-step context, trained {args.train_steps} steps on {n_train} random-policy "
-        f"episodes of {args.episode_horizon} steps; spatial expert fitted on the same episodes, "
-        f"adapter {args.adapter_steps} steps (total {train_s:.0f} s). {len(held_out)} held-out "
-        f"episodes x {args.samples} samples, same sampling noise in every row: {args.prefix} real "
-        f"steps observed, {h} steps imagined with the real actions. Errors are per-feature MSE "
-        f"of the raw observation vs the real one; 'vs short' columns: mean per-episode "
-        f"difference to the short-term expert alone ± its standard error (episodes where the "
-        f"row is lower / episodes); 'MSE / short': mean ± SE of the per-episode ratio; spread: "
-        f"standardised variance between the {args.samples} samples of an episode, mean ± SE "
-        f"over episodes.{lora} The machine was shared with other jobs.\n\n{table}\n\n"
-        f"Cost per imagined step (batch 1, best of 3 x {args.timed_steps} steps) after "
-        f"remembering a random-policy history of each length (spatial memory capped at "
-        f"{retrieval.cfg.spatial_capacity} entries, LoRA always kept):\n\n{cost_table}"
+    spec, episodes = random_episodes(
+        "overcooked", args.env, range(args.train_episodes + args.eval_episodes)
     )
+    seeds = [evaluate_seed(args, seed, spec, episodes) for seed in args.seeds]
+    cost_rows = cost(args, seeds[0].pop("memory"))
     name = "memory_overcooked" if args.moves == "fixed" else f"memory_overcooked_{args.moves}"
-    name += f"_seed{args.seed}" if args.seed else ""  # another seed: its own block beside
     publish(
         name,
         f"Memory experts on the world model: long Overcooked rollouts ({args.moves} moves)",
-        body,
+        block(args, seeds, cost_rows),
         args.record,
     )
 
