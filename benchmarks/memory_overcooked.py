@@ -59,6 +59,8 @@ from moedream.world_model.memory import (  # noqa: E402
     load_memory,
     save_memory,
 )
+from moedream.world_model.memory.config import TRANSITION_KEYS  # noqa: E402
+from moedream.world_model.memory.long_term import MemoryStore  # noqa: E402
 from moedream.world_model.model import WorldModel  # noqa: E402
 from moedream.world_model.train_local import TrainConfig, fit  # noqa: E402
 
@@ -86,7 +88,10 @@ class Args:
     out: str = "runs/memory_overcooked"
     """Per-seed trained models and per-row results; a re-run reuses them (resumable)."""
     rerun: tuple[str, ...] = ()
-    """Rows to evaluate again although saved (after a code change; 'all' = every row)."""
+    """Rows to evaluate again although saved (after a code change; 'all' = every row,
+    'cost' the cost table, 'lora' the LoRA diagnosis)."""
+    lora_episodes: int = 6
+    """Held-out episodes of the LoRA diagnosis (first seed only; 0 = skip it)."""
     record: bool = True
 
     @property
@@ -97,7 +102,8 @@ class Args:
         """Where one seed's models and results live: every setting that changes them (not the
         seeds, threads or timing lengths) names the folder."""
         keep = {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("seeds", "out", "rerun", "record", "threads", "lengths", "timed_steps")}  # fmt: skip
+                if k not in ("seeds", "out", "rerun", "record", "threads", "lengths", "timed_steps",
+                          "lora_episodes")}  # fmt: skip
         digest = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
         return Path(self.out) / f"{self.moves}-{digest}" / f"seed{seed}"
 
@@ -110,81 +116,104 @@ def memory_config(args: Args) -> MemoryConfig:
     )  # fmt: skip
 
 
-def train(args: Args, seed: int, spec, episodes) -> tuple[MemoryExperts, MemoryExperts, float]:
-    """-> (memory with the retrieval spatial expert, memory with the adapter, seconds), both
-    on the same world model, trained on ``episodes`` or loaded from this seed's folder."""
-    folder = args.folder(seed)
+def train(args: Args, seed: int, spec, episodes) -> tuple[dict[str, MemoryExperts], float]:
+    """-> ({name: memory} on one world model, seconds): the retrieval spatial expert with each
+    transition key ("cell", "cell_and_neighbours", fitted here: real data only, cheap) and
+    the spatial adapter ("adapter"). The world model and the adapter are trained on
+    ``episodes``, or loaded from this seed's folder."""
+    folder, config = args.folder(seed), memory_config(args)
+    adapter_cfg = config.replace(spatial_mode="adapter")
     if (folder / "train.json").exists():
         model = WorldModel.load(folder / "world_model.safetensors")
-        memories = [load_memory(folder / f"{mode}.safetensors", model)
-                    for mode in ("retrieval", "adapter")]  # fmt: skip
-        memories[0].set_config(memory_config(args))
-        memories[1].set_config(memory_config(args).replace(spatial_mode="adapter"))
-        print(f"seed {seed}: world model and spatial experts loaded from {folder}", flush=True)
-        return *memories, json.loads((folder / "train.json").read_text())["seconds"]
-    torch.manual_seed(seed)
-    config = memory_config(args)
-    model = WorldModel(small_world_model(args.context), spec)
-    memory = MemoryExperts(model, config)
-    cfg = TrainConfig(steps=args.train_steps, batch_size=32, window=args.context, lr=2e-3,
-                      warmup=20, eval_every=10**6, log_every=10**6, checkpoint_every=10**6,
-                      precision="fp32")  # fmt: skip
-    start = time.perf_counter()
-    fit(model, training_windows(episodes, spec, args.context), cfg, progress=True)
-    memory.fit_spatial([(e.obs, e.action) for e in episodes])
-    adapter = MemoryExperts(model, config.replace(spatial_mode="adapter"))
-    adapter.fit_spatial(
-        [(e.obs, e.action) for e in episodes[:10]],
-        generator=torch.Generator().manual_seed(seed),
-        progress=True,
-    )
-    seconds = time.perf_counter() - start
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save(folder / "world_model.safetensors")
-    save_memory(memory, folder / "retrieval.safetensors")
-    save_memory(adapter, folder / "adapter.safetensors")
-    atomic_write_text(folder / "train.json", json.dumps({"seconds": seconds}))
-    return memory, adapter, seconds
+        adapter = MemoryExperts(model, adapter_cfg)
+        saved = load_memory(folder / "adapter.safetensors", model)
+        adapter.spatial_adapter.load_state_dict(saved.spatial_adapter.state_dict())
+        seconds = json.loads((folder / "train.json").read_text())["seconds"]
+        print(f"seed {seed}: world model and spatial adapter loaded from {folder}", flush=True)
+    else:
+        torch.manual_seed(seed)
+        model = WorldModel(small_world_model(args.context), spec)
+        cfg = TrainConfig(steps=args.train_steps, batch_size=32, window=args.context, lr=2e-3,
+                          warmup=20, eval_every=10**6, log_every=10**6,
+                          checkpoint_every=10**6, precision="fp32")  # fmt: skip
+        start = time.perf_counter()
+        fit(model, training_windows(episodes, spec, args.context), cfg, progress=True)
+        adapter = MemoryExperts(model, adapter_cfg)
+        adapter.fit_spatial(
+            [(e.obs, e.action) for e in episodes[:10]],
+            generator=torch.Generator().manual_seed(seed),
+            progress=True,
+        )
+        seconds = time.perf_counter() - start
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save(folder / "world_model.safetensors")
+        save_memory(adapter, folder / "adapter.safetensors")
+        atomic_write_text(folder / "train.json", json.dumps({"seconds": seconds}))
+    memories = {"adapter": adapter}
+    for key in TRANSITION_KEYS:
+        memories[key] = MemoryExperts(model, config.replace(transition_key=key))
+        memories[key].fit_spatial([(e.obs, e.action) for e in episodes])
+    return memories, seconds
 
 
-def ablations(memory: MemoryConfig) -> dict[str, tuple[bool, MemoryConfig]]:
-    """name -> (use the adapter model, memory config)."""
+def ablations(memory: MemoryConfig) -> dict[str, tuple[str, MemoryConfig]]:
+    """name -> (which memory of ``train``, memory config). Rows sharing a memory and its LoRA
+    settings follow each other: the later ones reuse the adapters (see ``evaluate_seed``)."""
+    key = memory.transition_key
+    other = next(k for k in TRANSITION_KEYS if k != key)
     return {
-        "short-term alone": (False, memory.only("short")),
-        "short + long-term (LoRA)": (False, memory.only("short", "long")),
-        "short + spatial (retrieval)": (False, memory.only("short", "spatial")),
+        "short-term alone": (key, memory.only("short")),
+        "short + spatial (retrieval)": (key, memory.only("short", "spatial")),
+        f"short + spatial (retrieval, key {other})": (
+            other,
+            memory.only("short", "spatial").replace(transition_key=other),
+        ),
         "short + spatial (adapter)": (
-            True,
+            "adapter",
             memory.only("short", "spatial").replace(spatial_mode="adapter"),
         ),
-        "all three": (False, memory),
-        "all three, LoRA always kept": (False, memory.replace(lora_validation=0.0)),
-        "all three, alpha_long = 2": (False, memory.replace(alpha_long=2.0)),
-        "all three, naive product (form = sum)": (False, memory.replace(form="sum")),
+        "short + long-term (LoRA)": (key, memory.only("short", "long")),
+        "all three": (key, memory),
+        "all three, alpha_long = 2": (key, memory.replace(alpha_long=2.0)),
+        "all three, naive product (form = sum)": (key, memory.replace(form="sum")),
+        "all three, LoRA always kept": (key, memory.replace(lora_validation=0.0)),
     }
 
 
-def evaluate_seed(args: Args, seed: int, spec, episodes) -> dict[str, dict]:
-    """Every ablation row on one seed -> {row: {"config", "kept", "result"}}; rows saved in
-    the seed's folder are reused unless named in ``--rerun``."""
+def lora_fit(config: MemoryConfig) -> tuple | None:
+    """What a row's LoRA adapters depend on (None: the row fits none)."""
+    if not config.long_term:
+        return None
+    fields = ("lora_rank", "lora_alpha", "lora_steps", "lora_lr", "lora_batch_size",
+              "lora_validation")  # fmt: skip
+    return tuple(getattr(config, f) for f in fields)
+
+
+def evaluate_seed(args: Args, seed: int, spec, episodes) -> dict:
+    """Every ablation row on one seed -> {"train_seconds", "rows": {row: {"config", "kept",
+    "result"}}, "memory"}; rows saved in the seed's folder are reused unless named in
+    ``--rerun``. A row whose LoRA settings match the previous row evaluated on the same memory
+    reuses its episodes' memories (the test-time finetune is the costly part)."""
     n_train = args.train_episodes
-    retrieval, adapter, train_s = train(args, seed, spec, episodes[:n_train])
+    memories, train_s = train(args, seed, spec, episodes[:n_train])
     held_out = episodes[n_train:]
     feature_var = np.concatenate([e.obs for e in episodes[:n_train]]).var(0)  # [N, D]
     path = args.folder(seed) / "rows.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
-    rows = {}
-    for name, (use_adapter, config) in ablations(retrieval.cfg).items():
+    rows, built = {}, {}  # built: memory name -> LoRA settings its episodes were fitted with
+    for name, (which, config) in ablations(memory_config(args)).items():
         old = saved.get(name)
         if old and old["config"] == config.to_dict() and not {name, "all"} & set(args.rerun):
             rows[name] = old
             continue
-        memory = adapter if use_adapter else retrieval
+        memory = memories[which]
         memory.set_config(config)
+        reuse = lora_fit(config) is not None and built.get(which) == lora_fit(config)
         r = evaluate_rollouts(
             memory, held_out, prefix=args.prefix, horizon=args.horizon, samples=args.samples,
-            seed=seed, feature_var=feature_var,
+            seed=seed, feature_var=feature_var, remember=not reuse,
         )  # fmt: skip
+        built[which] = lora_fit(config)
         kept = None
         if config.long_term and config.lora_validation > 0 and memory.store is not None:
             kept = sum(memory.store.last_kept.get(e.episode_id, 0) for e in held_out)
@@ -193,8 +222,54 @@ def evaluate_seed(args: Args, seed: int, spec, episodes) -> dict[str, dict]:
         atomic_write_text(path, json.dumps({**saved, **rows}))
         print(f"seed {seed}, {name}: mean MSE {r.long_horizon_mse:.4f}, LoRA kept {kept}",
               flush=True)  # fmt: skip
-    retrieval.set_config(retrieval.cfg.replace(lora_validation=0.0))  # time the LoRA pass too
-    return {"train_seconds": train_s, "rows": rows, "memory": retrieval}
+    memory = memories[memory_config(args).transition_key]
+    memory.set_config(memory.cfg.replace(lora_validation=0.0))  # time the LoRA pass too
+    return {"train_seconds": train_s, "rows": rows, "memory": memory}
+
+
+LORA_SETTINGS = ((8, 60, 3e-3), (8, 60, 3e-4), (2, 150, 3e-3), (32, 150, 1e-3))
+"""(rank, Adam steps, learning rate) of the LoRA diagnosis; the first is the default."""
+
+
+def lora_diagnosis(args: Args, memory: MemoryExperts, held_out: list) -> list[list]:
+    """Why the LoRA expert abstains: per setting, its denoiser loss over the base's (same
+    noise) on the pairs it was fitted on (the prefix's first 75 %), on the prefix's held-out
+    latest 25 % (what ``lora_validation`` checks) and on the episode's next ``horizon`` real
+    transitions (teacher-forced: what imagination needs), mean ± SE over the first
+    ``lora_episodes`` held-out episodes, with the episodes where the future loss is lower.
+    Saved beside the first seed's results (resumable)."""
+    path = args.folder(args.seeds[0]) / "lora.json"
+    if not args.lora_episodes:
+        return []
+    if path.exists() and "lora" not in args.rerun:
+        return json.loads(path.read_text())
+    spec, p, h = memory.model.spec, args.prefix, args.horizon
+    base = memory_config(args)
+    n_fit = int(round((1 - base.lora_validation) * p))
+    ratios = {s: [] for s in LORA_SETTINGS}  # setting -> [(fit, held-out, future) per episode]
+    for i, episode in enumerate(held_out[: args.lora_episodes]):
+        obs = torch.as_tensor(episode.obs[: p + h + 1]).float()
+        act = torch.as_tensor(spec.encode_actions(episode.action[: p + h]), dtype=torch.float32)
+        cond, x0 = memory.denoiser_pairs(obs, act)  # [p + h, C], [p + h, X]
+        parts = {"fit": slice(0, n_fit), "held": slice(n_fit, p), "future": slice(p, p + h)}
+        for rank, steps, lr in LORA_SETTINGS:
+            cfg = base.replace(lora_rank=rank, lora_steps=steps, lora_lr=lr)
+            store = MemoryStore(memory.model.denoiser, cfg)
+            torch.manual_seed(args.seeds[0] + i)  # the adapter's initialisation
+            with torch.enable_grad():
+                store.finetune_pairs("e", x0[parts["fit"]], cond[parts["fit"]],
+                                     generator=torch.Generator().manual_seed(i))  # fmt: skip
+            losses = [store.paired_loss("e", x0[part], cond[part]) for part in parts.values()]
+            ratios[(rank, steps, lr)].append([a / b for a, b in losses])
+        print(f"LoRA diagnosis: episode {i} done", flush=True)
+    rows = []
+    for (rank, steps, lr), per_episode in ratios.items():
+        r = np.asarray(per_episode)  # [E, 3]
+        se = r.std(0, ddof=1) / np.sqrt(len(r))
+        cells = [f"{m:.3f} ± {e:.3f}" for m, e in zip(r.mean(0), se)]
+        rows.append([rank, steps, lr, *cells, f"{int((r[:, 2] < 1).sum())}/{len(r)}"])
+    atomic_write_text(path, json.dumps(rows))
+    return rows
 
 
 def ratio_cells(rows: list[dict], bases: list[dict]) -> tuple[str, str, str]:
@@ -260,8 +335,9 @@ def cost(args: Args, memory: MemoryExperts) -> list[list]:
     return rows
 
 
-def block(args: Args, seeds: list[dict], cost_rows: list[list]) -> str:
-    """The RESULTS.md block: setup, the ablation table over seeds, the cost table."""
+def block(args: Args, seeds: list[dict], cost_rows: list[list], lora_rows: list[list]) -> str:
+    """The RESULTS.md block: setup, the ablation table over seeds, the LoRA diagnosis, the
+    cost table."""
     h, n = args.horizon, len(seeds)
     table = markdown_table(
         ["experts", f"MSE h 1-{h}", f"MSE h {h - h // 4 + 1}-{h}", "standardised MSE",
@@ -269,6 +345,18 @@ def block(args: Args, seeds: list[dict], cost_rows: list[list]) -> str:
          "per seed", "lower than short (episode x seed)", "spread between samples",
          "LoRA kept (per seed)", "ms per imagined step"],
         [combined_row(args, name, seeds) for name in seeds[0]["rows"]],
+    )  # fmt: skip
+    n_fit = int(round((1 - memory_config(args).lora_validation) * args.prefix))
+    lora_table = markdown_table(
+        ["LoRA rank", "steps", "lr", "loss / base, fitted pairs", "held-out prefix",
+         f"next {h} transitions", "episodes lower (next)"], lora_rows,
+    )  # fmt: skip
+    lora_text = (
+        f"LoRA expert alone (first seed, {args.lora_episodes} held-out episodes, no "
+        f"validation): its denoiser loss / the base's (same noise) on the pairs it was fitted "
+        f"on (prefix steps 1-{n_fit}), on the held-out rest of the prefix and on the next {h} "
+        f"real transitions, mean ± SE over episodes:\n\n{lora_table}\n\n"
+        if lora_rows else ""
     )  # fmt: skip
     cost_table = markdown_table(
         ["remembered real steps", "remember + LoRA finetune (s)", "ms per step, short",
@@ -292,7 +380,7 @@ def block(args: Args, seeds: list[dict], cost_rows: list[list]) -> str:
         f"(step, agent) on a cell seen in the prefix but not in the context; spread: "
         f"standardised variance between samples; LoRA kept: episodes whose adapter lowered the "
         f"denoiser loss on the prefix's latest 25 %. Machine shared with other jobs.\n\n"
-        f"{table}\n\nCost per imagined step (batch 1, best of 3 x {args.timed_steps}; first "
+        f"{table}\n\n{lora_text}Cost per imagined step (batch 1, best of 3 x {args.timed_steps}; first "
         f"seed) after remembering a history of each length (spatial memory capped at "
         f"{memory_config(args).spatial_capacity} entries, LoRA kept):\n\n{cost_table}"
     )
@@ -305,12 +393,14 @@ def main() -> None:
         "overcooked", args.env, range(args.train_episodes + args.eval_episodes)
     )
     seeds = [evaluate_seed(args, seed, spec, episodes) for seed in args.seeds]
-    cost_rows = cost(args, seeds[0].pop("memory"))
+    memory = seeds[0].pop("memory")
+    lora_rows = lora_diagnosis(args, memory, episodes[args.train_episodes :])
+    cost_rows = cost(args, memory)
     name = "memory_overcooked" if args.moves == "fixed" else f"memory_overcooked_{args.moves}"
     publish(
         name,
         f"Memory experts on the world model: long Overcooked rollouts ({args.moves} moves)",
-        block(args, seeds, cost_rows),
+        block(args, seeds, cost_rows, lora_rows),
         args.record,
     )
 

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,7 @@ from benchmarks._memory_eval import (
 from moedream.config import ConfigError
 from moedream.world_model.memory import MemoryConfig, MemoryExperts, load_memory, save_memory
 from moedream.world_model.model import CheckpointError, WorldModel
+from moedream.world_model.safetensors_file import read_checkpoint, write_checkpoint
 from moedream.world_model.train_local import TrainConfig, fit
 
 CONTEXT = 4
@@ -100,7 +103,8 @@ def test_short_term_alone_and_empty_memories_reproduce_the_world_model(tiny, dat
 
 
 # Rollouts computed before memory became an argument of imagine (the memory world model
-# subclass): the x, y cells of both agents over the first 6 imagined steps, and sum |obs|.
+# subclass), with the transition key of that time (cell and neighbours): the x, y cells of
+# both agents over the first 6 imagined steps, and sum |obs|.
 GOLDEN = {
     "retrieval": (
         [1.9622126, 2.0, 2.1037903, 1.9646297, 1.4093041, 1.6574354,
@@ -135,8 +139,11 @@ def remembered(model, data, cfg: MemoryConfig) -> MemoryExperts:
 def test_memory_argument_reproduces_the_golden_rollouts(tiny, data, mode):
     spec, train, _ = data
     memory = remembered(
-        tiny, data, MemoryConfig(lora_steps=5, lora_validation=0.0, spatial_mode=mode)
-    )
+        tiny,
+        data,
+        MemoryConfig(lora_steps=5, lora_validation=0.0, spatial_mode=mode,
+                     transition_key="cell_and_neighbours"),
+    )  # fmt: skip
     got = imagine(tiny, train[3], spec, memory.recall(["a"])).obs[0, 1:]  # [H, N, D]
     cells, abs_sum = GOLDEN[mode]
     np.testing.assert_allclose(got[:, :, -2:].reshape(-1)[:12], cells, rtol=0, atol=1e-3)
@@ -173,6 +180,16 @@ def test_saved_memory_imagines_exactly_as_before(tiny, data, tmp_path):
         load_memory(tmp_path / "world_model.safetensors", model)
     with pytest.raises(ValueError, match="belongs to another world model"):
         imagine(tiny, train[3], spec, loaded.recall(["a"]))
+    # a memory saved before the config had transition_key used cell-and-neighbour keys
+    metadata, tensors = read_checkpoint(tmp_path / "memory.safetensors", kind="memory",
+                                        fmt="moedream.world_model.memory")  # fmt: skip
+    stored = json.loads(metadata["memory_config"])
+    del stored["transition_key"]
+    write_checkpoint(tmp_path / "old.safetensors", tensors,
+                     {**metadata, "memory_config": json.dumps(stored)})  # fmt: skip
+    assert load_memory(tmp_path / "old.safetensors", model).cfg.transition_key == (
+        "cell_and_neighbours"
+    )
 
 
 def test_composition_is_the_poce_formula_on_the_experts(tiny, data):
@@ -299,6 +316,17 @@ def test_revisits_and_position_keys(tiny):
     obs[:, -2:] = torch.tensor([[1.2, 1.9], [3.0, 0.6]])
     memory = MemoryExperts(tiny)
     assert memory.positions(obs).tolist() == [[1.0, 2.0], [3.0, 1.0]]
+    # transition keys: the cell alone (default), or with the other agent's offset when it is
+    # adjacent (here it is not: the far sentinel)
+    assert memory.situations(obs).tolist() == [[1.0, 2.0], [3.0, 1.0]]
+    near = MemoryExperts(tiny, MemoryConfig(transition_key="cell_and_neighbours"))
+    assert near.situations(obs).tolist() == [[1.0, 2.0, 99.0, 99.0], [3.0, 1.0, 99.0, 99.0]]
+    obs[1, -2:] = torch.tensor([2.0, 2.0])
+    assert near.situations(obs).tolist() == [[1.0, 2.0, 1.0, 0.0], [2.0, 2.0, -1.0, 0.0]]
+    with pytest.raises(ConfigError, match="transition_key.*build a new MemoryExperts"):
+        memory.set_config(MemoryConfig(transition_key="cell_and_neighbours"))
+    with pytest.raises(ConfigError, match="transition_key"):
+        MemoryConfig(transition_key="row").validate()
     with pytest.raises(ConfigError, match="position_offset"):
         memory.set_config(MemoryConfig(position_offset="x"))
     with pytest.raises(ConfigError, match="position_offset"):

@@ -30,6 +30,7 @@ from moedream.world_model.safetensors_file import (
 FORMAT = "moedream.world_model.memory"
 FORMAT_VERSION = "1"
 MEMORY_FILE = "memory.safetensors"
+LEGACY_TRANSITION_KEY = "cell_and_neighbours"  # the only key before the config had the field
 
 
 def _file(path: str | Path) -> Path:
@@ -94,7 +95,10 @@ def load_memory(path: str | Path, model: WorldModel) -> MemoryExperts:
                 "load it on the world model it was saved with"
             )
     try:
-        cfg = MemoryConfig.from_dict(json.loads(metadata["memory_config"]))
+        stored = json.loads(metadata["memory_config"])
+        if isinstance(stored, dict):
+            stored.setdefault("transition_key", LEGACY_TRANSITION_KEY)
+        cfg = MemoryConfig.from_dict(stored)
         spatial_ids = json.loads(metadata["spatial_episodes"])
         lora_ids = json.loads(metadata["lora_episodes"])
         last_kept = json.loads(metadata["lora_last_kept"])

@@ -9,6 +9,7 @@ from moedream.config import ConfigBase, check, check_choice, check_positive, che
 
 EXPERTS = ("short", "long", "spatial")
 FORMS = ("sum", "shared_prior")
+TRANSITION_KEYS = ("cell", "cell_and_neighbours")
 
 
 def _check_int(field: str, value: Any, low: int) -> None:
@@ -92,6 +93,12 @@ class MemoryConfig(ConfigBase):
     observation ends with the agent's absolute (x, y) cell: -2."""
     round_positions: bool = True
     """Round query positions to the grid (grid worlds: an imagined position drifts off-grid)."""
+    transition_key: Literal["cell", "cell_and_neighbours"] = "cell"
+    """What the retrieval expert's transition memory matches, beside the action: the agent's
+    cell ('cell'), or also the other agents' offsets when adjacent ('cell_and_neighbours': a
+    remembered move is reused only with the same neighbours, which may block it). Measured on
+    Overcooked with per-episode moves (benchmarks/memory_overcooked.py): 'cell' answers about
+    twice as often, and the fusion weight, measured with the same key, absorbs its misses."""
     recent_gap: int | None = None
     """Entries of the last ``recent_gap`` steps are not retrieved (the short-term context
     already holds them); None = the backbone's max_context."""
@@ -132,6 +139,7 @@ class MemoryConfig(ConfigBase):
         check_choice(f"{prefix}form", self.form, FORMS)
         check_choice(f"{prefix}eviction", self.eviction, ("lru", "fifo"))
         check_choice(f"{prefix}spatial_mode", self.spatial_mode, ("retrieval", "adapter"))
+        check_choice(f"{prefix}transition_key", self.transition_key, TRANSITION_KEYS)
         check_choice(f"{prefix}adapter_data", self.adapter_data, ("imagined", "teacher_forced"))
         for name in ("lora_rank", "lora_steps", "lora_batch_size", "max_adapters",
                      "spatial_capacity", "spatial_k", "key_dim"):  # fmt: skip

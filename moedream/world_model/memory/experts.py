@@ -161,6 +161,12 @@ class MemoryExperts:
     def set_config(self, cfg: MemoryConfig) -> None:
         """Switch experts, weights or memory settings between calls (ablations); memories and
         adapters are kept. Recalls made before keep the composition they were made with."""
+        if cfg.transition_key != self.cfg.transition_key:
+            raise ConfigError(
+                f"config field `memory.transition_key` cannot change from "
+                f"{self.cfg.transition_key!r} to {cfg.transition_key!r} on a built memory (its "
+                "transition tables and measured error use the key): build a new MemoryExperts"
+            )
         self.cfg = self._checked(cfg)
 
     def recall(self, episode_ids: Sequence[str | None]) -> Recall:
@@ -178,11 +184,14 @@ class MemoryExperts:
         return pos.round() if self.cfg.round_positions and rounded else pos
 
     def situations(self, obs: Tensor) -> Tensor:
-        """Transition-memory keys [..., N, P * N] from observations [..., N, D]: each agent's
-        cell, then every other agent's offset from it when it is adjacent (|offset| <= 1 per
-        key dim, i.e. it may block or be blocked) and a far sentinel otherwise, so a remembered
-        move is only reused when the neighbourhood's occupancy is the same."""
+        """Transition-memory keys from observations [..., N, D]: each agent's cell [..., N, P]
+        (``transition_key`` 'cell'), or [..., N, P * N] with every other agent's offset from
+        it when it is adjacent (|offset| <= 1 per key dim, i.e. it may block or be blocked)
+        and a far sentinel otherwise ('cell_and_neighbours'), so a remembered move is only
+        reused when the neighbourhood's occupancy is the same."""
         pos = self.positions(obs)  # [..., N, P]
+        if self.cfg.transition_key == "cell":
+            return pos
         n = pos.shape[-2]
         parts = [pos]
         for shift in range(1, n):

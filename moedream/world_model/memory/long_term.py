@@ -171,7 +171,7 @@ class MemoryStore:
         self._activate(name)
         logs = {"lora/loss_first": first, "lora/loss_last": last}
         if n_val:
-            kept = self._validate(name, val_target, val_cond)
+            kept = self._validate(episode_id, val_target, val_cond)
             self.last_kept[episode_id] = int(kept[0])
             logs.update({"lora/kept": float(kept[0]), "lora/val_loss": kept[1],
                          "lora/val_loss_base": kept[2]})  # fmt: skip
@@ -180,9 +180,11 @@ class MemoryStore:
         return logs
 
     @torch.no_grad()
-    def _validate(self, name: str, target: Tensor, cond: Tensor) -> tuple[bool, float, float]:
-        """Keep adapter ``name`` only if it beats the base on (target, cond) with shared noise
-        draws; else zero its LoRA B matrices. -> (kept, adapter loss, base loss)."""
+    def paired_loss(self, episode_id: str, target: Tensor, cond: Tensor) -> tuple[float, float]:
+        """The denoiser loss on pairs x0 ``target`` [M, X] given ``cond`` [M, C] with
+        ``episode_id``'s adapter and with the base, on the same noise draws (at least 256
+        in all, fixed seed) -> (adapter loss, base loss)."""
+        name = self._adapters[episode_id]
         denoiser = self.model.get_base_model().denoiser
         gen = torch.Generator(device=target.device).manual_seed(0)
         reps = max(1, 256 // target.shape[0])  # noise draws per pair
@@ -191,6 +193,14 @@ class MemoryStore:
         self._activate(name)
         adapted = float((self.model.get_base_model()(x_t, t, c) - goal).pow(2).mean())
         base = float((self.predict_base(x_t, t, c) - goal).pow(2).mean())
+        return adapted, base
+
+    @torch.no_grad()
+    def _validate(self, episode_id: str, target: Tensor, cond: Tensor) -> tuple[bool, float, float]:
+        """Keep ``episode_id``'s adapter only if it beats the base on (target, cond) with
+        shared noise draws; else zero its LoRA B matrices. -> (kept, adapter loss, base loss)."""
+        name = self._adapters[episode_id]
+        adapted, base = self.paired_loss(episode_id, target, cond)
         kept = adapted < base
         if not kept:
             for key, param in self.model.named_parameters():
