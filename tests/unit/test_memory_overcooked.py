@@ -267,6 +267,11 @@ def test_lora_validation_keeps_an_adapter_only_if_it_beats_the_base(tiny, data):
         torch.testing.assert_close(lora, base, rtol=0, atol=1e-6)
     else:
         assert (lora - base).abs().max() > 0
+    # paired_loss is the validation's measure: the same figures on the same held-out pairs
+    cond, x0 = memory.denoiser_pairs(obs[:41], act[:40])
+    adapted, base_loss = memory.memory_store().paired_loss("ep", x0[30:], cond[30:])
+    assert base_loss == pytest.approx(logs["lora/val_loss_base"], rel=1e-5)
+    assert adapted == pytest.approx(logs["lora/val_loss"] if kept else base_loss, rel=1e-5)
 
 
 def test_retrieval_spatial_expert_is_the_product_of_gaussians(tiny, data):
