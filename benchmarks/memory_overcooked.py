@@ -371,7 +371,8 @@ def block(args: Args, seeds: list[dict], cost_rows: list[list], lora_rows: list[
     return (
         f"{task}. Small WorldModel (d_model 64, 2 layers, 4 experts, {args.context}-step context) "
         f"trained {args.train_steps} steps on {args.train_episodes} random-policy episodes of "
-        f"{args.episode_horizon} steps, spatial experts fitted on them ({train_s} s per seed); "
+        f"{args.episode_horizon} steps, spatial experts fitted on them (world model and "
+        f"spatial adapter: {train_s} s per seed); "
         f"{args.eval_episodes} held-out episodes x {args.samples} samples: {args.prefix} real "
         f"steps observed, {h} imagined with the real actions; same sampling noise in every row. "
         f"Seeds {', '.join(map(str, args.seeds))}: world-model init and noise, same episodes. "
