@@ -17,17 +17,21 @@ but not inside the short context. Standardised = each feature's squared error di
 training variance (floored at 0.01): raw MSE is dominated by a few wide features. Spread =
 the standardised variance between an episode's samples: how diverse the imagined futures are,
 which compares PoCE with one shared prior (the default) against the naive product of experts
-(``form: sum``, every expert brings its own prior). A second table times one imagined step
-after remembering 50 .. 800 real steps (does the cost stay constant with context length?).
+(``form: sum``, every expert brings its own prior). A second table shows why the LoRA
+expert's validation keeps or rejects it: the adapter's denoiser loss against the base's on
+the pairs it was fitted on, on the held-out rest of the prefix and on the episode's next real
+transitions, per rank, step count and learning rate (``lora_diagnosis``). A third table times
+one imagined step after remembering 50 .. 800 real steps (does the cost stay constant with
+context length?).
 
 ``--moves per_episode`` runs it on the Overcooked variant whose four moves are shuffled at
 every reset (hidden per-episode dynamics: only the episode's own history tells them), the
 task where long-term memory must help; it records its own block.
 
-    python benchmarks/memory_overcooked.py                  # ~10 min on 2 cores
+    python benchmarks/memory_overcooked.py                  # ~30 min on 2 shared cores
     python benchmarks/memory_overcooked.py --moves per_episode --train-episodes 40 --train-steps 800
     python benchmarks/memory_overcooked.py --train-steps 50 --train-episodes 4 --eval-episodes 3 \
-        --horizon 8 --lengths 50 --out runs/memory_smoke --no-record   # smoke
+        --horizon 8 --lengths 50 --lora-episodes 2 --out runs/memory_smoke --no-record  # smoke
 """
 
 from __future__ import annotations
