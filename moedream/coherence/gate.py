@@ -56,7 +56,7 @@ from moedream.coherence.kernel import (
     judge,
     truncate,
 )
-from moedream.files import atomic_write_text
+from moedream.files import atomic_path, atomic_write_text
 from moedream.platform.serve.request import imagine_request
 from moedream.world_model.trajectory import BATCH_FIELDS, Trajectories
 
@@ -116,6 +116,8 @@ class CoherenceGate:
         self.normalizer_path = Path(state_dir) / f"{config.actor_name}_normalizer.json"
         if self.normalizer_path.is_file():  # a refit (refit / set_normalizer) outlives restarts
             self.normalizer = Normalizer.load(self.normalizer_path)
+        self.model_view_path = Path(state_dir) / f"{config.actor_name}_model_view.npz"
+        self._model_view = load_model_view(self.model_view_path)  # the last calibration's
         self.state = load_state(self.state_path, config.h7_bins)
         self.state["starts"] += 1
         self._reimagine_fn = reimagine
@@ -145,10 +147,12 @@ class CoherenceGate:
         """Refit φ on real observation sequences (episodes [T_i+1, N, D] or windows
         [B, T+1, N, D]), e.g. the agents' latest real episodes: φ fitted on a random policy's
         collection calls a trained team's real steps incoherent (they are larger and reach
-        states random play never does). The model-metric quantiles (kl, ensemble, the model
-        terms), σ_r and the error curve are kept
-        and the support [min, max] is the union of the old and the new one.
-        Persisted in the state dir, so a restarted actor keeps it."""
+        states random play never does). The model terms are measured in units of φ (σ_Δ, the
+        mean real step), so they are recalibrated in the new φ's units on the model's view of
+        held-out real windows that :meth:`calibrate_model_terms` last received (kept: σ_r,
+        and every quantile when there is no such view); the learner-calibrated quantiles (kl,
+        ensemble, value_gap) are kept and the support [min, max] is the union of the old and
+        the new one. Persisted in the state dir, so a restarted actor keeps it."""
         new = Normalizer.fit(sequences, self.config.kernel)
         old = self.normalizer
         if (new.n_agents, new.obs_dim) != (old.n_agents, old.obs_dim):
@@ -164,8 +168,31 @@ class CoherenceGate:
         # the support only widens: states real data visited before stay on support
         new.state_min = np.minimum(new.state_min, old.state_min)
         new.state_max = np.maximum(new.state_max, old.state_max)
+        if self._model_view is not None:  # the model terms in the new φ's units
+            new.calibrate_model_terms(*self._model_view, self.config.kernel)
         self.set_normalizer(new)
         return {"refit_steps": float(new.n_steps), "refit_l2_quantile": new.quantiles["l2"]}
+
+    def calibrate_model_terms(
+        self, view: Trajectories | Any, real_reward: np.ndarray
+    ) -> dict[str, float]:
+        """Recalibrate the model terms (kernel.Normalizer.calibrate_model_terms) on ``view``,
+        the served model's teacher-forced view of held-out REAL windows
+        (coherence.model_calibration.model_view), with their real rewards [B, H, N]: e.g.
+        after every retrain, since a retrained model's disagreement and error have their own
+        scale. Counted (gate/model_calibrations); the view is kept (and persisted) so that a
+        refit of φ recalibrates the terms in its units. Returns each fitted quantile
+        (``<term>_quantile``) and the count of calibrations so far (``model_calibrations``)."""
+        view = resolve_trajectories(view)
+        real_reward = np.asarray(real_reward, np.float32)
+        norm = Normalizer.from_dict(self.normalizer.to_dict())
+        fitted = norm.calibrate_model_terms(view, real_reward, self.config.kernel)
+        save_model_view(self.model_view_path, view, real_reward)
+        self._model_view = (view, real_reward)
+        self.state["model_calibrations"] = int(self.state.get("model_calibrations", 0)) + 1
+        self._store_normalizer(norm)  # not a refit of φ: the refit counter stays
+        return {**{f"{m}_quantile": q for m, q in fitted.items()},
+                "model_calibrations": float(self.state["model_calibrations"])}  # fmt: skip
 
     def calibrate_value_term(self, residuals: np.ndarray) -> dict[str, float]:
         """Calibrate the reflector's term on the team critic's TD residuals of real steps
@@ -420,6 +447,7 @@ def stats_from_state(state: dict[str, Any]) -> dict[str, float]:
         "gate/calls": float(state["calls"]),
         "gate/refits": float(state.get("refits", 0)),
         "gate/value_calibrations": float(state.get("value_calibrations", 0)),
+        "gate/model_calibrations": float(state.get("model_calibrations", 0)),
     }
     bins = int(state["h7_bins"])
     for env_name, per_env in state["counters"].items():
@@ -480,6 +508,27 @@ def _write_histogram(
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+# The fields of a model view the model terms read (kernel.raw_model_terms).
+MODEL_VIEW_FIELDS = ("obs", "action", "reward", "terminated", "obs_std", "ensemble_obs",
+                     "ensemble_reward", "reward_spread")  # fmt: skip
+
+
+def save_model_view(path: Path, view: Trajectories, real_reward: np.ndarray) -> None:
+    """The last calibration's model view and real rewards, as .npz (atomic)."""
+    arrays = {f: np.asarray(getattr(view, f)) for f in MODEL_VIEW_FIELDS}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, real_reward=real_reward, **arrays)
+
+
+def load_model_view(path: Path) -> tuple[Trajectories, np.ndarray] | None:
+    """(view, real rewards) saved by :func:`save_model_view`, or None if there is none."""
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        view = Trajectories(**{f: data[f] for f in MODEL_VIEW_FIELDS})
+        return view, data["real_reward"]
 
 
 # ---------------------------------------------------------------------------------------------

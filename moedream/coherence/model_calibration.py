@@ -39,6 +39,18 @@ def model_view(model: Any, windows: dict[str, np.ndarray], batch: int = 256) -> 
     )
 
 
+def context_steps(model: Any, horizon: int) -> int:
+    """Steps of the held-out windows ``model`` (a WorldModel) can view: the horizon, at most its
+    backbone's context."""
+    return min(int(horizon), int(model.config.backbone.max_context))
+
+
+def within_context(model: Any, windows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Real windows cut to their first :func:`context_steps` steps (obs keeps one more)."""
+    steps = context_steps(model, windows["action"].shape[1])
+    return {k: v[:, : steps + 1] if k == "obs" else v[:, :steps] for k, v in windows.items()}
+
+
 def calibrate_model_terms(
     normalizer: Normalizer, model: Any, held_out: dict[str, np.ndarray], config: GateConfig
 ) -> dict[str, float]:

@@ -25,7 +25,11 @@
 - ``retrain``: on MBMAPPO's ``world_model_retrain_every`` schedule, the served checkpoint is
   fine-tuned on the original + new real windows and hot-swapped into the deployment
   (moedream.platform.served_retrain.ServedModelRetrainer); with ``retrain_in_background`` the
-  fine-tune runs in a Ray task and ``swap_retrained`` serves it at the next iteration's start.
+  fine-tune runs in a Ray task and ``swap_retrained`` serves it at the next iteration's start;
+- after every swap, the gate's model terms are recalibrated on the new model's view of the
+  store's rolling hold-out of real episodes (every ``holdout_every``-th one, never trained
+  on), as the gate stage calibrated them for the first model: a retrained model's ensemble
+  disagreement and error have their own scale (``gate_recalibrate``).
 
 Every request to the deployment is built by moedream.platform.serve.request.imagine_request.
 Every remote call (Serve handle, gate actor) is retried with backoff and a timeout per attempt
@@ -130,6 +134,17 @@ class ServedWorldModelImaginerFactory(ConfigBase):
     real episodes): φ fitted once on the random collection rejects more and more imagination
     as the team's real motion leaves random play behind. Before each refit the new episodes'
     real H-step windows are judged (uncounted): provider/gate_real_approve_rate."""
+    gate_recalibrate: bool = True
+    """After every retrain's swap, recalibrate the gate's model terms on the new model's view of
+    held-out real windows (the store's rolling hold-out; moedream/coherence/kernel.py,
+    section 6). Only where the gate is used; False keeps the first model's calibration."""
+    holdout_every: int = 10
+    """With gate_recalibrate: every this-many-th real episode (or chunk) goes to the rolling
+    hold-out instead of the retrain data."""
+    holdout_max_steps: int = 4000
+    """Real steps the rolling hold-out keeps (the newest)."""
+    gate_calibration_windows: int = 256
+    """Most held-out windows (the newest, of the imagination horizon) per recalibration."""
     eval_rows: int = 256
     """Held-out one-step predictions scored on each iteration's new real episodes before they
     are stored (provider/wm_eval_* metrics); 0 = do not score."""
@@ -148,7 +163,8 @@ class ServedWorldModelImaginerFactory(ConfigBase):
             value = getattr(self, name)
             check(isinstance(value, str) and bool(value), f"{prefix}{name}", value,
                   "must be a non-empty string")  # fmt: skip
-        for name in ("max_rows", "store_max_steps", "retrain_steps", "retrain_batch_size"):
+        for name in ("max_rows", "store_max_steps", "retrain_steps", "retrain_batch_size",
+                     "holdout_every", "holdout_max_steps", "gate_calibration_windows"):  # fmt: skip
             value = getattr(self, name)
             check(is_int(value) and value > 0, f"{prefix}{name}", value, "must be an integer > 0")
         for name in ("retrain_warmup", "retrain_window", "eval_rows"):
@@ -156,7 +172,7 @@ class ServedWorldModelImaginerFactory(ConfigBase):
             check(is_int(value) and value >= 0, f"{prefix}{name}", value,
                   "must be an integer >= 0")  # fmt: skip
         check_choice(f"{prefix}prediction", self.prediction, PREDICTIONS)
-        for name in ("gate_refit", "retrain_in_background"):
+        for name in ("gate_refit", "gate_recalibrate", "retrain_in_background"):
             value = getattr(self, name)
             check(isinstance(value, bool), f"{prefix}{name}", value, "must be true or false")
         check_positive(f"{prefix}retrain_num_cpus", self.retrain_num_cpus)
@@ -199,6 +215,7 @@ class ServedWorldModelImaginerFactory(ConfigBase):
             seed=config.seed or 0,
             factory=self,
             refit_gate=self.gate_refit and config.imagination.gate,
+            recalibrate_gate=self.gate_recalibrate and config.imagination.gate,
             memory_branches=config.imagination.memory_branches if config.imagination.memory else 0,
         )
 
@@ -221,16 +238,24 @@ class ServedWorldModelImaginer:
         seed: int,
         factory: ServedWorldModelImaginerFactory,
         refit_gate: bool = False,
+        recalibrate_gate: bool = False,
         memory_branches: int = 0,
     ):
         self.spec, self.horizon, self.factory = spec, int(horizon), factory
         self.memory_branches = int(memory_branches)  # 0: imagine without episode memory
         self._branch_sources: list[Any] = []  # the latest real episodes (Episode), to branch from
         self.refit_gate = refit_gate  # the factory's gate_refit, when the gate is used at all
+        self.recalibrate_gate = recalibrate_gate  # the same for gate_recalibrate
         self._seed = int(seed)
         self._calls = 0
         self._last: dict[str, float] = {}
-        self.store = RealEpisodeStore(spec, factory.store_max_steps, factory.episode_dir)
+        self.store = RealEpisodeStore(
+            spec,
+            factory.store_max_steps,
+            factory.episode_dir,
+            holdout_every=factory.holdout_every if recalibrate_gate else 0,
+            holdout_max_steps=factory.holdout_max_steps,
+        )
         self.retrainer = ServedModelRetrainer(
             spec=spec, seed=self._seed, settings=factory, store=self.store
         )
@@ -497,7 +522,7 @@ class ServedWorldModelImaginer:
             self.set_branch_sources(converted)
         if self.refit_gate:
             self._judge_real(converted)
-        if self.refit_gate and self.store.episodes:
+        if self.refit_gate and (self.store.episodes or self.store.held_out):
             self._refit_gate()
 
     def _gate_actor(self) -> Any:
@@ -520,7 +545,8 @@ class ServedWorldModelImaginer:
         self._last["gate_real_approve_rate"] = float(np.mean(result.verdicts == Verdict.APPROVE))
 
     def _refit_gate(self) -> None:
-        info = self._gate_call("observe", "refit", [ep.obs for ep in self.store.episodes])
+        real = [ep.obs for ep in (*self.store.episodes, *self.store.held_out)]
+        info = self._gate_call("observe", "refit", real)
         self._gate_normalizer = self._gate_call("observe", "get_normalizer")
         self._last.update({f"gate_{k}": float(v) for k, v in info.items()})
 
@@ -538,25 +564,62 @@ class ServedWorldModelImaginer:
         A failure (the fine-tune, the checkpoint write, a checkpoint that fails its sha256
         check, the swap) raises ProviderFailure("retrain") once the deployment serves the last
         good checkpoint again: imagination goes on from the old model."""
+        version = self.retrainer.version
         try:
             metrics = self.retrainer.retrain(iteration)
         except Exception as err:  # noqa: BLE001 - any failure: keep serving the old model
             self._roll_back()
             raise ProviderFailure("retrain", type(err).__name__, str(err)[:500]) from err
         self._last.update(metrics)
+        if self.retrainer.version != version:  # a new model is served (not a background start)
+            self._recalibrate_gate()
         return {} if metrics["wm_retrain_skipped"] else dict(self._last)
 
     def swap_retrained(self) -> dict[str, float]:
         """Serve the checkpoint of a background fine-tune (MBMAPPO calls it every iteration,
         first): waits for it if it still runs; {} when none was pending. A failed background
         fine-tune or swap raises ProviderFailure("retrain") as :meth:`retrain` does."""
+        version = self.retrainer.version
         try:
             metrics = self.retrainer.swap_retrained()
         except Exception as err:  # noqa: BLE001 - any failure: keep serving the old model
             self._roll_back()
             raise ProviderFailure("retrain", type(err).__name__, str(err)[:500]) from err
         self._last.update(metrics)
+        if self.retrainer.version != version:
+            self._recalibrate_gate()
         return metrics
+
+    def _recalibrate_gate(self) -> None:
+        """The served model changed: recalibrate the gate's model terms on its teacher-forced
+        view of the newest held-out real windows (coherence.model_calibration.model_view, as
+        the gate stage did for the first model). Skipped, and logged, while the hold-out has
+        no window; ProviderFailure("gate") when the gate cannot answer (no imagination is
+        judged with the old model's scale then)."""
+        from moedream.coherence.model_calibration import context_steps, model_view
+
+        if not self.recalibrate_gate:
+            return
+        start = time.perf_counter()
+        model = WorldModel.load(str(self.retrainer.checkpoint), map_location="cpu")
+        steps = context_steps(model, self.horizon)
+        windows = self.store.held_out_windows(steps, self.factory.gate_calibration_windows)
+        if not windows:
+            self._last["gate_model_calibration_skipped"] = 1.0
+            logger.info("gate model terms not recalibrated: no held-out real window of %d "
+                        "steps yet (%d held-out steps)", steps, self.store.held_out_steps)  # fmt: skip
+            return
+        view = model_view(model, windows)
+        info = self._gate_call("gate", "calibrate_model_terms", view, windows["reward"])
+        seconds = time.perf_counter() - start
+        self._last.update({f"gate_{k}": float(v) for k, v in info.items()})
+        self._last.update(gate_model_calibration_seconds=seconds, gate_model_calibration_skipped=0.0,
+                          gate_model_calibration_windows=float(view.batch_size))  # fmt: skip
+        logger.info(
+            "gate model terms recalibrated on %d held-out real windows of model v%d in %.2f s: "
+            "%s", view.batch_size, self.retrainer.version, seconds,
+            ", ".join(f"{k} {v:.3g}" for k, v in info.items()),
+        )  # fmt: skip
 
     def close(self) -> None:
         """The run ends (MBMAPPO.stop): cancel a background fine-tune still running."""

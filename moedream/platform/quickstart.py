@@ -236,6 +236,8 @@ def serve_is_running(cfg: QuickstartConfig, record: dict[str, Any]) -> bool:
 
 
 def gate_stage(cfg: QuickstartConfig, records: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
     from moedream.coherence.gate import get_or_create_gate
     from moedream.coherence.kernel import Normalizer, judge
     from moedream.data import load_windows
@@ -244,16 +246,19 @@ def gate_stage(cfg: QuickstartConfig, records: dict[str, Any]) -> dict[str, Any]
     horizon = cfg.agents_config().imagination.horizon
     _, train, hold = load_windows(cfg.run_dir / "data", horizon, holdout=0.25, seed=0)
     normalizer = Normalizer.fit(train["obs"], gate_cfg.kernel)
+    view = None
     if hold:  # the model terms: the served model's one-step view of held-out real windows
-        _calibrate_model_terms(
+        view = _calibrate_model_terms(
             normalizer, records["world_model"]["checkpoint"], hold, gate_cfg.kernel
         )
     normalizer.save(_gate_normalizer_path(cfg))
     state_dir = _gate_state_dir(cfg)
-    for old in state_dir.glob("*.json"):  # counters of this run only
+    for old in (*state_dir.glob("*.json"), *state_dir.glob("*.npz")):  # this run's state only
         old.unlink()
     _kill_existing_gate(gate_cfg)
-    get_or_create_gate(gate_cfg, normalizer, state_dir)
+    gate = get_or_create_gate(gate_cfg, normalizer, state_dir)
+    if view is not None:  # the gate keeps the view: a refit of φ recalibrates in its units
+        ray.get(gate.calibrate_model_terms.remote(*view))
     approval = float("nan")
     if hold:
         from moedream.world_model.trajectory import Trajectories
@@ -272,16 +277,18 @@ def gate_stage(cfg: QuickstartConfig, records: dict[str, Any]) -> dict[str, Any]
     return {"holdout_real_approval": approval}
 
 
-def _calibrate_model_terms(normalizer, checkpoint: str, hold: dict, kernel_cfg) -> None:
-    from moedream.coherence.model_calibration import calibrate_model_terms
+def _calibrate_model_terms(normalizer, checkpoint: str, hold: dict, kernel_cfg):
+    """Calibrate ``normalizer``'s model terms; returns (the model's view, the real rewards)."""
+    from moedream.coherence.model_calibration import model_view, within_context
     from moedream.world_model.model import WorldModel
 
     model = WorldModel.load(checkpoint, map_location="cpu")
-    steps = min(hold["action"].shape[1], model.config.backbone.max_context)  # its context
-    windows = {k: v[:, : steps + 1] if k == "obs" else v[:, :steps] for k, v in hold.items()}
-    fitted = calibrate_model_terms(normalizer, model, windows, kernel_cfg)
+    windows = within_context(model, hold)
+    view = model_view(model, windows)
+    fitted = normalizer.calibrate_model_terms(view, windows["reward"], kernel_cfg)
     print("gate: model terms calibrated on held-out real windows: "
           + ", ".join(f"{k} {v:.3g}" for k, v in fitted.items()))  # fmt: skip
+    return view, windows["reward"]
 
 
 def gate_is_running(cfg: QuickstartConfig, record: dict[str, Any]) -> bool:

@@ -6,7 +6,9 @@ checkpoint and pushes it to Serve is ``moedream.platform.served_retrain``):
 - :func:`episode_from_rllib` turns one RLlib ``MultiAgentEpisode`` (new API stack, as MBMAPPO
   samples it: possibly a chunk of a longer episode) into an :class:`~moedream.data.Episode`;
 - :class:`RealEpisodeStore` keeps the newest real episodes up to a step budget (FIFO) and cuts
-  them into training windows (moedream/world_model/trajectory.py format) on demand;
+  them into training windows (moedream/world_model/trajectory.py format) on demand; every
+  ``holdout_every``-th episode goes to a rolling hold-out instead, which no fine-tune sees (the
+  coherence gate's model terms are recalibrated on it after every retrain);
 - :func:`fine_tune` continues training a loaded WorldModel on a mix of the original training
   windows and the new real ones (``train_step`` + ``lr_schedule`` of train_local; the model's
   normalisation is kept, so the served input/output scale does not move under the gate);
@@ -143,20 +145,46 @@ def _stack(values: Any) -> np.ndarray:
 
 
 class RealEpisodeStore:
-    """The newest real episodes, at most ``max_steps`` transitions in all (oldest dropped first).
+    """The newest real episodes, at most ``max_steps`` transitions in all (oldest dropped first),
+    and a rolling hold-out of at most ``holdout_max_steps`` that training never sees.
 
     An episode longer than ``max_steps`` keeps only its last ``max_steps`` transitions.
-    ``shard_dir`` (optional): every :meth:`add` also writes its episodes as one Parquet shard
-    there (moedream.data format, atomic), readable by ``moedream train-world-model``.
+    ``holdout_every`` = k > 0: the k-th, 2k-th, ... episode ever added (chunks count as
+    episodes) goes to the hold-out instead of the training episodes (0: no hold-out), so a
+    model fine-tuned on :meth:`windows` can be checked on :meth:`held_out_windows`.
+    ``shard_dir`` (optional): every :meth:`add` also writes its episodes (both kinds) as one
+    Parquet shard there (moedream.data format, atomic), readable by ``moedream
+    train-world-model``.
     """
 
-    def __init__(self, spec: EnvSpec, max_steps: int, shard_dir: str | Path | None = None):
+    def __init__(
+        self,
+        spec: EnvSpec,
+        max_steps: int,
+        shard_dir: str | Path | None = None,
+        holdout_every: int = 0,
+        holdout_max_steps: int = 0,
+    ):
         if not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"RealEpisodeStore max_steps = {max_steps!r} must be an integer >= 1")
+        if not isinstance(holdout_every, int) or holdout_every < 0:
+            raise ValueError(
+                f"RealEpisodeStore holdout_every = {holdout_every!r} must be an integer >= 0 "
+                "(0: no hold-out)"
+            )
+        if holdout_every and (not isinstance(holdout_max_steps, int) or holdout_max_steps < 1):
+            raise ValueError(
+                f"RealEpisodeStore holdout_max_steps = {holdout_max_steps!r} must be an integer "
+                f">= 1 with holdout_every = {holdout_every}"
+            )
         self.spec, self.max_steps = spec, max_steps
+        self.holdout_every, self.holdout_max_steps = holdout_every, holdout_max_steps
         self.shard_dir = Path(shard_dir) if shard_dir else None
         self._episodes: collections.deque[Episode] = collections.deque()
+        self._held_out: collections.deque[Episode] = collections.deque()
         self.steps = 0
+        self.held_out_steps = 0
+        self.added_episodes = 0
         self.added_steps = 0
         self.dropped_steps = 0
         self.shards_written = 0
@@ -166,46 +194,85 @@ class RealEpisodeStore:
 
     @property
     def episodes(self) -> list[Episode]:
+        """The training episodes (never the held-out ones)."""
         return list(self._episodes)
+
+    @property
+    def held_out(self) -> list[Episode]:
+        """The rolling hold-out, oldest first."""
+        return list(self._held_out)
 
     def add(self, episodes: Iterable[Episode]) -> int:
         """Store episodes with at least one step; returns the transitions added."""
         fresh = [ep for ep in episodes if ep.length > 0]
         for ep in fresh:
-            self._episodes.append(_last_steps(ep, self.max_steps))
-            self.steps += self._episodes[-1].length
+            self.added_episodes += 1
             self.added_steps += ep.length
-            self.dropped_steps += ep.length - self._episodes[-1].length
-        while self.steps > self.max_steps:
-            oldest = self._episodes.popleft()
-            self.steps -= oldest.length
-            self.dropped_steps += oldest.length
+            if self.holdout_every and self.added_episodes % self.holdout_every == 0:
+                self.held_out_steps += self._append(self._held_out, ep, self.holdout_max_steps)
+            else:
+                self.steps += self._append(self._episodes, ep, self.max_steps)
+        self.steps -= self._drop_oldest(self._episodes, self.steps, self.max_steps)
+        self.held_out_steps -= self._drop_oldest(
+            self._held_out, self.held_out_steps, self.holdout_max_steps
+        )
         if fresh and self.shard_dir is not None:
             name = f"real_{self.shards_written:06d}_{uuid.uuid4().hex[:8]}.parquet"
             write_shard(self.shard_dir / name, fresh, self.spec)
             self.shards_written += 1
         return sum(ep.length for ep in fresh)
 
+    def _append(self, queue: collections.deque[Episode], episode: Episode, cap: int) -> int:
+        """Append ``episode`` (its last ``cap`` steps); returns the steps kept."""
+        queue.append(_last_steps(episode, cap))
+        self.dropped_steps += episode.length - queue[-1].length
+        return queue[-1].length
+
+    def _drop_oldest(self, queue: collections.deque[Episode], steps: int, cap: int) -> int:
+        """Drop the oldest episodes of ``queue`` until it holds <= ``cap`` steps; returns the
+        steps dropped."""
+        dropped = 0
+        while steps - dropped > cap:
+            dropped += queue.popleft().length
+        self.dropped_steps += dropped
+        return dropped
+
     def get_state(self) -> dict[str, Any]:
         """The stored episodes and counters (a resumed run retrains on the same data)."""
         return {
             "episodes": [dataclasses.asdict(ep) for ep in self._episodes],
+            "held_out": [dataclasses.asdict(ep) for ep in self._held_out],
             **{k: getattr(self, k) for k in STORE_COUNTERS},
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_state` (a state saved before the hold-out existed has none)."""
         self._episodes = collections.deque(Episode(**ep) for ep in state["episodes"])
+        self._held_out = collections.deque(Episode(**ep) for ep in state.get("held_out", []))
         for key in STORE_COUNTERS:
-            setattr(self, key, int(state[key]))
+            setattr(self, key, int(state.get(key, 0)))
 
     def windows(self, window: int, stride: int | None = None) -> dict[str, np.ndarray]:
-        """Training windows of all stored episodes (those shorter than ``window`` give none):
+        """Training windows of the training episodes (those shorter than ``window`` give none):
         obs [M, T+1, N, D], action [M, T, N, A], reward [M, T, N], terminated [M, T, N]."""
-        parts = [episode_windows(ep, self.spec, window, stride) for ep in self._episodes]
-        return concat_windows([p for p in parts if p])
+        return _windows_of(self._episodes, self.spec, window, stride)
+
+    def held_out_windows(self, window: int, max_windows: int) -> dict[str, np.ndarray]:
+        """Non-overlapping windows of ``window`` steps of the hold-out, at most
+        ``max_windows``, the newest episodes' first ({} while none is long enough)."""
+        out = _windows_of(reversed(self._held_out), self.spec, window, window)
+        return {k: v[:max_windows] for k, v in out.items()}
 
 
-STORE_COUNTERS = ("steps", "added_steps", "dropped_steps", "shards_written")
+STORE_COUNTERS = ("steps", "held_out_steps", "added_episodes", "added_steps", "dropped_steps",
+                  "shards_written")  # fmt: skip
+
+
+def _windows_of(
+    episodes: Iterable[Episode], spec: EnvSpec, window: int, stride: int | None
+) -> dict[str, np.ndarray]:
+    parts = [episode_windows(ep, spec, window, stride) for ep in episodes]
+    return concat_windows([p for p in parts if p])
 
 
 def _last_steps(episode: Episode, max_steps: int) -> Episode:

@@ -347,3 +347,40 @@ def test_gate_keeps_the_reflector_calibration_through_refits_and_restarts(data, 
     stats = again.stats()
     for cause in CAUSES:
         assert f"gate/overcooked/team/causes/{cause}" in stats
+
+
+
+def less_sure(view: Trajectories) -> Trajectories:
+    """The same view from a retrained model whose ensemble disagrees 3x more."""
+    return dataclasses.replace(view, obs_std=view.obs_std * 3.0)
+
+
+def test_gate_recalibrates_model_terms_and_keeps_them_in_the_units_of_a_refit_phi(data, tmp_path):
+    """The actor class itself (no Ray): calibrate_model_terms on a retrained model's view of real
+    windows moves the quantiles to its scale (its real windows are approved again) and is
+    counted; a refit of φ recalibrates the terms from the kept view in the new φ's units (real
+    steps twice as large: the gap quantile halves), also after a restart (the view is kept)."""
+    from moedream.coherence.actor_config import GateActorConfig
+    from moedream.coherence.gate import CoherenceGate
+
+    normalizer, calib, test = data
+    gate = CoherenceGate(GateActorConfig(), normalizer, str(tmp_path))
+    first = gate.calibrate_model_terms(model_outputs(calib, 0, normalizer), calib.reward)
+    held_out = less_sure(model_outputs(test, 1, normalizer))
+    assert approve_rate(gate.judge(held_out, record=False)) < 0.5  # the old model's scale
+    second = gate.calibrate_model_terms(less_sure(model_outputs(calib, 0, normalizer)),
+                                        calib.reward)  # fmt: skip
+    assert approve_rate(gate.judge(held_out, record=False)) >= 0.85
+    assert second["obs_spread_quantile"] == pytest.approx(3.0 * first["obs_spread_quantile"])
+    assert second["gap_quantile"] == pytest.approx(first["gap_quantile"])
+    stats = gate.stats()
+    assert second["model_calibrations"] == 2.0 == stats["gate/model_calibrations"]
+    assert stats["gate/refits"] == 0  # not a refit of φ
+
+    gate.refit(list(test.obs))
+    gap = gate.normalizer.quantiles["gap"]
+    gate.refit([2.0 * o for o in test.obs])  # σ_Δ x2 (the support only widens)
+    assert gate.normalizer.quantiles["gap"] == pytest.approx(gap / 2.0, rel=1e-6)
+    restarted = CoherenceGate(GateActorConfig(), normalizer, str(tmp_path))
+    restarted.refit(list(test.obs))
+    assert restarted.normalizer.quantiles["gap"] == pytest.approx(gap, rel=1e-6)

@@ -130,6 +130,41 @@ def test_store_windows_match_episode_windows_and_skip_short_episodes():
         RealEpisodeStore(DISCRETE, max_steps=0)
 
 
+def test_every_kth_episode_goes_to_a_rolling_hold_out_that_training_never_sees():
+    store = RealEpisodeStore(DISCRETE, max_steps=100, holdout_every=3, holdout_max_steps=12)
+    eps = [make_episode(DISCRETE, 5, seed=s) for s in range(7)]
+    store.add(eps[:4])
+    store.add([make_episode(DISCRETE, 0, seed=99)])  # empty: neither kind, not counted
+    store.add(eps[4:])
+    # the 3rd and 6th episodes ever added are held out; the rest are training episodes
+    assert [e.episode_id for e in store.held_out] == ["ep2", "ep5"]
+    assert [e.episode_id for e in store.episodes] == ["ep0", "ep1", "ep3", "ep4", "ep6"]
+    assert store.steps == 25 and store.held_out_steps == 10 and store.added_episodes == 7
+    train_obs = store.windows(2, stride=1)["obs"]
+    held = store.held_out_windows(2, max_windows=100)
+    assert not any((held["obs"][:, None] == train_obs[None]).all((2, 3, 4)).any(1))  # disjoint
+    # non-overlapping windows, the newest held-out episode's first, capped at max_windows
+    assert held["obs"].shape == (4, 3, 2, 3)
+    np.testing.assert_array_equal(held["obs"][0], eps[5].obs[:3])
+    assert store.held_out_windows(2, max_windows=3)["obs"].shape[0] == 3
+    assert store.held_out_windows(6, max_windows=100) == {}
+    # rolling: past holdout_max_steps the oldest held-out episode is dropped
+    store.add([make_episode(DISCRETE, 5, seed=s) for s in (7, 8, 9)])  # the 9th added: ep8
+    assert [e.episode_id for e in store.held_out] == ["ep5", "ep8"] and store.held_out_steps == 10
+    # a resumed run holds the same two sets (a state from before the hold-out has none)
+    again = RealEpisodeStore(DISCRETE, max_steps=100, holdout_every=3, holdout_max_steps=12)
+    again.set_state(store.get_state())
+    assert [e.episode_id for e in again.held_out] == ["ep5", "ep8"]
+    assert again.added_episodes == 10 and again.steps == store.steps
+    old = {k: v for k, v in store.get_state().items() if k not in ("held_out", "held_out_steps")}
+    again.set_state(old)
+    assert again.held_out == [] and again.held_out_steps == 0
+    with pytest.raises(ValueError, match="holdout_every"):
+        RealEpisodeStore(DISCRETE, max_steps=10, holdout_every=-1)
+    with pytest.raises(ValueError, match="holdout_max_steps"):
+        RealEpisodeStore(DISCRETE, max_steps=10, holdout_every=2, holdout_max_steps=0)
+
+
 def test_store_writes_readable_parquet_shards(tmp_path):
     store = RealEpisodeStore(CONTINUOUS, max_steps=100, shard_dir=tmp_path / "episodes")
     first = [make_episode(CONTINUOUS, 4, seed=1), make_episode(CONTINUOUS, 6, seed=2)]
@@ -244,6 +279,9 @@ def test_factory_errors_name_the_field_and_the_fix(tmp_path):
         ({"store_max_steps": 0}, "store_max_steps"),
         ({"retrain_new_fraction": 0.0}, "retrain_new_fraction"),
         ({"retrain_window": -1}, "retrain_window"),
+        ({"holdout_every": 0}, "holdout_every"),
+        ({"gate_calibration_windows": 0}, "gate_calibration_windows"),
+        ({"gate_recalibrate": "yes"}, "gate_recalibrate"),
         ({"base_data_path": str(tmp_path / "nope")}, "base_data_path.*does not exist"),
     ]
     for changes, match in cases:
