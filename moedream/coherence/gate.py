@@ -165,6 +165,7 @@ class CoherenceGate:
             if metric in old.quantiles:
                 new.quantiles[metric] = old.quantiles[metric]
         new.reward_std, new.error_curve = old.reward_std, old.error_curve
+        new.error_std = old.error_std  # the model's error, in raw units: not φ's
         # the support only widens: states real data visited before stay on support
         new.state_min = np.minimum(new.state_min, old.state_min)
         new.state_max = np.maximum(new.state_max, old.state_max)

@@ -39,15 +39,22 @@ changes with the units of the observations. Here every quantity is measured agai
    (Trajectories.obs_std, ensemble_obs, ensemble_reward, reward_spread; the reward and
    dynamics heads are separate networks from the K ensemble members, so a fault in one shows
    as a gap to the other), every step also gets (each [B, H]; σ_r = real reward std):
-   gap_t           = sqrt(mean_f ((o_{t+1} − ô^ens_{t+1})/σ_Δ)²)   imagined step vs the
-                     ensemble's expected next obs (on real data: its one-step error)
+   gap_t           = sqrt(mean_f ((o_{t+1} − ô^ens_{t+1})/σ_e)²)   imagined step vs the
+                     ensemble's expected next obs (on real data: its one-step error), per
+                     feature in units of σ_e, the RMS of the ensemble's real one-step error
+                     of that feature (floored at ``std_floor`` times its RMS over features)
    obs_spread_t    = sqrt(mean_f (std_k ô_{t+1,k}/σ_Δ)²)          ensemble disagreement, obs
    reward_spread_t = mean_i std_k r_{t,i,k} / σ_r                  ensemble disagreement, reward
    reward_gap_t    = mean_i |r_{t,i} − r̄^ens_{t,i}| / σ_r          reward head vs ensemble mean
    error_t         = E[gap | obs_spread = obs_spread_t] / m̄        expected one-step error
-   E[gap | spread] is the binned mean of the model's real one-step error (gap on real windows)
-   per level of disagreement (monotone, extrapolated in proportion beyond the last bin); m̄ is
-   the mean real step magnitude, the error of predicting "nothing changes". Every term is
+   E[gap | spread] is the binned mean of the model's real one-step error on real windows, in
+   σ_Δ units (sqrt(mean_f ((o_{t+1} − ô^ens_{t+1})/σ_Δ)²)), per level of disagreement
+   (monotone, extrapolated in proportion beyond the last bin); m̄ is the mean real step
+   magnitude, the error of predicting "nothing changes". Why σ_e and not σ_Δ for gap: where
+   real changes are rare jumps (a pot starting to cook) σ_Δ is tiny and a model misses the
+   jumps, so in σ_Δ units a few real steps set the gap's quantile at about nine times its
+   median and a dynamics head corrupted on every feature stays under it; in units of the
+   model's own per-feature error a real step is ordinary everywhere. Every term is
    calibrated like drift, on the model's teacher-forced outputs on held-out real windows
    (:meth:`Normalizer.calibrate_model_terms`): s = q·C*/(1 − C*) with q its
    ``model_calibration_quantile`` there (0.99: each term alone fails 1% of real steps, so that
@@ -297,7 +304,11 @@ class Normalizer:
     reward_std: float = 0.0
     """Real reward std σ_r (set by calibrate_model_terms; 0 = model terms uncalibrated)."""
     error_curve: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-    """E[gap | obs_spread] on held-out real windows: {"spread": [...], "error": [...]}."""
+    """E[one-step error | obs_spread] on held-out real windows, the error in σ_Δ units:
+    {"spread": [...], "error": [...]}."""
+    error_std: np.ndarray | None = None
+    """[N, D] σ_e: per-feature RMS of the ensemble's real one-step error on held-out windows
+    (floored), the unit of gap (set by calibrate_model_terms; None: σ_Δ)."""
 
     @property
     def n_agents(self) -> int:
@@ -395,9 +406,12 @@ class Normalizer:
             )
         spread = float(np.std(np.asarray(real_reward, np.float64)))
         self.reward_std = spread if spread > 1e-8 else 1.0  # constant real rewards: raw units
+        real_error = np.asarray(trajs.obs, np.float64)[:, 1:] - trajs.ensemble_obs  # [B,H,N,D]
+        self.error_std = _floored(np.sqrt(np.mean(real_error**2, axis=(0, 1))), config.std_floor)
         values = raw_model_terms(trajs, self)
         q = config.model_calibration_quantile
-        self.error_curve = error_curve(values["obs_spread"], values["gap"], bins)
+        one_step = rms_ratio(real_error, self.delta_std)  # [B, H], in σ_Δ units
+        self.error_curve = error_curve(values["obs_spread"], one_step, bins)
         values["error"] = expected_error(values["obs_spread"], self.error_curve) / self.mean_step
         fitted = {m: float(np.quantile(values[m], q)) for m in QUANTILE_TERMS}
         self.quantiles.update(fitted)
@@ -446,18 +460,22 @@ class Normalizer:
         out = dataclasses.asdict(self)
         for name in ARRAY_FIELDS:
             out[name] = np.asarray(out[name]).tolist()
+        if self.error_std is not None:
+            out["error_std"] = np.asarray(self.error_std).tolist()
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Normalizer:
         fields = {f.name for f in dataclasses.fields(cls)}
-        optional = {"mean_step", "reward_std", "error_curve"}  # absent from older files
+        optional = {"mean_step", "reward_std", "error_curve", "error_std"}  # absent: older files
         missing = sorted(fields - set(data) - optional)
         if missing:
             raise ValueError(f"normalizer data lacks {missing}; save it with Normalizer.save")
         kwargs = {k: data[k] for k in fields if k in data}
         for name in ARRAY_FIELDS:
             kwargs[name] = np.asarray(data[name], dtype=np.float64)
+        if data.get("error_std") is not None:
+            kwargs["error_std"] = np.asarray(data["error_std"], dtype=np.float64)
         kwargs["quantiles"] = {k: float(v) for k, v in data["quantiles"].items()}
         return cls(**kwargs)
 
@@ -501,11 +519,19 @@ def _as_sequences(sequences: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarr
 def _mean_std(x: np.ndarray, floor_fraction: float, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and std over axis 0 of [M, N, D]; std floored (see module docstring)."""
     mean, std = x.mean(axis=0), x.std(axis=0)
-    changing = std > 0
-    if not changing.any():
+    if not (std > 0).any():
         raise ValueError(f"real {what} never vary; cannot calibrate the gate on this data")
-    typical = float(np.sqrt(np.mean(std[changing] ** 2)))
-    return mean, np.maximum(std, floor_fraction * typical)
+    return mean, _floored(std, floor_fraction)
+
+
+def _floored(scale: np.ndarray, floor_fraction: float) -> np.ndarray:
+    """Per-feature scales [N, D] floored at ``floor_fraction`` times the RMS of the nonzero
+    ones (so a feature that never varies does not divide by zero); all ones if none varies."""
+    nonzero = scale > 0
+    if not nonzero.any():
+        return np.ones_like(scale)
+    typical = float(np.sqrt(np.mean(scale[nonzero] ** 2)))
+    return np.maximum(scale, floor_fraction * typical)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,12 +606,14 @@ def rms_ratio(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def raw_model_terms(trajs: Trajectories, normalizer: Normalizer) -> dict[str, np.ndarray]:
     """The model terms [B, H] (module docstring, section 6) whose inputs are available:
-    gap and obs_spread need ensemble_obs / obs_std, the reward terms need σ_r (calibrated),
+    gap and obs_spread need ensemble_obs / obs_std (gap in σ_e once calibrated, else σ_Δ),
+    the reward terms need σ_r (calibrated),
     error needs obs_spread and the calibrated error curve."""
     out: dict[str, np.ndarray] = {}
     if trajs.ensemble_obs is not None:
         nxt = np.asarray(trajs.obs, np.float64)[:, 1:]  # [B, H, N, D]
-        out["gap"] = rms_ratio(nxt - trajs.ensemble_obs, normalizer.delta_std)
+        unit = normalizer.delta_std if normalizer.error_std is None else normalizer.error_std
+        out["gap"] = rms_ratio(nxt - trajs.ensemble_obs, unit)
     if trajs.obs_std is not None:
         out["obs_spread"] = rms_ratio(trajs.obs_std, normalizer.delta_std)
     sigma_r = normalizer.reward_std

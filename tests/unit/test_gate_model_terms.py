@@ -185,6 +185,7 @@ def test_world_model_outputs_calibrate_and_catch_a_reward_bias(data):
 
     normalizer, calib, test = data
     calib, test = calib.select(np.arange(0, calib.batch_size, 2)), test.select(np.arange(100))
+    torch.manual_seed(0)  # the same untrained model whatever ran before
     model = WorldModel(tiny_config(), env_spec("overcooked"))
     model.fit_normalization({"obs": calib.obs, "reward": calib.reward})
     norm = Normalizer.from_dict(normalizer.to_dict())
@@ -359,7 +360,8 @@ def test_gate_recalibrates_model_terms_and_keeps_them_in_the_units_of_a_refit_ph
     """The actor class itself (no Ray): calibrate_model_terms on a retrained model's view of real
     windows moves the quantiles to its scale (its real windows are approved again) and is
     counted; a refit of φ recalibrates the terms from the kept view in the new φ's units (real
-    steps twice as large: the gap quantile halves), also after a restart (the view is kept)."""
+    steps twice as large: the spread quantile halves), also after a restart (the view is
+    kept)."""
     from moedream.coherence.actor_config import GateActorConfig
     from moedream.coherence.gate import CoherenceGate
 
@@ -378,9 +380,10 @@ def test_gate_recalibrates_model_terms_and_keeps_them_in_the_units_of_a_refit_ph
     assert stats["gate/refits"] == 0  # not a refit of φ
 
     gate.refit(list(test.obs))
-    gap = gate.normalizer.quantiles["gap"]
+    spread, gap = (gate.normalizer.quantiles[t] for t in ("obs_spread", "gap"))
     gate.refit([2.0 * o for o in test.obs])  # σ_Δ x2 (the support only widens)
-    assert gate.normalizer.quantiles["gap"] == pytest.approx(gap / 2.0, rel=1e-6)
+    assert gate.normalizer.quantiles["obs_spread"] == pytest.approx(spread / 2.0, rel=1e-6)
+    assert gate.normalizer.quantiles["gap"] == pytest.approx(gap)  # σ_e: the model's, not φ's
     restarted = CoherenceGate(GateActorConfig(), normalizer, str(tmp_path))
     restarted.refit(list(test.obs))
-    assert restarted.normalizer.quantiles["gap"] == pytest.approx(gap, rel=1e-6)
+    assert restarted.normalizer.quantiles["obs_spread"] == pytest.approx(spread, rel=1e-6)
