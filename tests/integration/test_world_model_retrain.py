@@ -207,6 +207,74 @@ def test_the_gate_is_refit_on_the_teams_real_episodes_and_restored(served_world_
 
 
 @pytest.mark.slow
+def test_the_gate_is_recalibrated_on_held_out_real_windows_after_a_retrain(served_world_model):
+    """After the retrain's swap the gate's model terms are recalibrated on the new model's view
+    of the store's rolling hold-out (which the fine-tune never saw), and real windows of fresh
+    episodes, through that model's view and as real data, are still approved."""
+    import uuid
+
+    import ray
+
+    from moedream.coherence.gate import GateActorConfig, get_or_create_gate
+    from moedream.coherence.kernel import Normalizer, Verdict
+    from moedream.coherence.model_calibration import model_view
+    from moedream.data import episode_windows, load_windows
+    from moedream.world_model.trajectory import Trajectories
+
+    root, data = served_world_model["root"], served_world_model["data"]
+    push_checkpoint(served_world_model["checkpoint"], app_name=APP, deployment_name=DEPLOYMENT)
+    gate_cfg = GateActorConfig(actor_name=f"gate_{uuid.uuid4().hex[:8]}",
+                               namespace="moedream_test")  # fmt: skip
+    spec, windows, _ = load_windows(data, 4)
+    base = WorldModel.load(served_world_model["checkpoint"])
+    gate = get_or_create_gate(gate_cfg, Normalizer.fit(windows["obs"], gate_cfg.kernel),
+                              root / f"state_{gate_cfg.actor_name}")  # fmt: skip
+    ray.get(gate.calibrate_model_terms.remote(model_view(base, windows), windows["reward"]))
+    before = ray.get(gate.get_normalizer.remote())["quantiles"]
+    sub = root / "recalibrate"
+    algo = algo_config(sub, data, 1, gate=gate_cfg.actor_name, holdout_every=2).build_algo()
+    try:
+        md = algo.train()[METRICS]  # 2 episodes: 1 held out, 1 retrained on
+        store = algo.provider.store
+    finally:
+        algo.stop()
+    assert len(store.held_out) == 1 and len(store.episodes) == 1
+    retrained = WorldModel.load(served_checkpoint(APP, DEPLOYMENT)["path"])
+    assert md["provider_wm_checkpoint_version"] == 1
+    assert md["provider_gate_model_calibrations"] == 2
+    assert md["provider_gate_model_calibration_windows"] == 25  # one 100-step episode held out
+    assert 0 < md["provider_gate_model_calibration_seconds"] < 60
+    stats = ray.get(gate.stats.remote())
+    assert stats["gate/model_calibrations"] == 2
+    # the gate's terms are the retrained model's on the hold-out, not the base model's
+    gate_phi = Normalizer.from_dict(ray.get(gate.get_normalizer.remote()))
+    held_out = store.held_out_windows(4, 256)
+    fitted = {}
+    for name, model in (("base", base), ("retrained", retrained)):
+        norm = Normalizer.from_dict(gate_phi.to_dict())
+        fitted[name] = norm.calibrate_model_terms(
+            model_view(model, held_out), held_out["reward"], gate_cfg.kernel
+        )
+    for term, value in fitted["retrained"].items():
+        assert gate_phi.quantiles[term] == pytest.approx(value), term
+    for term in ("gap", "obs_spread", "error"):  # a retrained model has its own scale
+        assert fitted["base"][term] != pytest.approx(fitted["retrained"][term], rel=1e-3), term
+        assert before[term] != pytest.approx(gate_phi.quantiles[term], rel=1e-3), term
+
+    fresh_dir = root / "fresh"
+    collect_episodes("overcooked", ENV_OPTIONS, 2, fresh_dir / "shard_0.parquet", seed=11)
+    _, episodes = read_episodes(fresh_dir)
+    fresh = {k: np.concatenate([episode_windows(e, spec, 4)[k] for e in episodes])
+             for k in ("obs", "action", "reward", "terminated")}  # fmt: skip
+    # 50 windows of 4 steps against φ refit on 200 real steps: most, not all, are approved
+    for trajs in (Trajectories(**fresh), model_view(retrained, fresh)):
+        result = ray.get(gate.judge.remote(trajs, record=False))
+        assert np.mean(result.verdicts == Verdict.APPROVE) >= 0.8, result.counts()
+    ray.kill(gate, no_restart=True)
+    push_checkpoint(served_world_model["checkpoint"], app_name=APP, deployment_name=DEPLOYMENT)
+
+
+@pytest.mark.slow
 def test_a_background_retrain_serves_the_same_checkpoint_one_swap_later(served_world_model):
     """retrain_in_background: the fine-tune runs in a Ray task and is served only by
     swap_retrained; its weights equal the in-process fine-tune's (same source, data, seed).

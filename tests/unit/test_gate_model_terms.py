@@ -350,7 +350,6 @@ def test_gate_keeps_the_reflector_calibration_through_refits_and_restarts(data, 
         assert f"gate/overcooked/team/causes/{cause}" in stats
 
 
-
 def less_sure(view: Trajectories) -> Trajectories:
     """The same view from a retrained model whose ensemble disagrees 3x more."""
     return dataclasses.replace(view, obs_std=view.obs_std * 3.0)
