@@ -4,9 +4,10 @@ Shape legend: (M) rows (batch x time), (N) agents, (D) observation size, (C) obs
 tokens per agent-step, (P) features per observation token (D = C * P), (V) values per feature,
 (d) model width, (L) latent size (RSSM h + z), (A) encoded action size.
 
-A feature's vocabulary is the sorted set of values it takes in the data the model's
-normalisation was fitted on (``value_vocabulary``); a feature with more than V values is
-continuous and left to the diffusion head.
+A feature's classes (its vocabulary) are the sorted set of values it takes in the data the
+model's normalisation was fitted on (``value_vocabulary``), or of its one-step changes with
+``discrete_target: delta``; a feature with more than V of them is continuous and left to the
+diffusion head.
 For each observation token c of agent i the head reads the token's backbone output, the
 token's own current features, which token it is, agent i's whole current observation, the
 latent and the joint action (agent i's first), and gives logits over each of its P features'
@@ -16,7 +17,8 @@ next values:
                      + stay_p * onehot(value index of x_{c,p})
 
 The stay term makes "nothing changes" the default (most features of a step do not change),
-so the network only learns where things move. Overcooked is deterministic given the joint
+so the network only learns where things move (with delta classes the stay class is the
+zero delta). Overcooked is deterministic given the joint
 action: a categorical with its mode on the right value has zero error, where a Gaussian
 diffusion in normalised space blurs one-hots and counts.
 """

@@ -158,6 +158,10 @@ class WorldModelConfig(ConfigBase):
     grid positions) from a categorical head (discrete_head.py), the others from diffusion."""
     discrete_values: int = 24
     """Vocabulary size per feature of the discrete head."""
+    discrete_target: Literal["value", "delta"] = "value"
+    """What the discrete head's classes are: value: the feature's next value; delta: its
+    change o_{t+1} - o_t (a countdown's tick is then one class, -1, at every count, where
+    the value classes need a different target for each count)."""
     support_margin: float | None = 0.0
     """Imagined observations are clamped to the per-feature [min, max] of the data the
     normalisation was fitted on, widened by this many feature stds (None: no clamp). Sampled
@@ -192,6 +196,7 @@ class WorldModelConfig(ConfigBase):
         check_positive_ints(self, prefix, ("d_model", "cond_dim", "discrete_values"))
         check_choice(f"{prefix}tokenizer", self.tokenizer, TOKENIZER_KINDS)
         check_choice(f"{prefix}obs_head", self.obs_head, ("diffusion", "discrete"))
+        check_choice(f"{prefix}discrete_target", self.discrete_target, ("value", "delta"))
         check(
             self.d_model % self.backbone.num_heads == 0,
             f"{prefix}d_model",
@@ -355,7 +360,8 @@ class WorldModel(nn.Module):
         self.register_buffer("normalization_fitted", torch.zeros((), dtype=torch.bool))
         if self.config.obs_head == "discrete":  # the discrete head's value vocabulary
             size = self.config.discrete_values
-            self.register_buffer("obs_values", torch.zeros(n, d, size))  # [N, D, V]
+            # [N, D, V] the classes of each feature: its values or deltas (discrete_target)
+            self.register_buffer("obs_values", torch.zeros(n, d, size))
             # distinct values per feature, V + 1 = continuous (until fitted: all continuous)
             self.register_buffer("obs_value_count", torch.full((n, d), size + 1))
 
@@ -381,8 +387,9 @@ class WorldModel(nn.Module):
         self.obs_low.fill_(torch.inf)  # the support of these windows alone
         self.obs_high.fill_(-torch.inf)
         self.widen_support({"obs": obs})
-        if self.discrete_head is not None:
-            vocab, counts = value_vocabulary(flat_obs, self.config.discrete_values)
+        if self.discrete_head is not None:  # the classes: values or deltas of each feature
+            target = flat_obs if self.config.discrete_target == "value" else delta
+            vocab, counts = value_vocabulary(target, self.config.discrete_values)
             self.obs_values.copy_(vocab)
             self.obs_value_count.copy_(counts)
         self.normalization_fitted.fill_(True)
@@ -535,7 +542,9 @@ class WorldModel(nn.Module):
         terms["diffusion"], diff_logs = self.denoiser.loss(x0, cond, generator=generator)
         if enc["discrete_logits"] is not None:
             terms["discrete"] = self._discrete_loss(
-                enc["discrete_logits"], obs[:, 1:].reshape(b * t, n, d)
+                enc["discrete_logits"],
+                obs[:, :t].reshape(b * t, n, d),
+                obs[:, 1:].reshape(b * t, n, d),
             )
         terms["reward"] = F.mse_loss(self.reward_head(per_agent), reward)  # [M, N] vs [M, N]
         terms["termination"] = F.binary_cross_entropy_with_logits(
@@ -590,8 +599,8 @@ class WorldModel(nn.Module):
         next_obs, next_mean = to_obs(x0), to_obs(mean)
         if enc["discrete_logits"] is not None:
             logits = enc["discrete_logits"].view(b, t, n, d, -1)  # [B, T, N, D, V]
-            next_obs = self._with_discrete(next_obs, logits, noise_scale, generator)
-            next_mean = self._with_discrete(next_mean, logits, 0.0, None)
+            next_obs = self._with_discrete(next_obs, current, logits, noise_scale, generator)
+            next_mean = self._with_discrete(next_mean, current, logits, 0.0, None)
         return {
             "next_obs": next_obs,
             "next_obs_mean": next_mean,
@@ -656,7 +665,8 @@ class WorldModel(nn.Module):
 
     def discrete_features(self) -> Tensor:
         """[N, D] bool: the features the discrete head predicts (at most ``discrete_values``
-        distinct values in the fitted data, not padding); none without a discrete head."""
+        distinct values, or deltas, in the fitted data, not padding); none without a discrete
+        head."""
         if self.discrete_head is None:
             return torch.zeros_like(self.obs_mask, dtype=torch.bool)
         return (self.obs_value_count <= self.config.discrete_values) & self.obs_mask.bool()
@@ -667,32 +677,36 @@ class WorldModel(nn.Module):
         """tokens [M, N, S, d] (backbone outputs of one step), latent [M, H+Z], obs_norm and
         raw current obs [M, N, D], action [M, N, A] -> logits [M, N, D, V]."""
         obs_tokens = tokens[:, :, : self.backbone.tokenizer.obs_tokens]  # [M, N, C, d]
-        index = nearest_index(current, self.obs_values)  # [M, N, D]
+        stay = current if self.config.discrete_target == "value" else torch.zeros_like(current)
+        index = nearest_index(stay, self.obs_values)  # [M, N, D]: the "no change" class
         return self.discrete_head(obs_tokens, latent, obs_norm, action, index)
 
-    def _discrete_loss(self, logits: Tensor, next_obs: Tensor) -> Tensor:
-        """Cross-entropy of the next values' indices, summed over an agent's discrete
-        features and averaged over rows and agents: logits [M, N, D, V], next_obs [M, N, D]
-        raw. Summed, not averaged over features: a step changes a few of hundreds of features
+    def _discrete_loss(self, logits: Tensor, obs: Tensor, next_obs: Tensor) -> Tensor:
+        """Cross-entropy of the next values' (or deltas') indices, summed over an agent's
+        discrete features and averaged over rows and agents: logits [M, N, D, V], obs and
+        next_obs [M, N, D] raw. Summed, not averaged over features: a step changes a few of hundreds of features
         (a player's two cells), and a per-feature mean divides their signal by the hundreds
         that never change (the head then learnt 'nothing changes' and nothing else)."""
         chosen = self.discrete_features()  # [N, D]
         if not bool(chosen.any()):
             return logits.sum() * 0.0
-        target = nearest_index(next_obs, self.obs_values)  # [M, N, D]
+        value = next_obs if self.config.discrete_target == "value" else next_obs - obs
+        target = nearest_index(value, self.obs_values)  # [M, N, D]
         ce = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none")
         return (ce.view_as(target) * chosen).sum(-1).mean()
 
     def _with_discrete(
         self,
         next_obs: Tensor,
+        current: Tensor,
         logits: Tensor,
         noise_scale: float | None,
         generator: torch.Generator | None,
     ) -> Tensor:
-        """next_obs [..., N, D] with its discrete features replaced by the head's values:
-        the mode at ``noise_scale`` 0, else a sample at temperature ``noise_scale`` (None:
-        the sampler's default, 1)."""
+        """next_obs [..., N, D] with its discrete features replaced by the head's values
+        (current [..., N, D] plus the head's delta with discrete_target 'delta'): the mode at
+        ``noise_scale`` 0, else a sample at temperature ``noise_scale`` (None: the sampler's
+        default, 1)."""
         temperature = 1.0 if noise_scale is None else float(noise_scale)
         if temperature > 0:
             probs = torch.softmax(logits / temperature, -1)  # [..., N, D, V]
@@ -701,7 +715,10 @@ class WorldModel(nn.Module):
         else:
             index = logits.argmax(-1)  # [..., N, D]
         values = self.obs_values.expand(*index.shape, -1).gather(-1, index.unsqueeze(-1))
-        return torch.where(self.discrete_features(), values.squeeze(-1), next_obs)
+        values = values.squeeze(-1)  # [..., N, D]
+        if self.config.discrete_target == "delta":
+            values = current + values
+        return torch.where(self.discrete_features(), values, next_obs)
 
     def _batch_tensors(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         missing = [k for k in WINDOW_KEYS if k not in batch]
@@ -842,7 +859,7 @@ class WorldModel(nn.Module):
                 encoded.tokens[:, -1], torch.cat([h, z], -1), self.normalize_obs(current),
                 action, current,
             )  # fmt: skip
-            next_obs = self._with_discrete(next_obs, logits, noise_scale, generator)
+            next_obs = self._with_discrete(next_obs, current, logits, noise_scale, generator)
         ens = self.ensemble(
             self._ensemble_input(cond, self.normalize_obs(current), action)
         )  # [K, B, O]

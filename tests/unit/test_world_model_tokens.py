@@ -144,6 +144,45 @@ def test_discrete_model_keeps_continuous_features_from_diffusion() -> None:
     assert set(pred[..., :2].unique().tolist()) <= {0.0, 1.0}  # values from the vocabulary
 
 
+def countdown_windows(windows: int = 10, window: int = 4) -> dict[str, np.ndarray]:
+    """One agent, features [timer, flag]: the timer counts 9, 8, ..., 0 and restarts at 9
+    (10 values, but only the changes -1 and +9); the flag is always 1."""
+    steps = np.arange(windows)[:, None] * window + np.arange(window + 1)  # [B, T+1]
+    timer = (9 - steps % 10).astype(np.float32)
+    obs = np.stack([timer, np.ones_like(timer)], -1)[:, :, None]  # [B, T+1, 1, 2]
+    zeros = np.zeros((windows, window, 1), np.float32)
+    action = np.zeros((windows, window, 1, 2), np.float32)
+    action[..., 0] = 1.0
+    return {"obs": obs, "action": action, "reward": zeros, "terminated": zeros}
+
+
+def test_delta_classes_make_a_countdown_discrete_and_decode_to_current_plus_change() -> None:
+    spec = EnvSpec("toy", ("a0",), (2,), "discrete", (2,), {})
+    batch = countdown_windows()
+    by_value = WorldModel(tiny_config(obs_head="discrete", discrete_values=4), spec)
+    by_value.fit_normalization(batch)
+    assert by_value.discrete_features().tolist() == [[False, True]]  # 10 timer values > 4
+    model = WorldModel(
+        tiny_config(obs_head="discrete", discrete_values=4, discrete_target="delta"), spec
+    )
+    model.fit_normalization(batch)
+    assert model.discrete_features().tolist() == [[True, True]]  # 2 timer changes <= 4
+    assert model.obs_values[0, 0].tolist() == [-1.0, 9.0, 9.0, 9.0]  # padded with the largest
+    loss, logs = model.loss(batch)
+    assert torch.isfinite(loss) and logs["wm/discrete"] > 0
+    head = model.discrete_head
+    with torch.no_grad():  # a head whose mode is class 0 (-1) for every feature
+        head.stay.zero_()
+        head.net[-1].weight.zero_()
+        head.net[-1].bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]).repeat(2))
+    pred = model.predict_windows(batch, noise_scale=0.0)["next_obs"][:, :, 0]  # [B, T, 2]
+    current = torch.as_tensor(batch["obs"][:, :-1, 0])
+    assert torch.equal(pred[..., 0], current[..., 0] - 1.0)
+    assert torch.equal(pred[..., 1], current[..., 1])  # the flag's only change is 0: it stays
+    with pytest.raises(ConfigError, match="discrete_target"):
+        tiny_config(discrete_target="value_and_delta")
+
+
 def test_checkpoints_round_trip_and_format_3_still_loads(tmp_path) -> None:
     spec = toy_spec()
     model = new_model(spec)
