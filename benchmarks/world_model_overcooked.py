@@ -11,6 +11,9 @@ measures on held-out episodes (other seeds of the same team):
 - for grid variants, the error budget: squared one-step error per plane group (players,
   cook time, ...) and kind of real change (none, a step, a jump), as shares of the squared
   real change (they sum to the squared relative error);
+- cook starts (a pot's cook time jumping from 0 to its full cooking time, each the size of
+  hundreds of player moves in the squared error): how many the model predicts exactly, and
+  how many it predicts where none happened;
 - reward MAE vs the constant predictor's (the held-out mean reward);
 - open-loop rollouts of ``--horizon`` steps under the real actions from held-out states: the
   fraction whose imagined soup count (predicted reward / 20, rounded) equals the real one,
@@ -22,8 +25,10 @@ measures on held-out episodes (other seeds of the same team):
 
 Variants (``--variants``): old-featurized (today's served model: one token per agent-step,
 diffusion head, featurized observations), old-grid (the same on the lossless grid encoding),
-new (grid tokens: cells + agent-state + action, discrete head, modality-aware routing),
-new-no-modality-routing (the same without the router's modality embedding).
+new (grid tokens: cells + agent-state + action, discrete head over each feature's next
+values, modality-aware routing), new-no-modality-routing (the same without the router's
+modality embedding), new-delta (new with the discrete head's classes the features' one-step
+changes: a cook-time tick is one class at every count; 8 classes per feature).
 
     .venv/bin/python benchmarks/world_model_overcooked.py --record   # RESULTS.md figures
     .venv/bin/python benchmarks/world_model_overcooked.py --steps 20 --seeds 0 --train-episodes 2 --test-episodes 1
@@ -75,14 +80,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "old-grid": ("grid", {}),
     "new": ("grid", {"tokenizer": "grid", "obs_head": "discrete", "modality_routing": True}),
     "new-no-modality-routing": ("grid", {"tokenizer": "grid", "obs_head": "discrete"}),
-}
+    "new-delta": ("grid", {"tokenizer": "grid", "obs_head": "discrete", "modality_routing": True,
+                           "discrete_target": "delta", "discrete_values": 8}),
+}  # fmt: skip
 # object types of a grid cell, by the first plane set (player planes 0-1 first)
 OBJECT_TYPES = ("player", "pot", "onion dispenser", "dish dispenser", "serving", "counter",
                 "floor", "agent token", "action token")  # fmt: skip
 OBJECT_PLANES = {"player": (0, 1), "pot": (10,), "onion dispenser": (12,),
                  "dish dispenser": (14,), "serving": (15,), "counter": (11,)}  # fmt: skip
 # the grid encoding's planes by what they show (overcooked_ai's lossless state encoding)
-PLANE_GROUPS = {"players": [0, 1], "orientation": list(range(2, 10)),
+# (the agent's own planes first: own player 0, own orientations 2-5; partner 1, 6-9)
+PLANE_GROUPS = {"own player": [0, 2, 3, 4, 5], "partner": [1, 6, 7, 8, 9],
                 "pot contents": list(range(16, 20)), "cook time": [20], "soup done": [21],
                 "held and counter objects": [22, 23, 24],
                 "terrain and urgency": list(range(10, 16)) + [25]}  # fmt: skip
@@ -232,6 +240,22 @@ def error_budget(pred: np.ndarray, obs: np.ndarray) -> dict[str, float]:
     }
 
 
+def cook_starts(pred: np.ndarray, obs: np.ndarray) -> dict[str, int]:
+    """Cook starts of held-out steps: real ones (a cell's cook time jumps up by > 1), those
+    predicted exactly, and predicted jumps where none happened. pred [B, T, N, D], obs
+    [B, T+1, N, D] (each agent sees every pot: a start counts once per agent)."""
+    cells = (*pred.shape[:-1], -1, GRID_PLANES)
+    cook = PLANE_GROUPS["cook time"][0]
+    real = (obs[:, 1:] - obs[:, :-1]).reshape(cells)[..., cook]  # [B, T, N, C]
+    guess = (pred - obs[:, :-1]).reshape(cells)[..., cook]
+    real_start, guessed_start = real > 1, guess > 1
+    return {
+        "real": int(real_start.sum()),
+        "exact": int((np.abs(guess - real) < 0.5)[real_start].sum()),
+        "false": int((guessed_start & ~real_start).sum()),
+    }
+
+
 def open_loop(model: WorldModel, eps: list[Any], spec: Any, args: Args) -> dict[str, float]:
     """Imagined vs real soups over ``args.horizon`` steps under the real actions."""
     rng = np.random.default_rng(0)
@@ -310,21 +334,28 @@ def heatmap(tables: dict[str, np.ndarray], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def budget_table(budgets: list[tuple[str, int, dict[str, float]]]) -> str:
-    """The error budgets of the grid variants as a markdown table (rows: variant x change)."""
+def budget_table(budgets: list[tuple[str, int, dict[str, float], dict[str, int]]]) -> str:
+    """The error budgets of the grid variants as a markdown table (rows: variant x change),
+    then their cook starts. Variant "copy" is the copy baseline (o_{t+1} = o_t): its entries
+    are the shares of the real change itself."""
     if not budgets:
         return ""
     rows = [
         [name, seed, kind] + [budget[f"{group}/{kind}"] for group in PLANE_GROUPS]
-        for name, seed, budget in budgets
+        for name, seed, budget, _ in budgets
         for kind in ("none", "step", "jump")
+        if name != "copy" or kind != "none"  # copying is never wrong where nothing changes
     ]
+    starts = [[name, seed, c["real"], c["exact"], c["false"]] for name, seed, _, c in budgets]
     return (
         "\n\nOne-step error budget of the grid variants: squared error / squared real change "
         "per plane group and kind of real change of a feature (none; a step, |change| <= 1: a "
         "move, a countdown tick; a jump, |change| > 1: a pot starting to cook or emptied); "
-        "all entries of a variant sum to its squared one-step error:\n\n"
+        "all entries of a variant sum to its squared one-step error (`copy`: the copy "
+        "baseline, whose entries are the shares of the real change; its sum is 1):\n\n"
         + markdown_table(["variant", "seed", "change", *PLANE_GROUPS], rows)
+        + "\n\nCook starts on the held-out steps (counted once per agent):\n\n"
+        + markdown_table(["variant", "seed", "real", "predicted exactly", "false starts"], starts)
     )
 
 
@@ -342,7 +373,12 @@ def run(args: Args) -> None:
             model = train(name, seed, args)
             scores, pred = one_step(model, test)
             if encoding == "grid":
-                budgets.append((name, seed, error_budget(pred, test["obs"])))
+                if not budgets:  # the copy baseline, once
+                    copy = test["obs"][:, :-1]
+                    budgets.append(("copy", "-", error_budget(copy, test["obs"]),
+                                    cook_starts(copy, test["obs"])))  # fmt: skip
+                budgets.append((name, seed, error_budget(pred, test["obs"]),
+                                cook_starts(pred, test["obs"])))  # fmt: skip
             soups = open_loop(model, test_eps, spec, args)
             tables = specialisation(model, test)
             heatmap(tables, f"{name} seed {seed}", ROOT / "benchmarks" / "plots" /

@@ -704,7 +704,8 @@ class WorldModel(nn.Module):
         generator: torch.Generator | None,
     ) -> Tensor:
         """next_obs [..., N, D] with its discrete features replaced by the head's values
-        (current [..., N, D] plus the head's delta with discrete_target 'delta'): the mode at
+        (current [..., N, D] plus the head's delta with discrete_target 'delta', clamped to
+        the data's support like every imagined observation): the mode at
         ``noise_scale`` 0, else a sample at temperature ``noise_scale`` (None: the sampler's
         default, 1)."""
         temperature = 1.0 if noise_scale is None else float(noise_scale)
@@ -716,8 +717,8 @@ class WorldModel(nn.Module):
             index = logits.argmax(-1)  # [..., N, D]
         values = self.obs_values.expand(*index.shape, -1).gather(-1, index.unsqueeze(-1))
         values = values.squeeze(-1)  # [..., N, D]
-        if self.config.discrete_target == "delta":
-            values = current + values
+        if self.config.discrete_target == "delta":  # inside the support: a one-hot stays 0/1
+            values = torch.maximum(torch.minimum(current + values, self.obs_high), self.obs_low)
         return torch.where(self.discrete_features(), values, next_obs)
 
     def _batch_tensors(self, batch: dict[str, Any]) -> dict[str, Tensor]:
