@@ -504,6 +504,7 @@ class MBMAPPO(PPO):
                     spec,
                     shared_planner=cfg.shared_planner,
                     weights_seq_no=_weights_seq_no(episodes),
+                    bootstrap_truncated=im.bootstrap_truncated,
                 )
                 if kept.batch_size
                 else []

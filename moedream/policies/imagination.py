@@ -203,17 +203,19 @@ def build_imagined_episodes(
     weights_seq_no: int = 0,
     obs_transform: Callable[[np.ndarray], np.ndarray] | None = None,
     termination_threshold: float = 0.5,
+    bootstrap_truncated: bool = True,
 ) -> list[MultiAgentEpisode]:
     """Trajectories (B of horizon H) -> B numpy MultiAgentEpisodes for PPO's learner.
 
     Log-probs and dist inputs of the imagined actions come from ``module``'s planners (the
     current policy). ``obs_transform`` applies the env-to-module preprocessing the real
-    episodes got (e.g. an observation filter): [..., D] -> [..., D]. An episode ends at the
-    first step where any agent's predicted termination reaches ``termination_threshold``,
-    else it is truncated at its length (H, or the coherent prefix the gate kept:
-    ``trajectories.length``). Either way every agent's episode ends terminated (and truncated
-    when cut short): RLlib's ``add_env_step`` marks an episode whose agents are all done as
-    terminated, so PPO's GAE does not bootstrap from the reflector's value at the cut.
+    episodes got (e.g. an observation filter): [..., D] -> [..., D]. An episode ends
+    terminated at the first step where any agent's predicted termination reaches
+    ``termination_threshold``, else it is cut at its length (H, or the coherent prefix the gate
+    kept: ``trajectories.length``). A cut episode is truncated and NOT terminated, for the team
+    and every agent, so PPO's GAE bootstraps from the reflector's value of the last imagined
+    state (:func:`_truncate`); ``bootstrap_truncated=False`` marks it terminated instead (no
+    bootstrap: the cut reads as the end of the episode).
     """
     obs = np.asarray(trajectories.obs, dtype=np.float32)  # [B, H + 1, N, D]
     if obs_transform is not None:
@@ -236,6 +238,7 @@ def build_imagined_episodes(
             shared_planner,
             weights_seq_no,
             termination_threshold,
+            bootstrap_truncated,
         )
         for i in range(b)
     ]
@@ -257,7 +260,7 @@ def _inputs_and_logp(policy: TeamPolicy, obs: np.ndarray, actions: np.ndarray):
 
 
 def _episode(
-    obs, actions, trajs, b, inputs, logps, spec, shared, seq_no, threshold
+    obs, actions, trajs, b, inputs, logps, spec, shared, seq_no, threshold, bootstrap
 ) -> MultiAgentEpisode:
     """One imagined trajectory (obs [H + 1, N, D], actions [H, N, ...]) -> MultiAgentEpisode
     of its first ``length`` steps."""
@@ -275,7 +278,8 @@ def _episode(
     episode.add_env_reset(observations=_per_agent_obs(obs[0], spec))
     for t in range(steps):
         terminated = bool(np.max(trajs.terminated[b, t]) >= threshold)
-        truncated = (t == steps - 1) and not terminated
+        # with bootstrap the cut is marked after the loop: add_env_step would terminate it
+        truncated = (t == steps - 1) and not terminated and not bootstrap
         row = b * h + t
         episode.add_env_step(
             observations=_per_agent_obs(obs[t + 1], spec),
@@ -294,8 +298,20 @@ def _episode(
         )
         if terminated:
             break
+    if bootstrap and not episode.is_done:
+        _truncate(episode)
     episode.validate()
     return episode.to_numpy()
+
+
+def _truncate(episode: MultiAgentEpisode) -> None:
+    """Marks an imagined episode cut short truncated, and not terminated, for the team and
+    every agent. ``add_env_step`` cannot: once every agent is done it declares the episode
+    terminated and hands that to each agent's episode, and PPO's learner connector
+    (AddOneTsToEpisodesAndTruncate) then zeroes the bootstrap value at the cut."""
+    episode.is_truncated = True
+    for agent_episode in episode.agent_episodes.values():
+        agent_episode.is_truncated = True
 
 
 def _per_agent_obs(obs: np.ndarray, spec: EnvSpec) -> dict[str, np.ndarray]:

@@ -52,6 +52,11 @@ class ImaginationConfig(ConfigBase):
     """MOPO's pessimism: each kept imagined step's reward, for every agent, minus this times
     the world model's ensemble spread at that step, so the planner earns less where the model
     is unsure and cannot climb its errors (0 = off)."""
+    bootstrap_truncated: bool = True
+    """PPO bootstraps from the critic's value of the last imagined state of a rollout cut at
+    its horizon (or at the prefix the gate kept): the imagined episode is truncated, not
+    terminated, unless the world model predicted termination. false = the cut is treated as
+    the episode's end (no bootstrap: the value of a five-step branch is its five rewards)."""
     world_model_retrain_every: int = 0
     """Retrain the world model every this many iterations (0 = never)."""
     gate: bool = True
@@ -76,7 +81,7 @@ class ImaginationConfig(ConfigBase):
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
-        for name in ("enabled", "real_every_update", "gate", "memory"):
+        for name in ("enabled", "real_every_update", "gate", "memory", "bootstrap_truncated"):
             value = getattr(self, name)
             check(isinstance(value, bool), f"{prefix}{name}", value, "must be true or false")
         check_choice(f"{prefix}provider", self.provider, PROVIDERS)
