@@ -63,7 +63,8 @@ from moedream.platform.retry import RemoteCallFailed, RetryConfig, call_with_ret
 from moedream.platform.serve.deploy import push_checkpoint, served_checkpoint
 from moedream.platform.serve.names import APP_NAME, DEPLOYMENT_NAME
 from moedream.platform.serve.request import episode_request, imagine_request
-from moedream.platform.serve.schemas import RequestError
+from moedream.platform.serve.runner import Failure, LoadedModel, execute_batch, load_checkpoint
+from moedream.platform.serve.schemas import RequestError, ServeConfig, parse_imagine
 from moedream.platform.served_retrain import ServedModelRetrainer
 from moedream.policies.imagination import ProviderFailure
 from moedream.world_model.evaluation import eval_windows, prediction_scores
@@ -92,6 +93,13 @@ class ServedWorldModelImaginerFactory(ConfigBase):
     policy_id: str = "team"
     max_rows: int = 256
     """Rows per Serve request (the deployment's max_batch)."""
+    imagine_in_process: bool = False
+    """Run the imagine requests in this process on the checkpoint the deployment serves (the
+    same requests, parsed and run by the same runner code as the replica: the same rollouts for
+    the same seed) instead of sending every imagined step to Serve: per round one Serve call
+    (which checkpoint is served) instead of horizon x ceil(rows / max_rows) round trips. For
+    runs on one machine; the gate's re-imaginations and the held-out scoring still use Serve.
+    Not with episode memory (imagination.memory), which lives in the replica."""
     prediction: str = "sample"
     """How the served model predicts each imagined next observation: "sample" (a draw of its
     diffusion head) or "mean" (its regressed mean alone: the ablation of diffusion). The
@@ -172,7 +180,12 @@ class ServedWorldModelImaginerFactory(ConfigBase):
             check(is_int(value) and value >= 0, f"{prefix}{name}", value,
                   "must be an integer >= 0")  # fmt: skip
         check_choice(f"{prefix}prediction", self.prediction, PREDICTIONS)
-        for name in ("gate_refit", "gate_recalibrate", "retrain_in_background"):
+        for name in (
+            "gate_refit",
+            "gate_recalibrate",
+            "retrain_in_background",
+            "imagine_in_process",
+        ):
             value = getattr(self, name)
             check(isinstance(value, bool), f"{prefix}{name}", value, "must be true or false")
         check_positive(f"{prefix}retrain_num_cpus", self.retrain_num_cpus)
@@ -209,6 +222,13 @@ class ServedWorldModelImaginerFactory(ConfigBase):
 
     def __call__(self, config: Any) -> ServedWorldModelImaginer:
         self.check_retrain(config.imagination.world_model_retrain_every)
+        check(
+            not (self.imagine_in_process and config.imagination.memory),
+            "imagination.world_model.imagine_in_process",
+            self.imagine_in_process,
+            "cannot compose episode memory (it lives in the Serve replica): set it to false, "
+            "or imagination.memory: false",
+        )
         return ServedWorldModelImaginer(
             spec=EnvSpec.from_json(config.env_spec_json),
             horizon=config.imagination.horizon,
@@ -263,6 +283,7 @@ class ServedWorldModelImaginer:
         self._eval_window: int | None = None
         self._gate_normalizer: dict[str, Any] | None = None  # our last refit (for checkpoints)
         self._gate_restored = False  # set_state gave a refit the actor may not have
+        self._local: LoadedModel | None = None  # the served checkpoint, for imagine_in_process
         ensure_log_handler()
 
     # -------------------------------------------------------------------------- imagine
@@ -273,6 +294,8 @@ class ServedWorldModelImaginer:
         docstring). Raises ProviderFailure("imagine") when a step's request fails for good."""
         self._calls += 1
         handle = self._remote("imagine", "the world-model handle", lambda _: self._deployment())
+        if self.factory.imagine_in_process:
+            self._load_served(handle)
         branches = self._post_branches(handle, len(start_obs)) if self.memory_branches else None
         if branches is not None:
             start_obs = branches.start
@@ -391,6 +414,9 @@ class ServedWorldModelImaginer:
                     prediction=self.factory.prediction,
                 ))  # fmt: skip
 
+        if self.factory.imagine_in_process and stage == "imagine":
+            return self._imagine_here(requests)
+
         def attempt(timeout_s: float) -> dict[str, np.ndarray | None]:
             replies = [handle.imagine.remote(request) for request in requests]
             try:
@@ -400,6 +426,31 @@ class ServedWorldModelImaginer:
                     reply.cancel()
 
         return self._remote(stage, f"Serve {self.factory.app_name} imagine request", attempt)
+
+    def _load_served(self, handle: Any) -> None:
+        """Load the checkpoint the deployment serves into this process, unless loaded already
+        (a retrain's hot swap changes its id)."""
+        served = self._remote(
+            "imagine",
+            f"Serve {self.factory.app_name} info",
+            lambda timeout_s: handle.info.remote().result(timeout_s=timeout_s)["checkpoint"],
+        )
+        if self._local is None or self._local.checkpoint_id != served["id"]:
+            self._local = load_checkpoint(served["path"])
+
+    def _imagine_here(self, requests: list[dict[str, Any]]) -> dict[str, np.ndarray | None]:
+        """The replica's imagine code (parse_imagine, execute_batch) on ``requests``, run in
+        this process on the served checkpoint; ProviderFailure("imagine") if one fails."""
+        loaded = self._local
+        assert loaded is not None  # imagine() loads it first
+        limits = ServeConfig(checkpoint=loaded.path, max_batch=self.factory.max_rows)
+        spec, config = loaded.model.spec, loaded.model.config
+        jobs = [parse_imagine(request, spec, config, limits) for request in requests]
+        results = execute_batch(loaded, jobs)
+        failed = [r.error for r in results if isinstance(r, Failure)]
+        if failed:
+            raise ProviderFailure("imagine", type(failed[0]).__name__, str(failed[0]))
+        return _concat_replies(results)
 
     def _remote(self, stage: str, what: str, call: Callable[[float], T]) -> T:
         """``call(timeout_s)`` with the factory's retries; ProviderFailure(stage) at the end."""

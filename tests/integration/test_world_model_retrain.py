@@ -329,6 +329,55 @@ def test_a_background_retrain_serves_the_same_checkpoint_one_swap_later(served_w
     push_checkpoint(base, app_name=APP, deployment_name=DEPLOYMENT)
 
 
+class _ObsPolicy:
+    """A deterministic team policy: each agent's action is the argmax of its first 6 features,
+    so two providers' rollouts agree only if every imagined observation does."""
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return np.asarray(obs)[..., :6].argmax(-1).astype(np.int64)  # [B, N]
+
+
+def test_in_process_imagination_equals_the_served_rollouts(served_world_model):
+    """imagine_in_process runs the replica's imagine code on the served checkpoint in the
+    algorithm's process: the same rollouts as Serve, also after a retrain hot-swaps the
+    model (which it follows by the served checkpoint's id)."""
+    import torch
+
+    root, data = served_world_model["root"], served_world_model["data"]
+    providers = {
+        local: (lambda c: c.imagination_provider(c))(
+            algo_config(root / f"in_process_{local}", data, 1, imagine_in_process=local)
+        )
+        for local in (False, True)
+    }
+    _, episodes = read_episodes(data)
+    start = np.stack([e.obs[t] for e in episodes for t in (0, 7, 50)]).astype(np.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the replica (num_threads 1): the same float reductions
+    try:
+        _compare_rollouts(providers, start, episodes)
+    finally:
+        torch.set_num_threads(threads)
+        push_checkpoint(served_world_model["checkpoint"], app_name=APP, deployment_name=DEPLOYMENT)
+
+
+def _compare_rollouts(providers: dict, start: np.ndarray, episodes: list) -> None:
+    """Two rounds of imagination by the Serve (False) and in-process (True) providers, with a
+    retrain's hot swap between them."""
+    for round_ in range(2):
+        trajs = {local: p.imagine(start, _ObsPolicy()) for local, p in providers.items()}
+        for field in ("obs", "action", "reward", "terminated", "uncertainty", "obs_std"):
+            np.testing.assert_array_equal(
+                getattr(trajs[True], field), getattr(trajs[False], field), err_msg=field
+            )
+        served = served_checkpoint(APP, DEPLOYMENT)
+        assert providers[True]._local.checkpoint_id == served["id"]
+        if round_ == 0:  # fine-tune and hot-swap: the in-process copy must follow
+            providers[False].store.add(episodes)
+            providers[False].retrain(3)
+            assert served_checkpoint(APP, DEPLOYMENT)["id"] != served["id"]
+
+
 def _replica_id() -> str:
     from ray import serve
 

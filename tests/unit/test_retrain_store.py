@@ -4,6 +4,7 @@ its Parquet shards, the fine-tune, versioned checkpoints and the provider factor
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -294,5 +295,10 @@ def test_factory_errors_name_the_field_and_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint_dir.*world_model_retrain_every = 2"):
         factory.check_retrain(2)
     Factory("overcooked", checkpoint_dir=str(tmp_path)).check_retrain(2)
+    with pytest.raises(ConfigError, match="imagine_in_process"):
+        Factory("overcooked", imagine_in_process="yes")
+    memory = SimpleNamespace(imagination=SimpleNamespace(world_model_retrain_every=0, memory=True))
+    with pytest.raises(ConfigError, match="imagine_in_process.*episode memory.*memory: false"):
+        Factory("overcooked", imagine_in_process=True)(memory)
     # YAML-style construction goes through the same checks
     assert Factory.from_dict({"env_name": "overcooked", "retrain_steps": 5}).retrain_steps == 5
