@@ -337,6 +337,7 @@ class _ObsPolicy:
         return np.asarray(obs)[..., :6].argmax(-1).astype(np.int64)  # [B, N]
 
 
+@pytest.mark.slow
 def test_in_process_imagination_equals_the_served_rollouts(served_world_model):
     """imagine_in_process runs the replica's imagine code on the served checkpoint in the
     algorithm's process: the same rollouts as Serve, also after a retrain hot-swaps the
