@@ -16,6 +16,10 @@ import sys
 from typing import Any
 
 DEFAULT_LOGICAL_CPUS = 8
+SERVE_PROXY_READY_TIMEOUT_S = "60"
+"""Serve's HTTP proxy readiness check timeout in a local cluster (Ray's default: 5 s). On a
+loaded 2-core machine the proxy missed three 5 s checks in a row, Serve killed it and the main
+job died at its serve stage; the process environment wins if it sets one."""
 
 
 def init_ray(num_cpus: int | None = None, *, address: str | None = None) -> None:
@@ -38,7 +42,8 @@ def init_ray(num_cpus: int | None = None, *, address: str | None = None) -> None
     env_vars = worker_env_vars()
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
-    else:
+    else:  # the local cluster's processes (Serve's controller and proxy too) inherit it
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", SERVE_PROXY_READY_TIMEOUT_S)
         ray.init(
             num_cpus=num_cpus or DEFAULT_LOGICAL_CPUS,
             include_dashboard=False,
