@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -81,10 +80,8 @@ def measure(args: Args) -> tuple[dict[str, list[tuple[float, float]]], bool]:
 
     spec = env_spec("overcooked")
     _, user_config = served_checkpoint_path()
-    with socket.socket() as free:  # any free port: the main job's 8000 may be in use
-        free.bind(("127.0.0.1", 0))
-        serve.start(http_options={"host": "127.0.0.1", "port": free.getsockname()[1]})
-    serve.run(build_app(user_config), name=APP_NAME, route_prefix="/")
+    serve.start(proxy_location="Disabled")  # handles only: no HTTP port to clash over
+    serve.run(build_app(user_config), name=APP_NAME, route_prefix=None)
     providers = {
         local: ServedWorldModelImaginer(
             spec=spec,

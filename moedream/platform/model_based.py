@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 from moedream.coherence.actor_config import ACTOR_NAME, NAMESPACE
 from moedream.config import ConfigBase, ConfigError, check, check_choice, check_positive, is_int
@@ -436,7 +437,10 @@ class ServedWorldModelImaginer:
             lambda timeout_s: handle.info.remote().result(timeout_s=timeout_s)["checkpoint"],
         )
         if self._local is None or self._local.checkpoint_id != served["id"]:
-            self._local = load_checkpoint(served["path"])
+            # building the module draws its initial weights from torch's global RNG, which the
+            # team's action sampling uses too: keep that stream as the Serve path leaves it
+            with torch.random.fork_rng(devices=[]):
+                self._local = load_checkpoint(served["path"])
 
     def _imagine_here(self, requests: list[dict[str, Any]]) -> dict[str, np.ndarray | None]:
         """The replica's imagine code (parse_imagine, execute_batch) on ``requests``, run in

@@ -330,11 +330,16 @@ def test_a_background_retrain_serves_the_same_checkpoint_one_swap_later(served_w
 
 
 class _ObsPolicy:
-    """A deterministic team policy: each agent's action is the argmax of its first 6 features,
-    so two providers' rollouts agree only if every imagined observation does."""
+    """A team policy drawing from torch's global RNG, as the team's does: each agent's action is
+    the argmax of its first 6 features plus uniform noise, so two providers' rollouts agree
+    only if every imagined observation and every draw does (loading the model in process
+    must leave the global RNG alone)."""
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        return np.asarray(obs)[..., :6].argmax(-1).astype(np.int64)  # [B, N]
+        import torch
+
+        scores = torch.as_tensor(np.asarray(obs)[..., :6]) + torch.rand(*obs.shape[:-1], 6)
+        return scores.argmax(-1).numpy().astype(np.int64)  # [B, N]
 
 
 @pytest.mark.slow
@@ -365,8 +370,13 @@ def test_in_process_imagination_equals_the_served_rollouts(served_world_model):
 def _compare_rollouts(providers: dict, start: np.ndarray, episodes: list) -> None:
     """Two rounds of imagination by the Serve (False) and in-process (True) providers, with a
     retrain's hot swap between them."""
+    import torch
+
     for round_ in range(2):
-        trajs = {local: p.imagine(start, _ObsPolicy()) for local, p in providers.items()}
+        trajs = {}
+        for local, provider in providers.items():
+            torch.manual_seed(round_)
+            trajs[local] = provider.imagine(start, _ObsPolicy())
         for field in ("obs", "action", "reward", "terminated", "uncertainty", "obs_std"):
             np.testing.assert_array_equal(
                 getattr(trajs[True], field), getattr(trajs[False], field), err_msg=field
