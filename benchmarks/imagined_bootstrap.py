@@ -104,13 +104,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_ray()
-    rows = []
+    rows, profiles = [], []
     for env in args.envs:
         offset, _ = se.prepare_world_model(args, env)
         per_arm: dict[str, list] = {name: [] for name, _ in ARMS}
+        histories: dict[str, list] = {name: [] for name, _ in ARMS}
         for seed in args.seeds:
             for name, bootstrap in ARMS:
                 done = run_arm(args, env, seed, name, bootstrap)
+                histories[name].append(done["history"])
                 row = summary(done["history"], offset, args.smooth_steps)
                 per_arm[name].append(row)
                 rows.append([env, seed, name, *row, round(done["seconds"])])
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             cells = np.array([r[1:] for r in per_arm[name]], dtype=float)
             rows.append([env, "mean", name, int(cells[0, 0]),
                          *np.round(np.nanmean(cells[:, 1:], 0), 3), ""])  # fmt: skip
+            profiles.append(se.profile(env, name, histories[name]))
     body = (
         f"Model-based runs through the served world model ({args.world_model_steps} Ray Train "
         f"steps on random-policy episodes of {args.collect_steps} real steps, rounded up to "
@@ -130,7 +133,12 @@ def main(argv: list[str] | None = None) -> None:
         "`imagination.bootstrap_truncated`. Return: the team's (shaped + soup) return of the "
         f"training episodes, smoothed over the last {args.smooth_steps} real steps. Machine "
         f"shared with other jobs (1-min load average at the end {os.getloadavg()[0]:.1f} on "
-        f"{os.cpu_count()} logical CPUs).\n\n" + markdown_table(HEADERS, rows)
+        f"{os.cpu_count()} logical CPUs).\n\n"
+        + markdown_table(HEADERS, rows)
+        + "\n\nWhere the wall-clock goes (mean seconds per iteration over the seeds; the stages "
+        "of MBMAPPO.training_step, `time/<stage>_s`; imagine, gate, episodes and learn run "
+        f"once per imagination update, {args.imagination_updates} per iteration):\n\n"
+        + markdown_table(se.PROFILE_HEADERS, profiles)
     )
     publish(f"imagined_bootstrap{'_' + args.tag if args.tag else ''}",
             "Value bootstrap at the end of imagined rollouts: A/B", body, args.record)  # fmt: skip
