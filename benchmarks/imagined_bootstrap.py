@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append([env, seed, name, *row, round(done["seconds"])])
                 print(markdown_table(HEADERS, rows[-1:]), flush=True)
         for name, _ in ARMS:
-            cells = np.array([r[1:] for r in per_arm[name]], dtype=float)
+            cells = np.array(per_arm[name], dtype=float)  # [seeds, summary columns]
             rows.append([env, "mean", name, int(cells[0, 0]),
                          *np.round(np.nanmean(cells[:, 1:], 0), 3), ""])  # fmt: skip
             profiles.append(se.profile(env, name, histories[name]))
