@@ -97,6 +97,19 @@ class PlatformTrainer:
         quickstart = _built(QuickstartConfig, prepare, where)
         return quickstart.agents_config(), quickstart
 
+    def resolved_config(self, variant: Variant, seed: int) -> dict[str, Any]:
+        """What the run trains with, for its record (moedream.results.runner): the typed
+        AgentsConfig and preparation config after the overrides, and the evaluation seed."""
+        agents, quickstart = self.configs(variant, seed)
+        prepare = quickstart.to_dict() if quickstart is not None else None
+        if prepare is not None:
+            del prepare["agents"]  # the same AgentsConfig as "agents"
+        return {
+            "agents": agents.to_dict(),
+            "prepare": prepare,
+            "eval_seed": self.settings.eval_seed,
+        }
+
     def run_dir(self, variant: Variant, seed: int) -> Path:
         return self.out_dir / variant.name / RUN_FOLDER.format(seed=seed)
 

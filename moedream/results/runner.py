@@ -3,8 +3,17 @@
 On disk, under ``out_dir``::
 
     <variant>/variant.json        the overrides and protocol it was run with
-    <variant>/seed_<k>.jsonl      one line per evaluation: {"real_steps", "wallclock_s", "metrics"}
-    <variant>/seed_<k>.done       written atomically once the run has evaluated at its budget
+    <variant>/seed_<k>.jsonl      one line per evaluation: {"real_steps", "wallclock_s", "metrics",
+                                  "code"}, the first of each sitting also "config"
+    <variant>/seed_<k>.done       written atomically once the run has evaluated at its budget:
+                                  {"evaluations", "sittings": [{"first_evaluation",
+                                  "evaluations", "code", "config"}, ...]}
+
+``code`` is the git commit and dirty flag of the work tree the sitting ran
+(moedream.results.provenance); ``config`` is what the sitting trained with: the variant's
+overrides and protocol, and the train_fn's resolved configs when it has
+``resolved_config(variant, seed)``. A sitting is one call of ``train_fn``: a resumed run has
+one per sitting, so a run continued on other code records both versions.
 
 Each evaluation is flushed and fsynced as it is reported, so a crash loses at most the point
 being written. Re-running skips finished runs. An unfinished run continues from its last resume
@@ -35,6 +44,7 @@ from typing import Any, TextIO
 
 from moedream.config import ConfigError
 from moedream.files import atomic_write_text
+from moedream.results.provenance import code_version, sittings
 from moedream.results.spec import Protocol, ResultsSpec, Variant
 
 log = logging.getLogger(__name__)
@@ -55,12 +65,25 @@ class EvaluationLog:
     """The callback given to train_fn: checks each evaluation point and appends it durably."""
 
     def __init__(
-        self, file: TextIO, protocol: Protocol, run: str, recorded: Sequence[dict[str, Any]] = ()
+        self,
+        file: TextIO,
+        protocol: Protocol,
+        run: str,
+        recorded: Sequence[dict[str, Any]] = (),
+        sitting: dict[str, Any] | None = None,
     ):
-        """``recorded``: the points already in ``file`` (a resumed run continues after them)."""
+        """``recorded``: the points already in ``file`` (a resumed run continues after them);
+        ``sitting``: {"code", "config"} of this sitting, stamped on the rows it writes."""
         self.file, self.protocol, self.run = file, protocol, run
-        self.count = len(recorded)
+        self.points = list(recorded)
         self.last_steps = int(recorded[-1]["real_steps"]) if recorded else -1
+        self.code = (sitting or {}).get("code")
+        self.config = (sitting or {}).get("config")
+        self.first_of_sitting = True
+
+    @property
+    def count(self) -> int:
+        return len(self.points)
 
     def __call__(self, real_steps: int, wallclock_s: float, metrics: dict[str, Any]) -> None:
         self._check(real_steps, metrics)
@@ -68,11 +91,16 @@ class EvaluationLog:
             "real_steps": int(real_steps),
             "wallclock_s": float(wallclock_s),
             "metrics": metrics,
+            "code": self.code,
         }
-        self.file.write(json.dumps(point, default=_plain) + "\n")
+        if self.first_of_sitting:  # the config once per sitting: it is large and fixed
+            point["config"] = self.config
+        line = json.dumps(point, default=_plain)
+        self.file.write(line + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
-        self.count, self.last_steps = self.count + 1, int(real_steps)
+        self.points.append(json.loads(line))
+        self.last_steps, self.first_of_sitting = int(real_steps), False
 
     def _check(self, real_steps: int, metrics: dict[str, Any]) -> None:
         if self.count == 0 and real_steps != 0:
@@ -137,8 +165,11 @@ def _claim_variant_dir(out_dir: Path, variant: Variant) -> None:
         )
 
 
-def run_one(variant: Variant, seed: int, train_fn: TrainFn, out_dir: Path) -> bool:
-    """Train one (variant, seed) unless already done; True if it trained."""
+def run_one(
+    variant: Variant, seed: int, train_fn: TrainFn, out_dir: Path, code: dict | None = None
+) -> bool:
+    """Train one (variant, seed) unless already done; True if it trained. ``code``: the code
+    version to stamp on its rows (default: this work tree's, moedream.results.provenance)."""
     points, done = points_path(out_dir, variant.name, seed), done_path(out_dir, variant.name, seed)
     run = f"{variant.name} seed {seed}"
     if done.exists():
@@ -146,16 +177,28 @@ def run_one(variant: Variant, seed: int, train_fn: TrainFn, out_dir: Path) -> bo
         return False
     kept = _kept_points(points, variant, seed, train_fn, run)
     atomic_write_text(points, "".join(json.dumps(p) + "\n" for p in kept))
+    sitting = {"code": code or code_version(), "config": _sitting_config(train_fn, variant, seed)}
     with open(points, "a") as file:
-        evaluations = EvaluationLog(file, variant.protocol, run, recorded=kept)
+        evaluations = EvaluationLog(file, variant.protocol, run, recorded=kept, sitting=sitting)
         if kept:
             train_fn(variant, seed, evaluations, resumed=len(kept))
         else:
             train_fn(variant, seed, evaluations)
         evaluations.check_finished()
-    atomic_write_text(done, json.dumps({"evaluations": evaluations.count}))
+    record = {"evaluations": evaluations.count, "sittings": sittings(evaluations.points)}
+    atomic_write_text(done, json.dumps(record, default=_plain))
     log.info("%s: finished after %d evaluations", run, evaluations.count)
     return True
+
+
+def _sitting_config(train_fn: TrainFn, variant: Variant, seed: int) -> dict[str, Any]:
+    """What this sitting trains with: the variant's settings and, when ``train_fn`` can say,
+    its resolved configs (base YAMLs with the overrides applied, so a changed base shows)."""
+    resolved = getattr(train_fn, "resolved_config", None)
+    config = {"variant": _run_settings(variant), "seed": seed}
+    if resolved is not None:
+        config["resolved"] = resolved(variant, seed)
+    return json.loads(json.dumps(config, default=_plain))
 
 
 def _kept_points(
@@ -178,10 +221,10 @@ def _kept_points(
 
 def run_all(spec: ResultsSpec, train_fn: TrainFn, out_dir: str | Path) -> list[tuple[str, int]]:
     """Run every unfinished (variant, seed) in spec order; the (variant, seed) pairs trained."""
-    trained = []
+    trained, code = [], code_version()  # the code this process loaded, once
     for variant in spec.variants:
         _claim_variant_dir(Path(out_dir), variant)
         for seed in spec.protocol.seeds:
-            if run_one(variant, seed, train_fn, Path(out_dir)):
+            if run_one(variant, seed, train_fn, Path(out_dir), code):
                 trained.append((variant.name, seed))
     return trained

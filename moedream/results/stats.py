@@ -196,11 +196,20 @@ def threshold_ratio(
             "steps to threshold must be > 0: a run holding the threshold from real step 0 "
             "measures no learning; raise the threshold"
         )
-    boot = bootstrap_iqm(base, reps, variant_rng(seed, "baseline")) / bootstrap_iqm(
-        var, reps, variant_rng(seed, "variant")
+    return iqm_ratio(base, var, reps, seed, confidence)
+
+
+def iqm_ratio(
+    numerator, denominator, reps: int = 50_000, seed: int = 0, confidence: float = CONFIDENCE
+) -> Interval:
+    """IQM(numerator runs) / IQM(denominator runs) of positive per-run scores, with a
+    percentile interval from resampling each side's runs independently (one stratum each)."""
+    top, bottom = _runs(numerator, "numerator"), _runs(denominator, "denominator")
+    boot = bootstrap_iqm(top, reps, variant_rng(seed, "baseline")) / bootstrap_iqm(
+        bottom, reps, variant_rng(seed, "variant")
     )
     lo, hi = percentile_interval(boot, confidence)
-    return Interval(float(iqm(base) / iqm(var)), float(lo), float(hi))
+    return Interval(float(iqm(top) / iqm(bottom)), float(lo), float(hi))
 
 
 def verdict(ratio: Interval, baseline_censored: bool, variant_censored: bool) -> str:

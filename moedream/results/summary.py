@@ -3,7 +3,8 @@ evaluation curves with confidence bands (PNG).
 
 Only finished runs (with a ``done`` marker) are scored; the table gives finished/declared runs
 per variant and lists the unfinished ones. Runs that never sustain the threshold stay in, counted
-at the budget, and the table says how many reached it.
+at the budget, and the table says how many reached it. Each row names the code (git commit) its
+runs ran, and the table warns under it when a row's runs ran different code.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from moedream.results import stats
+from moedream.results.provenance import mixed_code_warnings, run_code_labels
 from moedream.results.runner import done_path, points_path
 from moedream.results.spec import Protocol, ResultsSpec
 
@@ -29,6 +31,7 @@ class Run(NamedTuple):
     steps: np.ndarray  # (n,) real steps at each evaluation
     values: np.ndarray  # (n,) protocol.metric at each evaluation
     wallclock_s: float  # at the closing evaluation
+    codes: tuple[str, ...]  # code labels of its sittings up to the closing evaluation
 
 
 class Scores(NamedTuple):
@@ -50,7 +53,8 @@ def load_run(out_dir: Path, variant: str, seed: int, protocol: Protocol) -> Run 
     steps = np.array([p["real_steps"] for p in points], dtype=float)
     values = np.array([p["metrics"][protocol.metric] for p in points], dtype=float)
     steps, values = stats.clip_to_budget(steps, values, protocol.budget_real_steps)
-    return Run(seed, steps, values, float(points[steps.size - 1]["wallclock_s"]))
+    kept = points[: steps.size]
+    return Run(seed, steps, values, float(kept[-1]["wallclock_s"]), run_code_labels(kept))
 
 
 def score(runs: list[Run], protocol: Protocol) -> Scores:
@@ -68,6 +72,26 @@ def score(runs: list[Run], protocol: Protocol) -> Scores:
 
 def _interval(iv: stats.Interval, fmt: str) -> str:
     return f"{iv.point:{fmt}} [{iv.lo:{fmt}}, {iv.hi:{fmt}}]"
+
+
+def _wallclock_ratio_cell(base: Scores | None, mine: Scores, protocol: Protocol) -> str:
+    """IQM(variant wall-clock) / IQM(baseline wall-clock) at the budget, > 1 costs more time."""
+    if base is None:
+        return "-"
+    ratio = stats.iqm_ratio(
+        mine.wallclock_s, base.wallclock_s, protocol.bootstrap_reps, protocol.bootstrap_seed
+    )
+    return f"{ratio.point:.2f}x [{ratio.lo:.2f}, {ratio.hi:.2f}]"
+
+
+def _code_cell(runs: list[Run]) -> str:
+    """The code labels of a row's runs: one label, or each with the seeds that ran it."""
+    labels = list(dict.fromkeys(label for run in runs for label in run.codes))
+    if len(labels) == 1:
+        return labels[0]
+    return "; ".join(
+        f"{label} ({', '.join(str(r.seed) for r in runs if label in r.codes)})" for label in labels
+    )
 
 
 def _speedup_cells(base: Scores | None, mine: Scores, protocol: Protocol) -> list[str]:
@@ -88,7 +112,9 @@ def _speedup_cells(base: Scores | None, mine: Scores, protocol: Protocol) -> lis
     return [f"{ratio.point:.2f}x [{ratio.lo:.2f}, {ratio.hi:.2f}]", shown]
 
 
-def _row(name: str, scores: Scores, base: Scores | None, spec: ResultsSpec) -> list[str]:
+def _row(
+    name: str, runs: list[Run], scores: Scores, base: Scores | None, spec: ResultsSpec
+) -> list[str]:
     p = spec.protocol
 
     def agg(values: np.ndarray, fmt: str) -> str:
@@ -101,11 +127,12 @@ def _row(name: str, scores: Scores, base: Scores | None, spec: ResultsSpec) -> l
         agg(scores.steps_to_threshold, ",.0f"),
         f"{int(scores.reached.sum())}/{scores.reached.size}",
         agg(scores.wallclock_s, ".0f"),
+        "1 (baseline)" if name == spec.baseline else _wallclock_ratio_cell(base, scores, p),
     ]
     tail = (
         ["1 (baseline)", "baseline"] if name == spec.baseline else _speedup_cells(base, scores, p)
     )
-    return [name, f"{scores.final.size}/{len(p.seeds)}", *cells, *tail]
+    return [name, f"{scores.final.size}/{len(p.seeds)}", *cells, *tail, _code_cell(runs)]
 
 
 def _header(spec: ResultsSpec) -> list[str]:
@@ -124,8 +151,12 @@ def _header(spec: ResultsSpec) -> list[str]:
         f"real steps). Steps to {p.threshold:g}: each run's own first evaluation from which the "
         f"metric stayed >= {p.threshold:g} for {p.hold} consecutive evaluations; a run that "
         "never did counts at the real steps it spent (not reached). Wall-clock: at the closing "
-        "evaluation. Speed-up: IQM(baseline steps) / IQM(variant steps), > 1 is fewer real "
-        "steps; not-reached runs make it a bound, which the verdict accounts for.",
+        "evaluation (without the evaluations' own time), and its IQM over the baseline's (> 1 "
+        "costs more time, e.g. imagination's). Speed-up: IQM(baseline steps) / IQM(variant "
+        "steps), > 1 is fewer real steps; not-reached runs make it a bound, which the verdict "
+        "accounts for. Code: the git commit each row's runs ran (+dirty: with uncommitted "
+        "changes; unrecorded: run before commits were recorded), with the seeds per commit "
+        "when they differ.",
         "",
     ]
 
@@ -142,16 +173,20 @@ def render_table(runs: dict[str, list[Run]], spec: ResultsSpec) -> str:
         f"real steps to {p.metric} >= {p.threshold:g} (held {p.hold} evals)",
         "reached",
         "wall-clock s",
+        f"wall-clock vs {spec.baseline}",
         f"speed-up vs {spec.baseline}",
         "verdict",
+        "code",
     ]
     lines = [*_header(spec), "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for variant in spec.variants:
         if variant.name in scores:
-            row = _row(variant.name, scores[variant.name], scores.get(spec.baseline), spec)
+            base = scores.get(spec.baseline)
+            row = _row(variant.name, runs[variant.name], scores[variant.name], base, spec)
         else:
-            row = [variant.name, f"0/{len(p.seeds)}", *["-"] * 6, "no finished runs"]
+            row = [variant.name, f"0/{len(p.seeds)}", *["-"] * 7, "no finished runs", "-"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += _code_warnings(runs, spec)
     unfinished = [
         f"{v.name} seed {s}"
         for v in spec.variants
@@ -161,6 +196,18 @@ def render_table(runs: dict[str, list[Run]], spec: ResultsSpec) -> str:
     if unfinished:
         lines += ["", "Not finished, so not in the table: " + ", ".join(unfinished) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _code_warnings(runs: dict[str, list[Run]], spec: ResultsSpec) -> list[str]:
+    """Lines under the table for each row whose finished runs did not all run one commit."""
+    warnings = [
+        warning
+        for variant in spec.variants
+        for warning in mixed_code_warnings(
+            {r.seed: r.codes for r in runs[variant.name]}, variant.name
+        )
+    ]
+    return ["", *[f"**Warning:** {w}." for w in warnings]] if warnings else []
 
 
 def _on_grid(runs: list[Run], protocol: Protocol) -> tuple[np.ndarray, np.ndarray]:

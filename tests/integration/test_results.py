@@ -159,6 +159,10 @@ def check_resumed(trainer: PlatformTrainer, spec, out: Path, before: list[dict])
     with its episode store and its retrained world model."""
     after = points(out, "model_based", 1)
     assert after[:2] == before
+    # each sitting records what it trained with, the resolved configs included
+    assert ["config" in p for p in after] == [True, False, True]
+    resolved = after[2]["config"]["resolved"]
+    assert resolved["agents"]["seed"] == 1 and resolved["prepare"]["collect"]["seed"] == 1
     # The restored real-step count goes on: the iteration the killed sitting trained past its
     # resume point is neither counted nor lost.
     assert [p["real_steps"] for p in after] == [0, COLLECTED + BATCH, COLLECTED + 2 * BATCH]

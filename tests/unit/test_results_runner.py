@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from moedream.config import ConfigError
+from moedream.results.provenance import code_label, code_version
 from moedream.results.runner import done_path, points_path, run_all
 from moedream.results.spec import load_spec, spec_from_dict
 from moedream.results.summary import CURVES_FILE, SUMMARY_FILE, summarise
@@ -24,6 +25,7 @@ from moedream.results.summary import CURVES_FILE, SUMMARY_FILE, summarise
 BUDGET, EVERY = 1000, 100
 # metric per real step: "fast" reaches 0.5 at step 100, "slow" at 300 (3x), "never" stays < 0.5
 RATES = {"slow": 1 / 600, "fast": 1 / 200, "never": 1 / 4000, "same": 1 / 600}
+COSTS = {"fast": 3}  # seconds per real step x 100: "fast" takes 3x the wall-clock, others 1x
 
 
 def spec_dict(variants=("slow", "fast"), seeds=(0, 1)) -> dict:
@@ -38,7 +40,10 @@ def spec_dict(variants=("slow", "fast"), seeds=(0, 1)) -> dict:
             "threshold": 0.5,
             "bootstrap_reps": 2000,
         },
-        "variants": [{"name": name, "overrides": {"rate": RATES[name]}} for name in variants],
+        "variants": [
+            {"name": name, "overrides": {"rate": RATES[name], "cost": COSTS.get(name, 1)}}
+            for name in variants
+        ],
     }
 
 
@@ -57,7 +62,8 @@ class SyntheticTrainer:
                 self.fail_at = None
                 raise RuntimeError("worker lost")
             value = min(1.0, variant.overrides["rate"] * step) + 0.01 * seed
-            callback(step, step / 100, {"eval_return": value, "episodes": 2})
+            seconds = step / 100 * variant.overrides["cost"]
+            callback(step, seconds, {"eval_return": value, "episodes": 2})
 
 
 def test_a_failed_run_restarts_from_scratch_and_finished_runs_are_skipped(tmp_path, caplog):
@@ -134,16 +140,18 @@ def test_summary_table_has_the_hand_computed_rows(tmp_path):
     # seeds add 0.00..0.03: IQM of 4 runs is the mean of the middle two (+0.015)
     # slow: final 1.015, AUC (300 + 400) / 1000 + 0.015, 0.5 held from step 300, 10 s at budget
     slow = ["slow", "4/4", "1.015 [1, 1.03]", "0.715 [0.7, 0.73]", "300 [300, 300]", "4/4"]
-    assert _row(markdown, "slow") == [*slow, "10 [10, 10]", "1 (baseline)", "baseline"]
+    code = code_label(code_version())  # every run ran this work tree's code
+    wallclock = ["10 [10, 10]", "1 (baseline)"]
+    assert _row(markdown, "slow") == [*slow, *wallclock, "1 (baseline)", "baseline", code]
     fast = _row(markdown, "fast")
     assert fast[3:5] == ["0.915 [0.9, 0.93]", "100 [100, 100]"]  # AUC (900 + 50) / 1000
-    assert fast[7:] == ["3.00x [3.00, 3.00]", "better"]
+    assert fast[6:] == ["30 [30, 30]", "3.00x [3.00, 3.00]", "3.00x [3.00, 3.00]", "better", code]
     never = _row(markdown, "never")  # censored at the budget, kept: 300 / 1000
     assert never[4:6] == ["1,000 [1,000, 1,000]", "0/4"]
-    assert never[7:] == ["0.30x [0.30, 0.30]", "worse"]
+    assert never[7:10] == ["1.00x [1.00, 1.00]", "0.30x [0.30, 0.30]", "worse"]
     same = _row(markdown, "same")
     # an unfinished row's verdict is provisional: the protocol asks for every seed
-    assert same[1] == "3/4" and same[8] == "provisional (3/4 runs vs 4/4): no difference shown"
+    assert same[1] == "3/4" and same[9] == "provisional (3/4 runs vs 4/4): no difference shown"
     assert "Not finished, so not in the table: same seed 3." in markdown
     # every reported metric at the closing evaluation (columns sorted: episodes, eval_return)
     at_budget = markdown.split("Every metric at the evaluation closing the budget")[1]
@@ -159,7 +167,8 @@ def test_valid_yaml_loads_with_defaults(tmp_path):
     assert [v.name for v in spec.variants] == ["slow", "fast"] and spec.baseline == "slow"
     assert spec.protocol.hold == 3 and spec.protocol.seeds == (0, 1)
     assert spec.variants[1].protocol is spec.protocol and spec.variants[1].overrides == {
-        "rate": 0.005
+        "rate": 0.005,
+        "cost": 3,
     }
 
 
@@ -279,7 +288,7 @@ def test_an_unfinished_run_resumes_after_its_resume_point_and_keeps_its_rows(tmp
     lines = points_path(tmp_path, "slow", 0).read_text().splitlines()
     assert lines[:4] == before[:4]  # the rows up to the resume point are the first sitting's
     assert [json.loads(line)["real_steps"] for line in lines] == list(range(0, BUDGET + 1, EVERY))
-    assert json.loads(done_path(tmp_path, "slow", 0).read_text()) == {"evaluations": 11}
+    assert json.loads(done_path(tmp_path, "slow", 0).read_text())["evaluations"] == 11
 
 
 def test_a_resume_point_past_the_recorded_rows_restarts_the_run(tmp_path, caplog):
