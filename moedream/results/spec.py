@@ -10,7 +10,7 @@ Layout::
       eval_every_real_steps: 5000   # evaluate at step 0 and then every this many real steps
       eval_episodes: 10
       metric: eval_return           # key of the metrics dict train_fn reports
-      threshold: 50.0
+      threshold: 50.0               # or baseline_final: the baseline row's final value (IQM)
       hold: 3                       # consecutive evaluations at or above the threshold
       final_last_k: 3               # final value = mean of the last k evaluations
       bootstrap_reps: 50000
@@ -33,12 +33,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from pathlib import Path
 from typing import Any
 
 from moedream.config import ConfigBase, ConfigError, check, check_positive_ints, load_yaml
 
+BASELINE_FINAL = "baseline_final"
+"""protocol.threshold meaning "the baseline row's final value": the IQM over the baseline's
+finished runs of each run's final value (moedream.results.summary.resolve_threshold)."""
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # also a directory name
 VARIANT_FIELDS = ("name", "overrides", "description", "replay_matched_to")
 TOP_FIELDS = ("baseline", "protocol", "variants", "train")
@@ -53,7 +57,9 @@ class Protocol(ConfigBase):
     eval_every_real_steps: int
     eval_episodes: int
     metric: str
-    threshold: float
+    threshold: float | str
+    """A fixed value of ``metric``, or ``baseline_final`` (BASELINE_FINAL): what the baseline
+    reaches at the budget, so each row is timed to the baseline's own final level."""
     hold: int = 3
     final_last_k: int = 3
     bootstrap_reps: int = 50_000
@@ -70,7 +76,10 @@ class Protocol(ConfigBase):
             self.bootstrap_seed >= 0, f"{prefix}bootstrap_seed", self.bootstrap_seed, "must be >= 0"
         )
         check(bool(self.metric), f"{prefix}metric", self.metric, "must name a reported metric")
-        check(math.isfinite(self.threshold), f"{prefix}threshold", self.threshold, "must be finite")
+        fixed = isinstance(self.threshold, numbers.Real) and not isinstance(self.threshold, bool)
+        ok = self.threshold == BASELINE_FINAL or (fixed and math.isfinite(self.threshold))
+        check(ok, f"{prefix}threshold", self.threshold,
+              f"must be a finite number or {BASELINE_FINAL!r}")  # fmt: skip
         self._check_fits_budget(prefix)
 
     def _check_fits_budget(self, prefix: str) -> None:

@@ -9,7 +9,9 @@ runs ran, and the table warns under it when a row's runs ran different code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,7 +21,7 @@ from matplotlib.figure import Figure
 from moedream.results import stats
 from moedream.results.provenance import mixed_code_warnings, run_code_labels
 from moedream.results.runner import done_path, points_path
-from moedream.results.spec import Protocol, ResultsSpec
+from moedream.results.spec import BASELINE_FINAL, Protocol, ResultsSpec
 
 SUMMARY_FILE, CURVES_FILE = "summary.md", "curves.png"
 
@@ -55,6 +57,27 @@ def load_run(out_dir: Path, variant: str, seed: int, protocol: Protocol) -> Run 
     steps, values = stats.clip_to_budget(steps, values, protocol.budget_real_steps)
     kept = points[: steps.size]
     return Run(seed, steps, values, float(kept[-1]["wallclock_s"]), run_code_labels(kept))
+
+
+def resolve_threshold(runs: dict[str, list[Run]], spec: ResultsSpec) -> ResultsSpec:
+    """The spec with a numeric protocol.threshold: ``baseline_final`` becomes the IQM of the
+    baseline's finished runs' final values (NaN while none has finished)."""
+    p = spec.protocol
+    if p.threshold != BASELINE_FINAL:
+        return spec
+    finals = [stats.final_value(r.values, p.final_last_k) for r in runs[spec.baseline]]
+    value = float(stats.iqm(np.array(finals))) if finals else math.nan
+    return dataclasses.replace(spec, protocol=dataclasses.replace(p, threshold=value))
+
+
+def _threshold_text(spec: ResultsSpec, declared: float | str) -> str:
+    """The threshold as the table names it, saying where a baseline_final one came from."""
+    value = spec.protocol.threshold
+    if declared != BASELINE_FINAL:
+        return f"{value:g}"
+    if math.isnan(value):
+        return f"{spec.baseline}'s final IQM (no finished run yet)"
+    return f"{value:.4g} ({spec.baseline}'s final IQM)"
 
 
 def score(runs: list[Run], protocol: Protocol) -> Scores:
@@ -121,11 +144,12 @@ def _row(
         iv = stats.aggregate({name: values}, p.bootstrap_reps, p.bootstrap_seed)[name]
         return _interval(iv, fmt)
 
+    known = not math.isnan(p.threshold)  # a baseline_final one needs a finished baseline run
     cells = [
         agg(scores.final, ".4g"),
         agg(scores.auc, ".4g"),
-        agg(scores.steps_to_threshold, ",.0f"),
-        f"{int(scores.reached.sum())}/{scores.reached.size}",
+        agg(scores.steps_to_threshold, ",.0f") if known else "-",
+        f"{int(scores.reached.sum())}/{scores.reached.size}" if known else "-",
         agg(scores.wallclock_s, ".0f"),
         "1 (baseline)" if name == spec.baseline else _wallclock_ratio_cell(base, scores, p),
     ]
@@ -135,7 +159,7 @@ def _row(
     return [name, f"{scores.final.size}/{len(p.seeds)}", *cells, *tail, _code_cell(runs)]
 
 
-def _header(spec: ResultsSpec) -> list[str]:
+def _header(spec: ResultsSpec, threshold: str) -> list[str]:
     p = spec.protocol
     return [
         f"# Sample efficiency: `{p.metric}`",
@@ -148,8 +172,8 @@ def _header(spec: ResultsSpec) -> list[str]:
         f"Cells: IQM across runs [95% stratified-bootstrap CI, {p.bootstrap_reps:,} resamples, "
         f"seed {p.bootstrap_seed}]. Final: mean of the last {p.final_last_k} evaluations up to "
         "the one closing the budget. AUC: mean of the metric over [0, budget] (trapezoid on "
-        f"real steps). Steps to {p.threshold:g}: each run's own first evaluation from which the "
-        f"metric stayed >= {p.threshold:g} for {p.hold} consecutive evaluations; a run that "
+        f"real steps). Steps to {threshold}: each run's own first evaluation from which the "
+        f"metric stayed >= it for {p.hold} consecutive evaluations; a run that "
         "never did counts at the real steps it spent (not reached). Wall-clock: at the closing "
         "evaluation (without the evaluations' own time), and its IQM over the baseline's (> 1 "
         "costs more time, e.g. imagination's). Speed-up: IQM(baseline steps) / IQM(variant "
@@ -163,14 +187,16 @@ def _header(spec: ResultsSpec) -> list[str]:
 
 def render_table(runs: dict[str, list[Run]], spec: ResultsSpec) -> str:
     """The Markdown summary: header, one row per variant in spec order, unfinished runs."""
-    p = spec.protocol
+    declared = spec.protocol.threshold
+    spec = resolve_threshold(runs, spec)
+    p, threshold = spec.protocol, _threshold_text(spec, declared)
     scores = {name: score(r, p) for name, r in runs.items() if r}
     columns = [
         "variant",
         "finished runs",
         f"final {p.metric}",
         f"AUC {p.metric}",
-        f"real steps to {p.metric} >= {p.threshold:g} (held {p.hold} evals)",
+        f"real steps to {p.metric} >= {threshold} (held {p.hold} evals)",
         "reached",
         "wall-clock s",
         f"wall-clock vs {spec.baseline}",
@@ -178,7 +204,11 @@ def render_table(runs: dict[str, list[Run]], spec: ResultsSpec) -> str:
         "verdict",
         "code",
     ]
-    lines = [*_header(spec), "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines = [
+        *_header(spec, threshold),
+        "| " + " | ".join(columns) + " |",
+        "|" + " --- |" * len(columns),
+    ]
     for variant in spec.variants:
         if variant.name in scores:
             base = scores.get(spec.baseline)
@@ -219,7 +249,7 @@ def _on_grid(runs: list[Run], protocol: Protocol) -> tuple[np.ndarray, np.ndarra
 
 def plot_curves(runs: dict[str, list[Run]], spec: ResultsSpec, path: Path) -> None:
     """IQM evaluation curve per variant with its 95% bootstrap band, threshold dashed."""
-    p = spec.protocol
+    p = resolve_threshold(runs, spec).protocol
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
     for name, variant_runs in runs.items():
@@ -232,7 +262,8 @@ def plot_curves(runs: dict[str, list[Run]], spec: ResultsSpec, path: Path) -> No
         lo, hi = stats.percentile_interval(boot)
         (line,) = axes.plot(grid, stats.iqm(curves), label=f"{name} ({len(variant_runs)} runs)")
         axes.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2)
-    axes.axhline(p.threshold, color="grey", linestyle="--", linewidth=1, label="threshold")
+    if not math.isnan(p.threshold):
+        axes.axhline(p.threshold, color="grey", linestyle="--", linewidth=1, label="threshold")
     axes.set(xlabel="real environment steps", ylabel=f"{p.metric} (IQM, 95% CI)")
     axes.legend()
     figure.tight_layout()

@@ -104,14 +104,12 @@ def is_model_based(agents: dict[str, Any]) -> bool:
 
 
 def real_passes(agents: dict[str, Any]) -> int:
-    """PPO epochs over each real batch per iteration: num_epochs per update that learns from it
-    (every one of the imagination updates when real_every_update, else the first only)."""
+    """PPO epochs over each real batch per iteration (ImaginationConfig.real_batch_passes: the
+    first update's num_epochs, plus the later updates' epochs when real_every_update)."""
     from moedream.platform.agents import AgentsConfig
 
     cfg = AgentsConfig.from_dict(agents)
-    im = cfg.imagination
-    updates = im.updates if im.enabled and im.real_every_update else 1
-    return cfg.num_epochs * updates
+    return cfg.imagination.real_batch_passes(cfg.num_epochs)
 
 
 def resolve(spec: ResultsSpec) -> ResultsSpec:

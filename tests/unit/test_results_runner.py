@@ -195,7 +195,7 @@ def _edited(protocol=None, variants=None, **top) -> dict:
         (_edited({"eval_every_real_steps": 0}), "`protocol.eval_every_real_steps` = 0"),
         (
             _edited({"threshold": "high"}),
-            "`protocol.threshold` = 'high' is invalid: must be a number",
+            "`protocol.threshold` = 'high' is invalid: must be a finite number or 'baseline_final'",
         ),
         (
             _edited({"seeds": [0, 0]}),
@@ -314,3 +314,25 @@ def test_a_resumed_run_must_continue_past_its_recorded_rows(tmp_path):
 
     with pytest.raises(ValueError, match="evaluation at real step 200 after one at 200"):
         run_all(spec, Repeats(saved={("slow", 0): 3}), tmp_path)
+
+
+def test_a_baseline_final_threshold_is_the_baseline_rows_final_iqm(tmp_path):
+    """threshold: baseline_final times every row to the level the baseline ends at: "slow"
+    ends at 1 + 0.01 x seed, IQM 1.015. Seeds 2-3 hold that from step 600 ("fast": 200), seeds
+    0-1 end below it in both rows and stay in at the budget."""
+    data = spec_dict(variants=("slow", "fast"), seeds=(0, 1, 2, 3))
+    data["protocol"]["threshold"] = "baseline_final"
+    spec = spec_from_dict(data)
+    run_all(spec_from_dict({**data, "variants": data["variants"][1:], "baseline": "fast"}),
+            SyntheticTrainer(), tmp_path)  # fmt: skip
+    pending = summarise(tmp_path, spec)  # no finished baseline run: no threshold yet
+    assert "slow's final IQM (no finished run yet)" in pending
+    assert _row(pending, "fast")[4:6] == ["-", "-"]
+
+    run_all(spec, SyntheticTrainer(), tmp_path)
+    markdown = summarise(tmp_path, spec)
+    assert "real steps to eval_return >= 1.015 (slow's final IQM) (held 3 evals)" in markdown
+    slow, fast = _row(markdown, "slow"), _row(markdown, "fast")
+    assert slow[2] == "1.015 [1, 1.03]" and slow[4:6] == ["800 [600, 1,000]", "2/4"]
+    assert fast[4:6] == ["600 [200, 1,000]", "2/4"]
+    assert fast[8].startswith("1.33x")  # IQM 800 / 600

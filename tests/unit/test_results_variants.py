@@ -68,6 +68,7 @@ def resolved(data: dict):
         ({}, 6 * 16),  # the config: 6 epochs, K = 16 updates, each with the real batch
         ({"imagination.real_every_update": False}, 6),  # the real batch in the first update only
         ({"imagination.updates": 4, "num_epochs": 3}, 3 * 4),
+        ({"imagination.later_epochs": 2}, 6 + 15 * 2),  # the later updates' own epochs
     ],
 )
 def test_replay_matched_makes_as_many_passes_over_real_data_without_imagination(
@@ -92,6 +93,9 @@ def test_committed_overcooked_spec_resolves_its_control_from_the_model_based_row
     assert spec.baseline == "model_free_tuned" and len(spec.protocol.seeds) >= 5
     mamujoco = resolve(load_spec(ROOT / "configs/results/mamujoco.yaml"))
     assert mamujoco.protocol.budget_real_steps >= 300_000
+    # timed to the tuned model-free return at the budget, as the task's goal says
+    assert mamujoco.protocol.threshold == "baseline_final"
+    assert mamujoco.protocol.metric == "team_return"
 
 
 def test_prepare_overrides_go_to_the_preparation_config_only():
