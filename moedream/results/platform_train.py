@@ -154,7 +154,7 @@ class PlatformTrainer:
                 from ray import serve
 
                 serve.shutdown()  # frees the replica's CPU for the runs after this one
-                _wait_port_free(self.settings.http_port)  # the next serve.start binds it
+                _wait_serve_released(self.settings.http_port)  # the next serve.start
 
     def _start(self, variant: Variant, seed: int, resumed: int):
         """The resume point to continue from (None: a fresh start in an emptied folder)."""
@@ -182,23 +182,38 @@ class PlatformTrainer:
         return int(prepare_imagination(quickstart)["collect_env_steps"])
 
 
-def _wait_port_free(port: int, timeout_s: float = 120.0) -> None:
-    """Wait until 127.0.0.1:``port`` can be bound: Serve's proxy of the run just shut down can
-    hold it a while on a loaded machine, and the next run (or a resumed sitting, whose
-    preparation skips straight to deploying Serve) would fail to bind it."""
+def _wait_serve_released(port: int, timeout_s: float = 120.0) -> None:
+    """Wait until the Serve instance just shut down is gone: serve.shutdown() returns before its
+    proxy actor has died, and on a loaded machine that proxy can still hold 127.0.0.1:``port``
+    (the next serve.start fails to bind it) or its name (the next Serve controller adopts the
+    dying proxy by name, ray.get_actor, and its start fails with ActorDiedError)."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            try:
-                probe.bind(("127.0.0.1", port))
+    for what, released in (("its actors", _serve_actors_gone), ("its port", _port_free)):
+        while not released(port):
+            if time.monotonic() > deadline:
+                log.warning("Serve's %s (port %d) still in use %.0f s after it shut down", what,
+                            port, timeout_s)  # fmt: skip
                 return
-            except OSError:
-                if time.monotonic() > deadline:
-                    log.warning("port %d is still taken %.0f s after Serve shut down", port,
-                                timeout_s)  # fmt: skip
-                    return
-        time.sleep(1.0)
+            time.sleep(1.0)
+
+
+def _serve_actors_gone(port: int) -> bool:
+    """No named actor (controller, proxies) left in Serve's namespace."""
+    import ray
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return not any(actor["namespace"] == SERVE_NAMESPACE for actor in named)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def _check_offset(variant: Variant, offset: int, budget: int, point: ResumePoint | None) -> None:
