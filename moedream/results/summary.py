@@ -97,8 +97,15 @@ def _interval(iv: stats.Interval, fmt: str) -> str:
     return f"{iv.point:{fmt}} [{iv.lo:{fmt}}, {iv.hi:{fmt}}]"
 
 
+def wallclock_references(spec: ResultsSpec) -> list[str]:
+    """The rows whose wall-clock each row's is divided by: the baseline, and the first
+    replay-matched control (same real passes, no imagination: the cost of imagination)."""
+    controls = [v.name for v in spec.variants if v.replay_matched_to and v.name != spec.baseline]
+    return [spec.baseline, *controls[:1]]
+
+
 def _wallclock_ratio_cell(base: Scores | None, mine: Scores, protocol: Protocol) -> str:
-    """IQM(variant wall-clock) / IQM(baseline wall-clock) at the budget, > 1 costs more time."""
+    """IQM(variant wall-clock) / IQM(reference wall-clock) at the budget, > 1 costs more time."""
     if base is None:
         return "-"
     ratio = stats.iqm_ratio(
@@ -135,10 +142,8 @@ def _speedup_cells(base: Scores | None, mine: Scores, protocol: Protocol) -> lis
     return [f"{ratio.point:.2f}x [{ratio.lo:.2f}, {ratio.hi:.2f}]", shown]
 
 
-def _row(
-    name: str, runs: list[Run], scores: Scores, base: Scores | None, spec: ResultsSpec
-) -> list[str]:
-    p = spec.protocol
+def _row(name: str, runs: list[Run], by_name: dict[str, Scores], spec: ResultsSpec) -> list[str]:
+    p, scores, base = spec.protocol, by_name[name], by_name.get(spec.baseline)
 
     def agg(values: np.ndarray, fmt: str) -> str:
         iv = stats.aggregate({name: values}, p.bootstrap_reps, p.bootstrap_seed)[name]
@@ -151,7 +156,10 @@ def _row(
         agg(scores.steps_to_threshold, ",.0f") if known else "-",
         f"{int(scores.reached.sum())}/{scores.reached.size}" if known else "-",
         agg(scores.wallclock_s, ".0f"),
-        "1 (baseline)" if name == spec.baseline else _wallclock_ratio_cell(base, scores, p),
+        *[
+            "1" if name == ref else _wallclock_ratio_cell(by_name.get(ref), scores, p)
+            for ref in wallclock_references(spec)
+        ],
     ]
     tail = (
         ["1 (baseline)", "baseline"] if name == spec.baseline else _speedup_cells(base, scores, p)
@@ -175,8 +183,9 @@ def _header(spec: ResultsSpec, threshold: str) -> list[str]:
         f"real steps). Steps to {threshold}: each run's own first evaluation from which the "
         f"metric stayed >= it for {p.hold} consecutive evaluations; a run that "
         "never did counts at the real steps it spent (not reached). Wall-clock: at the closing "
-        "evaluation (without the evaluations' own time), and its IQM over the baseline's (> 1 "
-        "costs more time, e.g. imagination's). Speed-up: IQM(baseline steps) / IQM(variant "
+        "evaluation (without the evaluations' own time), and its IQM over the baseline's and the "
+        "replay-matched control's (> 1 costs more time: with the control, what imagination "
+        "costs beyond re-learning the real batches). Speed-up: IQM(baseline steps) / IQM(variant "
         "steps), > 1 is fewer real steps; not-reached runs make it a bound, which the verdict "
         "accounts for. Code: the git commit each row's runs ran (+dirty: with uncommitted "
         "changes; unrecorded: run before commits were recorded), with the seeds per commit "
@@ -199,7 +208,7 @@ def render_table(runs: dict[str, list[Run]], spec: ResultsSpec) -> str:
         f"real steps to {p.metric} >= {threshold} (held {p.hold} evals)",
         "reached",
         "wall-clock s",
-        f"wall-clock vs {spec.baseline}",
+        *[f"wall-clock vs {ref}" for ref in wallclock_references(spec)],
         f"speed-up vs {spec.baseline}",
         "verdict",
         "code",
@@ -211,10 +220,10 @@ def render_table(runs: dict[str, list[Run]], spec: ResultsSpec) -> str:
     ]
     for variant in spec.variants:
         if variant.name in scores:
-            base = scores.get(spec.baseline)
-            row = _row(variant.name, runs[variant.name], scores[variant.name], base, spec)
+            row = _row(variant.name, runs[variant.name], scores, spec)
         else:
-            row = [variant.name, f"0/{len(p.seeds)}", *["-"] * 7, "no finished runs", "-"]
+            dashes = ["-"] * (len(columns) - 4)
+            row = [variant.name, f"0/{len(p.seeds)}", *dashes, "no finished runs", "-"]
         lines.append("| " + " | ".join(row) + " |")
     lines += _code_warnings(runs, spec)
     unfinished = [

@@ -141,7 +141,7 @@ def test_summary_table_has_the_hand_computed_rows(tmp_path):
     # slow: final 1.015, AUC (300 + 400) / 1000 + 0.015, 0.5 held from step 300, 10 s at budget
     slow = ["slow", "4/4", "1.015 [1, 1.03]", "0.715 [0.7, 0.73]", "300 [300, 300]", "4/4"]
     code = code_label(code_version())  # every run ran this work tree's code
-    wallclock = ["10 [10, 10]", "1 (baseline)"]
+    wallclock = ["10 [10, 10]", "1"]
     assert _row(markdown, "slow") == [*slow, *wallclock, "1 (baseline)", "baseline", code]
     fast = _row(markdown, "fast")
     assert fast[3:5] == ["0.915 [0.9, 0.93]", "100 [100, 100]"]  # AUC (900 + 50) / 1000
@@ -336,3 +336,25 @@ def test_a_baseline_final_threshold_is_the_baseline_rows_final_iqm(tmp_path):
     assert slow[2] == "1.015 [1, 1.03]" and slow[4:6] == ["800 [600, 1,000]", "2/4"]
     assert fast[4:6] == ["600 [200, 1,000]", "2/4"]
     assert fast[8].startswith("1.33x")  # IQM 800 / 600
+
+
+def test_wallclock_is_compared_with_the_baseline_and_the_replay_matched_control(tmp_path):
+    """The cost of imagination: "fast" takes 3x the baseline's seconds, the control 2x, so
+    "fast" costs 1.5x its control."""
+    data = spec_dict(variants=("slow", "fast"), seeds=(0, 1))
+    control = {"name": "control", "replay_matched_to": "fast",
+               "overrides": {"rate": RATES["slow"], "cost": 2}}  # fmt: skip
+    data["variants"].append(control)
+    spec = spec_from_dict(data)
+    run_all(spec, SyntheticTrainer(), tmp_path)
+    markdown = summarise(tmp_path, spec)
+    assert "| wall-clock s | wall-clock vs slow | wall-clock vs control | speed-up vs slow |" in (
+        markdown
+    )
+    assert _row(markdown, "fast")[6:9] == [
+        "30 [30, 30]",
+        "3.00x [3.00, 3.00]",
+        "1.50x [1.50, 1.50]",
+    ]
+    assert _row(markdown, "control")[7:9] == ["2.00x [2.00, 2.00]", "1"]
+    assert _row(markdown, "slow")[7:9] == ["1", "0.50x [0.50, 0.50]"]
