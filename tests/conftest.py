@@ -7,7 +7,7 @@ which would stop every Ray process on the machine.
 
 Serve is shut down around every test module, except between modules that ask for
 `serve_on_loopback` (Serve with its HTTP proxy on 127.0.0.1 at one port for the session): those
-run last, back to back, and share one Serve controller and proxy.
+run back to back, after the other integration tests, and share one Serve controller and proxy.
 """
 
 from __future__ import annotations
@@ -57,10 +57,11 @@ def ray_cluster(tmp_path_factory):
         log_to_driver=False,
         runtime_env={"env_vars": worker_env_vars()},  # as init_ray: same seed, same run
     )
+    children = _child_pids()
     try:
         ray.init(**start_args)
     except Exception as first:  # noqa: BLE001 - Ray raises a bare Exception on this timeout
-        _retry_start(ray, start_args, first)
+        _retry_start(ray, start_args, first, children)
     yield ray
     try:
         from ray import serve
@@ -71,12 +72,12 @@ def ray_cluster(tmp_path_factory):
     ray.shutdown()
 
 
-def _retry_start(ray, start_args: dict, first: Exception) -> None:
+def _retry_start(ray, start_args: dict, first: Exception, children: set[int]) -> None:
     """Starts the cluster a second time after a failed start: on a loaded machine the raylet
     can miss Ray's fixed 30 s registration deadline ("The current node timed out during
-    startup"); a second failure is not load and fails the session, naming both errors."""
+    startup"). A second failure fails the session, naming both errors."""
     print(f"\nRay's local cluster did not start ({first}); retrying once", file=sys.stderr)
-    ray.shutdown()  # the half-started node's processes share this process's fate (Ray ties them)
+    _stop_half_started_node(children)
     try:
         ray.init(**start_args)
     except Exception as second:
@@ -86,16 +87,46 @@ def _retry_start(ray, start_args: dict, first: Exception) -> None:
         ) from second
 
 
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {proc.pid for proc in psutil.Process().children(recursive=True)}
+
+
+def _stop_half_started_node(children: set[int]) -> None:
+    """Kills the processes a failed `ray.init` left (its GCS, raylet, monitors: this process's
+    children not in ``children``; Ray keeps no handle to stop them), so they do not run beside
+    the retry."""
+    import psutil
+
+    leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in children]
+    for proc in leftovers:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(leftovers, timeout=10)
+
+
 SHARED_SERVE = "serve_on_loopback"
 SHARING_MODULES = pytest.StashKey[set]()  # names of the modules whose tests share Serve
 
 
 def pytest_collection_modifyitems(config, items):
-    """Modules that share Serve run last and back to back, so it starts once for all of them
-    (a stable sort: the order within each group stays)."""
+    """Integration tests first, the modules that share Serve last among them and back to back
+    (Serve starts once for all of them), then the unit tests (a stable sort: the order within
+    each group stays). With pytest-xdist (`make test`: --dist loadfile --no-loadscope-reorder,
+    which hands out modules in this order) the long integration modules start first and the
+    many short unit modules fill in at the end, so the workers finish together."""
     sharing = {_module_name(item) for item in items if SHARED_SERVE in item.fixturenames}
     config.stash[SHARING_MODULES] = sharing
-    items.sort(key=lambda item: _module_name(item) in sharing)
+
+    def group(item) -> int:
+        if item.get_closest_marker("integration") is None:
+            return 2
+        return 1 if _module_name(item) in sharing else 0
+
+    items.sort(key=group)
 
 
 def _module_name(item) -> str | None:
