@@ -23,7 +23,12 @@ from tests.ray_head import free_port
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Ray waits 30 s for its GCS to bind its port; a loaded test machine can take longer.
+# A loaded test machine starts Ray's processes slowly. The driver waits 30 s for the GCS to
+# bind its port (settable: raised here). The raylet waits a fixed ~15 s for its dashboard
+# agent's port files, then aborts ("Timed out waiting for file .../metrics_agent_port_..."),
+# which the driver reports as "The current node timed out during startup"; Ray 2.60 has no
+# setting for that wait (RAY_raylet_start_wait_time_s and RAY_agent_register_timeout_ms did
+# not change it), so the ray_cluster fixture retries the start once.
 os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/moedream/torch_extensions")
