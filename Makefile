@@ -35,16 +35,20 @@ run: $(STAMP)
 # The whole suite: what CI runs (.ci/run). Two pytest workers, each with its own local Ray
 # cluster; --dist loadfile keeps a module's tests (and its module-scoped Ray fixtures) on one
 # worker. Much of an integration test is waiting (process and replica start-up, health checks),
-# so two workers finish sooner than one even on 2 cores.
+# so two workers finish sooner than one even on 2 cores. --no-loadscope-reorder hands modules
+# out in tests/conftest.py's order (long integration modules first, unit modules filling in at
+# the end) instead of xdist's default (most tests first), which left the long one-test modules
+# for last, one worker running them while the other idled.
 PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=15 -n $(PYTEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -ra --durations=15 $(XDIST) tests
 
 # The quick tier while editing, under 3 minutes on 2 cores: every test not marked `slow` (a test
 # taking over ~10 s is marked), unit and quick integration tests alike; the latter still start
 # the shared local Ray cluster (a few seconds) and Serve where they need it.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=10 -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" tests
+	$(BIN)/python -m pytest -q -ra --durations=10 $(XDIST) -m "not slow" tests
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests/unit

@@ -204,3 +204,16 @@ def test_committed_ablation_rows_build_their_typed_configs(tmp_path):
         "prediction"
         not in trainer.configs(by_name["model_based_full"], 10)[0].imagination.world_model
     )
+
+
+def test_each_seed_of_a_model_based_row_prepares_its_own_world_model(tmp_path):
+    """Seed k's team, its world model's random episodes and its run folder are all seed k's:
+    no two seeds share a collection or a served model."""
+    from moedream.results.platform_train import PlatformTrainer
+
+    spec = resolve(spec_from_dict(spec_dict()))
+    trainer = PlatformTrainer(spec, tmp_path, progress=False)
+    runs = {seed: trainer.configs(spec.variant("mb"), seed) for seed in (0, 1)}
+    for seed, (agents, prepare) in runs.items():
+        assert agents.seed == prepare.collect.seed == seed
+        assert prepare.run_dir == tmp_path.resolve() / "mb" / f"seed_{seed}_run" / "prepare"
