@@ -1,8 +1,10 @@
 """Shared by the benchmark scripts: the Args command line, timing loops, the machine's matmul
-peak, machine description and recording figures in RESULTS.md.
+peak, machine description and recording figures in benchmarks/results/ and RESULTS.md.
 
-Each benchmark owns one block of RESULTS.md, between ``<!-- bench:NAME -->`` markers, and
-replaces it with its latest figures (command, machine, date, table) every run.
+Each benchmark owns one block, between ``<!-- bench:NAME -->`` markers, in its own file
+benchmarks/results/NAME.md (readings written by hand may follow the block), and one row of the
+index table in RESULTS.md (link, command, machine, date). Every run replaces both with its
+latest figures.
 """
 
 from __future__ import annotations
@@ -21,7 +23,20 @@ from typing import TypeVar
 
 import torch
 
+from moedream.files import atomic_write_text
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
+BLOCKS_DIR_NAME = "results"
+INDEX_HEADER = "| block | command | machine | measured |"
+INDEX_SECTION = (
+    "## Blocks\n\nOne file per benchmark in [results/](results/): its latest full figures "
+    "(the block `record()` in `_common.py` rewrites) and readings written by hand.\n\n"
+    f"{INDEX_HEADER}\n|---|---|---|---|\n"
+)
+RESULTS_INTRO = (
+    "# Benchmark results\n\n"
+    "Latest figures of every script in `benchmarks/`, re-run with `make bench`.\n"
+)
 ArgsT = TypeVar("ArgsT")
 
 
@@ -112,29 +127,72 @@ def publish(name: str, title: str, body: str, to_results: bool) -> None:
         print(body)
 
 
-def record(name: str, title: str, body: str, command: str | None = None) -> None:
-    """Replace (or append) the block of benchmark ``name`` in RESULTS.md and print it."""
+def block_path(name: str, index: Path = RESULTS) -> Path:
+    """The file holding the block of benchmark ``name``, beside the ``index`` (RESULTS.md)."""
+    return index.parent / BLOCKS_DIR_NAME / f"{name}.md"
+
+
+def index_row(name: str, command: str, machine_text: str, stamp: str) -> str:
+    """The row of benchmark ``name`` in the index table of RESULTS.md. Pipes are escaped
+    because a bare ``|`` would split the cell."""
+    cells = [f"[{name}]({BLOCKS_DIR_NAME}/{name}.md)", f"`{command}`", machine_text, stamp]
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
+def with_index_row(text: str, name: str, row: str) -> str:
+    """``text`` (RESULTS.md) with the index row of ``name`` replaced by ``row``, or ``row``
+    appended to the index table (created at the end if missing)."""
+    own_row = re.compile(rf"^\| \[{re.escape(name)}\]\({BLOCKS_DIR_NAME}/.*$", re.M)
+    if own_row.search(text):
+        return own_row.sub(lambda _m: row, text, count=1)
+    if INDEX_HEADER not in text:
+        text = text.rstrip() + "\n\n" + INDEX_SECTION
+    lines = text.rstrip("\n").split("\n")
+    start = lines.index(INDEX_HEADER)
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[:end] + [row] + lines[end:]) + "\n"
+
+
+def with_block(text: str, name: str, block: str) -> str:
+    """``text`` with the ``<!-- bench:name -->`` block replaced by ``block`` (or appended)."""
+    pattern = re.compile(
+        rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S
+    )
+    if pattern.search(text):
+        return pattern.sub(lambda _m: block, text)
+    return (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+
+
+def block_text(
+    name: str, title: str, command: str, machine_text: str, stamp: str, body: str
+) -> str:
+    """The ``<!-- bench:name -->`` block: title, command, machine, date, then ``body``."""
+    # The block file sits one folder below the plots' parent: benchmarks/plots/x.png is
+    # ../plots/x.png from benchmarks/results/NAME.md.
+    body = body.strip().replace("](plots/", "](../plots/")
+    return (
+        f"<!-- bench:{name} -->\n## {title}\n\n"
+        f"Command: `{command}`  \nMachine: {machine_text}  \nMeasured: {stamp}\n\n{body}\n"
+        f"<!-- /bench:{name} -->"
+    )
+
+
+def record(
+    name: str, title: str, body: str, command: str | None = None, index: Path = RESULTS
+) -> None:
+    """Write the block of benchmark ``name`` into benchmarks/results/NAME.md (replacing the
+    old block, keeping any reading after it), update its row in the ``index`` (RESULTS.md)
+    and print the block."""
     command = command or "python " + " ".join(
         [sys.argv[0].replace(os.getcwd() + "/", "")] + sys.argv[1:]
     )
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    block = (
-        f"<!-- bench:{name} -->\n## {title}\n\n"
-        f"Command: `{command}`  \nMachine: {machine()}  \nMeasured: {stamp}\n\n{body.strip()}\n"
-        f"<!-- /bench:{name} -->"
-    )
+    machine_text = machine()
+    block = block_text(name, title, command, machine_text, stamp, body)
     print(block)
-    text = (
-        RESULTS.read_text()
-        if RESULTS.exists()
-        else "# Benchmark results\n\nLatest figures of every script in `benchmarks/`, re-run with `make bench`.\n"
-    )
-    pattern = re.compile(
-        rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S
-    )
-    text = (
-        pattern.sub(lambda _m: block, text)
-        if pattern.search(text)
-        else text.rstrip() + "\n\n" + block + "\n"
-    )
-    RESULTS.write_text(text)
+    path = block_path(name, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, with_block(path.read_text() if path.exists() else "", name, block))
+    text = index.read_text() if index.exists() else RESULTS_INTRO
+    row = index_row(name, command, machine_text, stamp)
+    atomic_write_text(index, with_index_row(text, name, row))

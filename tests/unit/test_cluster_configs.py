@@ -478,13 +478,14 @@ def _first_table(markdown: str) -> list[str]:
 def test_the_readme_results_table_is_a_copy_of_the_results_block():
     """The README opens with the results table: a copy of the block the results runner writes."""
     readme = (ROOT / "README.md").read_text()
-    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    results = (ROOT / "benchmarks" / "results" / "results_overcooked.md").read_text()
     block = re.search(r"<!-- bench:results_overcooked -->(.*?)<!-- /bench", results, re.S)
-    assert block, "benchmarks/RESULTS.md has no block results_overcooked"
+    assert block, "benchmarks/results/results_overcooked.md has no block results_overcooked"
     section = readme.split("\n## Results", 1)[1].split("\n## ", 1)[0]
     assert _first_table(section) == _first_table(block.group(1)), (
         "README.md's results table differs from the first table of the block "
-        "results_overcooked in benchmarks/RESULTS.md: copy that table into the README"
+        "results_overcooked in benchmarks/results/results_overcooked.md: copy that table into "
+        "the README"
     )
 
 
