@@ -42,7 +42,7 @@ class Args:
     real steps (as in sample_efficiency.py)."""
     storage_path: str = "runs/bench_baseline_grad_clip"
     record: bool = True
-    """Write the block in benchmarks/RESULTS.md."""
+    """Write the block (benchmarks/results/, indexed in RESULTS.md)."""
     tag: str = ""
     """Record in the block `baseline_grad_clip_<tag>` instead of `baseline_grad_clip`."""
 

@@ -65,7 +65,7 @@ class Args:
     bf16: str = "auto"
     """auto: measure bf16 autocast only if the CPU has AMX or AVX512-BF16; on; off"""
     record: bool = True
-    """write the table into benchmarks/RESULTS.md"""
+    """write the table into its block (benchmarks/results/, indexed in RESULTS.md)"""
 
 
 def fwd_bwd(layer: MoEFeedForward, x: torch.Tensor, precision: str) -> None:

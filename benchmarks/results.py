@@ -10,7 +10,7 @@ finished runs are skipped on a re-run, unfinished ones continue from their last 
 (a resume point saved after every evaluation; moedream/results/runner.py, resume.py).
 The table and curves are built from the finished runs only (moedream/results/summary.py):
 ``summary.md`` and ``curves.png`` in ``--out``, and with ``--record`` the block
-``results_<spec name>`` of benchmarks/RESULTS.md with the plot in benchmarks/plots/.
+``results_<spec name>`` (benchmarks/results/, indexed in RESULTS.md), plot in benchmarks/plots/.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Args:
     summarise_only: bool = False
     """Train nothing: build the table from the runs finished so far."""
     record: bool = True
-    """Write the block in benchmarks/RESULTS.md."""
+    """Write the block (benchmarks/results/, indexed in RESULTS.md)."""
     plots: str = "benchmarks/plots"
     progress: bool = True
 

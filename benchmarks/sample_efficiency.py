@@ -112,7 +112,7 @@ class Args:
     storage_path: str = "runs/bench_sample_efficiency"
     plots: str = "benchmarks/plots"
     record: bool = True
-    """Write the block in benchmarks/RESULTS.md."""
+    """Write the block (benchmarks/results/, indexed in RESULTS.md)."""
     tag: str = ""
     """Record in the block `sample_efficiency_<tag>` (plots `sample_efficiency_<tag>_<env>.png`)
     instead of `sample_efficiency`, e.g. for a run on one env that must not replace the

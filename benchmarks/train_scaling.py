@@ -49,7 +49,7 @@ class Args:
     """use this episode folder instead of collecting"""
     cpus_per_worker: float = 1.0
     record: bool = True
-    """write the table into benchmarks/RESULTS.md"""
+    """write the table into its block (benchmarks/results/, indexed in RESULTS.md)"""
 
 
 def parse_args() -> Args:
