@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 EPISODE, BATCH, COLLECTED = 50, 200, 2 * 50  # the model-based row collects 2 random episodes
-SEED = 0
+SEED = 1
 TEAM = {"embedding_dim": 16, "perceiver_hidden": [16], "planner_hidden": [16],
         "reflector_hidden": [16]}  # fmt: skip
 TINY = {
@@ -165,7 +165,7 @@ def check_resumed(trainer: PlatformTrainer, spec, out: Path, before: list[dict])
     # each sitting records what it trained with, the resolved configs included
     assert ["config" in p for p in after] == [True, False, True]
     resolved = after[2]["config"]["resolved"]
-    assert resolved["agents"]["seed"] == 1 and resolved["prepare"]["collect"]["seed"] == 1
+    assert resolved["agents"]["seed"] == SEED and resolved["prepare"]["collect"]["seed"] == SEED
     # The restored real-step count goes on: the iteration the killed sitting trained past its
     # resume point is neither counted nor lost.
     assert [p["real_steps"] for p in after] == [0, COLLECTED + BATCH, COLLECTED + 2 * BATCH]
