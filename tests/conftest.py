@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from moedream.platform.ray_setup import TRAIN_HEALTH_CHECK_INTERVAL_S
-from tests.ray_head import free_port
+from tests.ray_head import free_port, kill_all
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -104,13 +104,7 @@ def _stop_half_started_node(children: set[int]) -> None:
     the retry."""
     import psutil
 
-    leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in children]
-    for proc in leftovers:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(leftovers, timeout=10)
+    kill_all([p for p in psutil.Process().children(recursive=True) if p.pid not in children])
 
 
 SHARED_SERVE = "serve_on_loopback"

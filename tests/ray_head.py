@@ -60,8 +60,6 @@ def processes_of(temp_dir: str, pgid: int) -> list:
 
 def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
     """SIGTERM the head's `ray start --block` (graceful), then SIGKILL its leftovers."""
-    import psutil
-
     if head.poll() is None:
         head.send_signal(signal.SIGTERM)
         try:
@@ -69,13 +67,19 @@ def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
         except subprocess.TimeoutExpired:
             head.kill()
             head.wait(timeout=10)
-    leftovers = processes_of(temp_dir, head.pid)
-    for proc in leftovers:
+    kill_all(processes_of(temp_dir, head.pid))
+
+
+def kill_all(processes: list) -> None:
+    """Kill ``processes`` (psutil handles; those already gone are skipped) and wait for them."""
+    import psutil
+
+    for proc in processes:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(leftovers, timeout=10)
+    psutil.wait_procs(processes, timeout=10)
 
 
 def head_log(temp_dir: str) -> Path:
