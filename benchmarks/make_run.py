@@ -144,6 +144,7 @@ def run_row(run_dir: Path) -> dict[str, Any] | None:
         if iterations
         else {},  # fmt: skip
         "train_soups": soups,
+        "train_returns": [it.get("charts/team_return", np.nan) for it in iterations],
         "first_soup_real_steps": (
             iterations[first_soup]["charts/real_env_steps"] if first_soup is not None else None
         ),
@@ -159,39 +160,53 @@ def settings_text(run: str) -> str:
     return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in overrides.items()) or "as shipped"
 
 
+STAGE_HEADERS = ["run", "settings vs configs/quickstart.yaml", "collect s", "world_model s",
+                 "serve s", "gate s", "agents s", "report s", "total s", "iterations (real steps)",
+                 "first training soup at real step", "eval soups/episode (episodes)",
+                 "eval return (random)"]  # fmt: skip
+
+
+def stage_row(r: dict[str, Any]) -> list[str]:
+    s, ev = r["seconds"], r["evaluation"] or {}
+    trained, random = ev.get("trained"), ev.get("random")
+    return [
+        r["run"], settings_text(r["run"]),
+        *(f"{s[k]:.0f}" if k in s else "-" for k in
+          ("collect", "world_model", "serve", "gate", "agents", "report")),
+        f"{sum(s.values()):.0f}" if "report" in s else "not finished",
+        f"{r['iterations']} ({int(r['real_steps']):,})",
+        f"{r['first_soup_real_steps']:,.0f}" if r["first_soup_real_steps"] else "-",
+        f"{trained['soups_per_episode']:.2f} ({trained['episodes']})" if trained else "-",
+        f"{trained['team_return']:.1f} ({random['team_return']:.1f})" if trained else "-",
+    ]  # fmt: skip
+
+
+def curve_row(r: dict[str, Any]) -> list[str]:
+    return [
+        r["run"],
+        " ".join(f"{x:.1f}" for x in r["train_soups"]),
+        " ".join(f"{x:.0f}" for x in r["train_returns"]),
+    ]
+
+
 def tables(rows: list[dict[str, Any]]) -> str:
-    stage_rows, iteration_rows = [], []
-    for r in rows:
-        s, ev = r["seconds"], r["evaluation"]
-        trained = (ev or {}).get("trained", {})
-        stage_rows.append([
-            r["run"], settings_text(r["run"]),
-            *(f"{s[k]:.0f}" if k in s else "-" for k in
-              ("collect", "world_model", "serve", "gate", "agents", "report")),
-            f"{sum(s.values()):.0f}" if "report" in s else "not finished",
-            f"{r['iterations']} ({int(r['real_steps']):,})",
-            f"{r['first_soup_real_steps']:,.0f}" if r["first_soup_real_steps"] else "-",
-            f"{trained['soups_per_episode']:.2f} ({trained['episodes']})" if trained else "-",
-            f"{trained['team_return']:.1f}" if trained else "-",
-        ])  # fmt: skip
-        t = r["timers"]
-        if t:
-            iteration_rows.append([r["run"], *(f"{t[k]:.1f}" for k in (*ITERATION_TIMERS,
-                                                                         "training_step"))])  # fmt: skip
-    stage_table = markdown_table(
-        ["run", "settings vs configs/quickstart.yaml", "collect s", "world_model s", "serve s",
-         "gate s", "agents s", "report s", "total s", "iterations (real steps)",
-         "first training soup at real step", "eval soups/episode (episodes)", "eval return"],
-        stage_rows,
-    )  # fmt: skip
+    timed = [r for r in rows if r["timers"]]
     iteration_table = markdown_table(
-        ["run", *(f"{k} s" for k in ITERATION_TIMERS), "iteration s"], iteration_rows
+        ["run", *(f"{k} s" for k in ITERATION_TIMERS), "iteration s"],
+        [[r["run"], *(f"{r['timers'][k]:.1f}" for k in (*ITERATION_TIMERS, "training_step"))]
+         for r in timed],
+    )  # fmt: skip
+    curve_table = markdown_table(
+        ["run", "training soups/episode per iteration", "training team return per iteration"],
+        [curve_row(r) for r in timed],
     )
     return (
         "Seconds per pipeline stage (`stages.json`; a stage reused from another run folder "
-        "shows that run's seconds), the team's training soups and its evaluation:\n\n"
-        f"{stage_table}\n\nMean seconds per agents iteration by MBMAPPO stage (TensorBoard "
-        f"`time/*`):\n\n{iteration_table}\n"
+        "shows that run's seconds), the team's training soups and its evaluation against the "
+        f"random team:\n\n{markdown_table(STAGE_HEADERS, [stage_row(r) for r in rows])}\n\n"
+        "Mean seconds per agents iteration by MBMAPPO stage (TensorBoard `time/*`):\n\n"
+        f"{iteration_table}\n\nThe team's training episodes, iteration by iteration (each "
+        f"iteration's real batch; the actions sampled as in evaluation):\n\n{curve_table}\n"
     )
 
 
