@@ -1,8 +1,10 @@
 """The main job's settings measured: seconds per stage and soups of `make run` and variants of it.
 
-    python benchmarks/make_run.py --variant shipped --seed 0     # run configs/quickstart.yaml
-    python benchmarks/make_run.py --variant v1 --seed 2           # run a variant of it
-    python benchmarks/make_run.py --summarise --record            # the table of every run
+    python benchmarks/make_run.py --variant shipped --seed 0    # run configs/quickstart.yaml
+    python benchmarks/make_run.py --variant v1 --seed 2          # run a variant of it
+    python benchmarks/make_run.py --summarise-only --record      # the table of every run
+
+Each run prints the table of every run folder under --out when it ends (--record writes it).
 
 A variant is configs/quickstart.yaml with the overrides of ``VARIANTS`` (dotted keys), run by the
 pipeline (moedream/platform/pipeline.py, resumable) in ``<out>/<variant>_seed<seed>`` with
@@ -46,6 +48,14 @@ PREPARED_FILES = ("data", "gate_normalizer.json", "gate_state", "summary.txt")
 ITERATION_TIMERS = ("sample", "imagine", "gate", "episodes", "learn", "copy", "wm_retrain")
 
 
+RUNS_NOTE = (
+    "Each row: `python benchmarks/make_run.py --variant VARIANT --seed SEED` (the variants' "
+    "overrides are in the script; a row whose data and world model are another run's was "
+    "started with `--reuse-from` that run's folder). Evaluation: the trained and the random "
+    "team on the same 10 whole episodes (env seeds 10000-10009).\n\n"
+)
+
+
 @dataclasses.dataclass
 class Args:
     variant: str = "shipped"
@@ -54,7 +64,7 @@ class Args:
     out: str = "runs/make_run"
     http_port: int = 8617
     reuse_from: str = ""
-    summarise: bool = False
+    summarise_only: bool = False
     record: bool = False
 
 
@@ -122,7 +132,14 @@ def iteration_scalars(tensorboard_dir: Path) -> list[dict[str, float]]:
     return [rows[step] for step in sorted(rows)]
 
 
-def run_row(run_dir: Path) -> dict[str, Any] | None:
+def prepared_in(ledger: dict[str, Any], names: dict[Path, str]) -> str:
+    """The run (by its name in ``names``: resolved folder -> name) whose world model this run
+    used: its own unless it started from another run's preparation (--reuse-from)."""
+    checkpoint = Path(ledger["world_model"]["record"]["checkpoint"]).resolve()
+    return next((name for d, name in names.items() if d in checkpoint.parents), "?")
+
+
+def run_row(run_dir: Path, names: dict[Path, str]) -> dict[str, Any] | None:
     """The figures of one run folder (None if it has no stage finished)."""
     ledger_path = run_dir / "stages.json"
     if not ledger_path.exists():
@@ -134,6 +151,8 @@ def run_row(run_dir: Path) -> dict[str, Any] | None:
     first_soup = next((i for i, s in enumerate(soups) if s > 0), None)
     return {
         "run": run_dir.name,
+        "collect_steps": ledger.get("collect", {}).get("record", {}).get("env_steps", 0),
+        "prepared_in": prepared_in(ledger, names) if "world_model" in ledger else "-",
         "seconds": {s: ledger[s]["seconds"] for s in ledger},
         "iterations": len(iterations),
         "real_steps": iterations[-1]["charts/real_env_steps"] if iterations else 0,
@@ -160,9 +179,10 @@ def settings_text(run: str) -> str:
     return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in overrides.items()) or "as shipped"
 
 
-STAGE_HEADERS = ["run", "settings vs configs/quickstart.yaml", "collect s", "world_model s",
-                 "serve s", "gate s", "agents s", "report s", "total s", "iterations (real steps)",
-                 "first training soup at real step", "eval soups/episode (episodes)",
+STAGE_HEADERS = ["run", "settings vs configs/quickstart.yaml", "data and world model of",
+                 "collect s", "world_model s",
+                 "serve s", "gate s", "agents s", "report s", "total s", "iterations (real steps, collect's included)",
+                 "first training soup at agents real step", "eval soups/episode (episodes)",
                  "eval return (random)"]  # fmt: skip
 
 
@@ -170,11 +190,11 @@ def stage_row(r: dict[str, Any]) -> list[str]:
     s, ev = r["seconds"], r["evaluation"] or {}
     trained, random = ev.get("trained"), ev.get("random")
     return [
-        r["run"], settings_text(r["run"]),
+        r["run"], settings_text(r["run"]), r["prepared_in"],
         *(f"{s[k]:.0f}" if k in s else "-" for k in
           ("collect", "world_model", "serve", "gate", "agents", "report")),
         f"{sum(s.values()):.0f}" if "report" in s else "not finished",
-        f"{r['iterations']} ({int(r['real_steps']):,})",
+        f"{r['iterations']} ({int(r['real_steps'] + r['collect_steps']):,})",
         f"{r['first_soup_real_steps']:,.0f}" if r["first_soup_real_steps"] else "-",
         f"{trained['soups_per_episode']:.2f} ({trained['episodes']})" if trained else "-",
         f"{trained['team_return']:.1f} ({random['team_return']:.1f})" if trained else "-",
@@ -189,13 +209,19 @@ def curve_row(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def timer_row(r: dict[str, Any]) -> list[str]:
+    """Mean seconds of each MBMAPPO stage per iteration, with its share of the iteration."""
+    t, total = r["timers"], r["timers"]["training_step"]
+    shares = (f"{t[k]:.1f} ({100 * t[k] / total:.0f}%)" for k in ITERATION_TIMERS)
+    return [r["run"], *shares, f"{total:.1f}"]
+
+
 def tables(rows: list[dict[str, Any]]) -> str:
     timed = [r for r in rows if r["timers"]]
     iteration_table = markdown_table(
         ["run", *(f"{k} s" for k in ITERATION_TIMERS), "iteration s"],
-        [[r["run"], *(f"{r['timers'][k]:.1f}" for k in (*ITERATION_TIMERS, "training_step"))]
-         for r in timed],
-    )  # fmt: skip
+        [timer_row(r) for r in timed],
+    )
     curve_table = markdown_table(
         ["run", "training soups/episode per iteration", "training team return per iteration"],
         [curve_row(r) for r in timed],
@@ -212,23 +238,27 @@ def tables(rows: list[dict[str, Any]]) -> str:
 
 def summarise(args: Args) -> None:
     out = Path(args.out)
-    rows = (
-        [r for d in sorted(out.iterdir()) if d.is_dir() and (r := run_row(d))]
-        if out.is_dir()
-        else []
-    )
+    folders = sorted(d for d in out.iterdir() if d.is_dir()) if out.is_dir() else []
+    names = {d.resolve(): d.name for d in folders}
+    rows = [r for d in folders if (r := run_row(d, names))]
     load = os.getloadavg()
-    body = tables(rows) + (
-        f"\nMachine shared with other jobs: 1/5/15-min load average at the summary "
-        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on 2 logical CPUs; seconds from different "
-        "runs compare only roughly.\n"
+    body = (
+        RUNS_NOTE
+        + tables(rows)
+        + (
+            f"\nMachine shared with other jobs: 1/5/15-min load average at the summary "
+            f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on 2 logical CPUs; seconds from different "
+            "runs compare only roughly.\n"
+        )
     )
     publish("make_run", "The main job: `make run` and variants of its settings", body, args.record)
 
 
 def main() -> None:
     args = parse_args(Args, __doc__)
-    summarise(args) if args.summarise else run(args)
+    if not args.summarise_only:
+        run(args)
+    summarise(args)
 
 
 if __name__ == "__main__":
