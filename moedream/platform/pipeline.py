@@ -38,12 +38,13 @@ DESCRIPTIONS = {
     "agents": "train the team (MBMAPPO) on real + gated imagined rollouts",
     "report": "evaluate the team against the random team and write the report",
 }
-# Config sections each stage reads (its fingerprint covers these and every earlier stage's).
+# Config sections each stage reads (its fingerprint covers these and every earlier stage's); a
+# dotted name is one setting of a section (the gate calibrates on windows of the imagination horizon).
 SECTIONS = {
     "collect": ("collect",),
     "world_model": ("world_model",),
     "serve": ("serve",),
-    "gate": ("gate", "gate_actor"),
+    "gate": ("gate", "gate_actor", "agents.imagination.horizon"),
     "agents": ("agents",),
     "report": ("eval_episodes",),
 }
@@ -105,11 +106,18 @@ def fingerprints(cfg: Any) -> dict[str, str]:
     data = cfg.to_dict()
     out, seen = {}, []
     for stage in STAGES:
-        seen += [(name, data.get(name)) for name in SECTIONS[stage]]
+        seen += [(name, _setting(data, name)) for name in SECTIONS[stage]]
         out[stage] = hashlib.sha256(
             json.dumps(seen, sort_keys=True, default=str).encode()
         ).hexdigest()
     return out
+
+
+def _setting(data: dict[str, Any], dotted: str) -> Any:
+    """``data``'s value at a dotted name ('agents.imagination.horizon'), None where it is unset."""
+    for key in dotted.split("."):
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
 
 
 def run_pipeline(cfg: Any, stages: Iterable[str] = STAGES) -> dict[str, dict[str, Any]]:

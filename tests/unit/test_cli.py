@@ -91,6 +91,11 @@ def test_plan_skips_recorded_stages_and_reruns_from_the_first_changed_config(tmp
     with pytest.raises(ConfigError, match="stage `serve` .* a stage before it runs again"):
         plan_stages(reloaded, changed, ["world_model", "gate"], cfg.run_dir)
 
+    # the gate calibrates on windows of the imagination horizon: a new horizon re-runs it
+    horizon = cfg.agents_config().imagination.horizon + 1
+    longer = fingerprints(_pipeline_config(tmp_path, agents={"imagination": {"horizon": horizon}}))
+    assert longer["serve"] == prints["serve"] and longer["gate"] != prints["gate"]
+
     # recording a stage again drops the records made from what it replaced
     reloaded.record("world_model", changed["world_model"], 2.0, {})
     assert list(StageLedger(cfg.run_dir).entries) == ["collect", "world_model"]
