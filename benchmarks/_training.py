@@ -22,9 +22,9 @@ def final_points(out_dir: Path, variant: str, seeds: tuple[int, ...]) -> dict[in
     return out
 
 
-def iteration_means(run_dir: Path, prefix: str) -> dict[str, float]:
-    """Mean over a run's iterations of every TensorBoard scalar whose tag starts with
-    ``prefix`` (agents.train writes each iteration's metrics there)."""
+def iteration_values(run_dir: Path, prefix: str) -> dict[str, list[float]]:
+    """Every TensorBoard scalar of a run whose tag starts with ``prefix`` (the prefix cut
+    off): its value at each iteration, in order (agents.train writes them)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict[str, list[float]] = {}
@@ -34,7 +34,12 @@ def iteration_means(run_dir: Path, prefix: str) -> dict[str, float]:
         for tag in acc.Tags()["scalars"]:
             if tag.startswith(prefix):
                 out.setdefault(tag[len(prefix) :], []).extend(e.value for e in acc.Scalars(tag))
-    return {k: float(np.mean(v)) for k, v in out.items()}
+    return out
+
+
+def iteration_means(run_dir: Path, prefix: str) -> dict[str, float]:
+    """Mean over a run's iterations of every TensorBoard scalar under ``prefix``."""
+    return {k: float(np.mean(v)) for k, v in iteration_values(run_dir, prefix).items()}
 
 
 def mean_se(values: list[float], digits: int = 2) -> str:

@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import markdown_table, parse_args, record  # noqa: E402
-from _training import final_points, iteration_means, mean_se, paired_t_interval  # noqa: E402
+from _training import final_points, iteration_values, mean_se, paired_t_interval  # noqa: E402
 
 from moedream.results.platform_train import PlatformTrainer  # noqa: E402
 from moedream.results.spec import Protocol, ResultsSpec, Variant  # noqa: E402
@@ -132,21 +132,31 @@ class SharedModelTrainer(PlatformTrainer):
 # ------------------------------------------------------------------------------------ table
 
 
-def run_means(out_dir: Path, variant: str, seeds: list[int], prefix: str) -> dict[str, float]:
-    """Every TensorBoard scalar under ``prefix``: mean over iterations, then over seeds."""
-    runs = [iteration_means(out_dir / variant / f"seed_{s}_run", prefix) for s in seeds]
+def run_means(
+    out_dir: Path, variant: str, seeds: list[int], prefix: str, *, first: bool = False
+) -> dict[str, float]:
+    """Every TensorBoard scalar under ``prefix``: mean over iterations (``first``: the first
+    iteration's value), then over seeds."""
+    runs = []
+    for seed in seeds:
+        values = iteration_values(out_dir / variant / f"seed_{seed}_run", prefix)
+        runs.append({t: v[0] if first else float(np.mean(v)) for t, v in values.items()})
     tags = sorted({t for r in runs for t in r})
     return {t: float(np.nanmean([r.get(t, np.nan) for r in runs])) for t in tags}
 
 
-def training_seconds_per_step(out_dir: Path, variant: str, seed: int, collected: int) -> float:
-    """Wall-clock seconds per real step the team trained: from its first evaluation (after the
-    world model's preparation) to the one at the budget, evaluations excluded, over the real
-    steps after the ``collected`` ones of the world model."""
+def first_and_last(out_dir: Path, variant: str, seed: int) -> tuple[dict, dict]:
+    """A finished run's evaluations at real step 0 (the untrained team) and at the budget."""
     from moedream.results.runner import points_path
 
     lines = points_path(out_dir, variant, seed).read_text().splitlines()
-    first, last = json.loads(lines[0]), json.loads(lines[-1])
+    return json.loads(lines[0]), json.loads(lines[-1])
+
+
+def training_seconds_per_step(first: dict, last: dict, collected: int) -> float:
+    """Wall-clock seconds per real step the team trained: from its first evaluation (after the
+    world model's preparation) to the one at the budget, evaluations excluded, over the real
+    steps after the ``collected`` ones of the world model."""
     return (last["wallclock_s"] - first["wallclock_s"]) / (last["real_steps"] - collected)
 
 
@@ -170,23 +180,29 @@ def render(args: Args, spec: ResultsSpec) -> str:
         provider = {
             k.removeprefix("provider/"): v for k, v in tb.items() if k.startswith("provider/")
         }
+        first_provider = run_means(out_dir, variant.name, sorted(runs), "provider/", first=True)
         collected = args.collect_episodes * EPISODE_STEPS
-        per_step = [training_seconds_per_step(out_dir, variant.name, s, collected) for s in runs]
+        ends = [first_and_last(out_dir, variant.name, s) for s in runs]
+        per_step = [training_seconds_per_step(first, last, collected) for first, last in ends]
+        untrained = [first["metrics"]["team_return"] for first, _ in ends]
         rows.append([
-            variant.name, len(runs),
+            variant.name, len(runs), mean_se(untrained),
             mean_se([m["team_return"] for m in metrics.values()]),
             ", ".join(f"{s}: {m['team_return']:.1f}" for s, m in sorted(metrics.items())) or "-",
             mean_se([m["soups_per_episode"] for m in metrics.values()]),
             mean_se([m["gate_approve_rate"] for m in metrics.values()]),
+            gate_reading(first_provider) if runs else "-",
             gate_reading(provider) if provider else "-",
             f"{provider.get('memory_branches', 0):.1f}" if provider else "-",
             _figure(tb, "charts/imagined_env_steps_iter", 0),
             _figure(tb, "time/imagine_s", 1), _figure(tb, "time/iteration_s", 1),
             mean_se(per_step, 3),
         ])  # fmt: skip
-    headers = ["variant", "seeds done", "team return at budget (mean ± SE)",
+    headers = ["variant", "seeds done", "team return at real step 0 (untrained)",
+               "team return at budget (mean ± SE)",
                "team return per seed", "soups per episode", "gate approve rate",
-               "not approved whole by cause (mean over iterations); truncated",
+               "not approved whole by cause; truncated: first iteration",
+               "the same, mean over iterations",
                "memory branches per round", "imagined steps kept per iteration",
                "imagine s per iteration", "s per iteration",
                "training wall-clock s per real step"]  # fmt: skip
