@@ -36,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import markdown_table, parse_args, record  # noqa: E402
+from _training import final_points, iteration_means, mean_se  # noqa: E402
 
 from moedream.results.platform_train import PlatformTrainer  # noqa: E402
 from moedream.results.spec import Protocol, ResultsSpec, Variant  # noqa: E402
@@ -163,33 +164,6 @@ def faulty_checkpoint(shared, good: str, args: Args) -> Path:
 # ------------------------------------------------------------------------------------ table
 
 
-def final_points(out_dir: Path, variant: str, seeds: tuple[int, ...]) -> dict[int, dict]:
-    """Seed -> the metrics of its evaluation at the budget (finished runs only)."""
-    from moedream.results.runner import done_path, points_path
-
-    out = {}
-    for seed in seeds:
-        if done_path(out_dir, variant, seed).exists():
-            lines = points_path(out_dir, variant, seed).read_text().splitlines()
-            out[seed] = json.loads(lines[-1])["metrics"]
-    return out
-
-
-def iteration_means(run_dir: Path, prefix: str) -> dict[str, float]:
-    """Mean over a run's iterations of every TensorBoard scalar whose tag starts with
-    ``prefix`` (agents.train writes each iteration's metrics there)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, list[float]] = {}
-    for events in sorted(run_dir.glob("team/tensorboard/events.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            if tag.startswith(prefix):
-                out.setdefault(tag[len(prefix) :], []).extend(e.value for e in acc.Scalars(tag))
-    return {k: float(np.mean(v)) for k, v in out.items()}
-
-
 def gate_causes(out_dir: Path, variant: str, seeds: list[int]) -> str:
     """Per cause, the fraction of imagined trajectories not approved whole for it (mean over
     iterations and seeds); '-' without the gate."""
@@ -209,17 +183,12 @@ def imagined_reward(out_dir: Path, variant: str, seeds: list[int]) -> list[float
     return [r.get("", math.nan) for r in runs]
 
 
-def mean_se(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "-"
-    se = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return f"{np.mean(values):.2f} ± {se:.2f}" if se == se else f"{values[0]:.2f} (1 run)"
-
-
 def render(args: Args, spec: ResultsSpec) -> str:
     out_dir = Path(args.out)
-    finals = {v.name: final_points(out_dir, v.name, spec.protocol.seeds) for v in spec.variants}
+    finals = {}
+    for v in spec.variants:
+        points = final_points(out_dir, v.name, spec.protocol.seeds)
+        finals[v.name] = {seed: point["metrics"] for seed, point in points.items()}
     action = f"action_rate_{args.fault_action}"
     rows = []
     for variant in spec.variants:

@@ -216,8 +216,21 @@ def serve_stage(cfg: QuickstartConfig, records: dict[str, Any]) -> dict[str, Any
     checkpoint = records["world_model"]["checkpoint"]
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port})
     args = {**cfg.serve_config().to_dict(), "checkpoint": checkpoint}
+    if cfg.agents_config().imagination.memory and not args["memory_checkpoint"]:
+        args["memory_checkpoint"] = str(_fitted_memory(cfg, checkpoint))
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    return {"checkpoint": checkpoint, "url": f"http://127.0.0.1:{cfg.http_port}"}
+    return {"checkpoint": checkpoint, "url": f"http://127.0.0.1:{cfg.http_port}",
+            "memory_checkpoint": args["memory_checkpoint"]}  # fmt: skip
+
+
+def _fitted_memory(cfg: QuickstartConfig, checkpoint: str) -> Path:
+    """The served memory of imagination.memory: its spatial expert's error measured on the
+    collected real episodes (else the retrieval expert would abstain in every rollout)."""
+    from moedream.platform.serve.episodes import fit_served_memory
+
+    out = cfg.run_dir / "serve_memory" / "memory.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return fit_served_memory(checkpoint, str(cfg.run_dir / "data"), cfg.serve_config().memory, out)
 
 
 def serve_is_running(cfg: QuickstartConfig, record: dict[str, Any]) -> bool:

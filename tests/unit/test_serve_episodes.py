@@ -184,3 +184,84 @@ def test_imagine_refuses_an_episode_of_another_checkpoint(model, cache):
         run_imagine(_loaded(other), _imagine_job("ep", other), cache)
     with pytest.raises(EpisodeError, match="no memory of episode 'nope'"):
         run_imagine(_loaded(model), _imagine_job("nope", model), cache)
+
+
+def test_a_context_is_the_steps_imagined_after_the_posted_step(model):
+    """Step-by-step imagination (MBMAPPO) sends the steps imagined so far as context: the
+    current observation is then T steps past the episode's latest posted one."""
+    obs, action = _episode(6)
+    start = obs[-1:]
+    assert start_state(model, start, None, 6).step.tolist() == [6]
+    context = {"obs": obs[None, :3], "action": action[None, :3]}  # T = 3
+    assert start_state(model, start, context, 6).step.tolist() == [9]
+
+
+# ------------------------------------------------------------ the served memory, fitted
+
+OVERCOOKED = {"layout": "cramped_room", "horizon": 60, "moves": "per_episode"}
+
+
+@pytest.fixture(scope="module")
+def kitchen(tmp_path_factory):
+    """Random-policy per-episode-moves cramped_room episodes in a shard, and a tiny model."""
+    from benchmarks._memory_eval import random_episodes
+    from moedream.data.episodes import write_shard
+
+    spec, episodes = random_episodes("overcooked", OVERCOOKED, range(4))
+    shard = write_shard(tmp_path_factory.mktemp("kitchen") / "shard.parquet", episodes[:3], spec)
+    torch.manual_seed(0)
+    return WorldModel(tiny_config(), spec).eval(), episodes, shard
+
+
+SPATIAL_ONLY = MemoryConfig(long_term=False)  # the LoRA expert out: spatial alone can act
+
+
+def _kitchen_rollout(kitchen, cache: EpisodeCache):
+    model, episodes, _ = kitchen
+    obs, action = episodes[3].obs, episodes[3].action
+    cache.remember("ep", obs[:41], action[:40], seed=0)
+    body = {"start_obs": obs[40:41].tolist(), "actions": action[None, 40:52].tolist(),
+            "horizon": 12, "seed": 4, "episode_id": "ep"}  # fmt: skip
+    job = parse_imagine(body, model.spec, model.config, ServeConfig())
+    return run_imagine(_loaded(model), job, cache)["obs"]
+
+
+def test_a_fitted_served_memory_acts_where_an_unfitted_one_abstains(kitchen, tmp_path):
+    from moedream.platform.serve.episodes import fit_served_memory
+
+    model, episodes, shard = kitchen
+    saved = tmp_path / "model.safetensors"
+    model.save(saved)
+    fitted = fit_served_memory(
+        str(saved), str(shard), SPATIAL_ONLY, tmp_path / "memory.safetensors"
+    )
+    direct = MemoryExperts(model, SPATIAL_ONLY)
+    direct.fit_spatial([(e.obs, e.action) for e in episodes[:3]])
+    cache = EpisodeCache(model, SPATIAL_ONLY, "t", str(fitted))
+    torch.testing.assert_close(cache.memory.spatial_fusion.mse, direct.spatial_fusion.mse)
+    assert torch.isfinite(cache.memory.spatial_fusion.mse).any()
+    assert not cache.memory.spatial_stores  # the fitting episodes are not served
+    unfitted = EpisodeCache(model, SPATIAL_ONLY, "t")
+    assert torch.isinf(unfitted.memory.spatial_fusion.mse).all()
+    plain = _kitchen_rollout(kitchen, unfitted)
+    plain_job = parse_imagine(
+        {"start_obs": episodes[3].obs[40:41].tolist(), "horizon": 12, "seed": 4,
+         "actions": episodes[3].action[None, 40:52].tolist()},
+        model.spec, model.config, ServeConfig(),
+    )  # fmt: skip
+    np.testing.assert_allclose(plain, run_imagine(_loaded(model), plain_job)["obs"], atol=1e-6)
+    assert np.abs(_kitchen_rollout(kitchen, cache) - plain).max() > 1e-3  # memory answered
+
+
+def test_a_served_memory_fitted_with_another_key_is_refused(kitchen, tmp_path):
+    from moedream.config import ConfigError
+    from moedream.platform.serve.episodes import served_memory
+    from moedream.world_model.memory import save_memory
+
+    model, _, _ = kitchen
+    other = MemoryExperts(model, MemoryConfig(transition_key="cell_and_neighbours"))
+    path = save_memory(other, tmp_path / "memory.safetensors")
+    with pytest.raises(ConfigError, match="memory.transition_key"):
+        served_memory(model, MemoryConfig(), str(path))
+    with pytest.raises(ValueError, match="memory_checkpoint"):
+        ServeConfig.from_dict({"memory_checkpoint": 3})

@@ -211,7 +211,10 @@ class WorldModelDeployment:
             if swapped:
                 loaded = await asyncio.to_thread(load_checkpoint, config.checkpoint, config.device)
                 self._loaded = loaded  # atomic: in-flight batches keep their snapshot
-            memory_changed = config.memory != self._config.memory
+            memory_changed = (config.memory, config.memory_checkpoint) != (
+                self._config.memory,
+                self._config.memory_checkpoint,
+            )
             self._config = config
             if swapped or memory_changed:
                 self._reset_episodes()
@@ -228,7 +231,12 @@ class WorldModelDeployment:
         self._episodes = (
             None
             if loaded is None
-            else EpisodeCache(loaded.model, self._config.memory, loaded.checkpoint_id)
+            else EpisodeCache(
+                loaded.model,
+                self._config.memory,
+                loaded.checkpoint_id,
+                self._config.memory_checkpoint,
+            )  # fmt: skip
         )
 
     def _needs_load(self, config: ServeConfig) -> bool:

@@ -27,13 +27,14 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from moedream.platform.serve.schemas import RequestError
-from moedream.world_model.memory import MemoryConfig, MemoryExperts
+from moedream.world_model.memory import MemoryConfig, MemoryExperts, load_memory, save_memory
 from moedream.world_model.model import WorldModel
 
 logger = logging.getLogger(__name__)
@@ -61,8 +62,10 @@ class EpisodeEntry:
 class EpisodeCache:
     """Bounded LRU cache of episode memories on one loaded world model."""
 
-    def __init__(self, model: WorldModel, config: MemoryConfig, checkpoint_id: str) -> None:
-        self.memory = MemoryExperts(model, config)
+    def __init__(
+        self, model: WorldModel, config: MemoryConfig, checkpoint_id: str, fitted: str = ""
+    ) -> None:
+        self.memory = served_memory(model, config, fitted)
         self.capacity = config.max_adapters
         self.checkpoint_id = checkpoint_id
         self.entries: OrderedDict[str, EpisodeEntry] = OrderedDict()
@@ -166,6 +169,35 @@ class EpisodeCache:
                 **self.counts,
                 "episodes": {k: e.steps for k, e in self.entries.items()},  # LRU first
             }
+
+
+def served_memory(model: WorldModel, config: MemoryConfig, fitted: str = "") -> MemoryExperts:
+    """The replica's memory experts on ``model``: with ``fitted`` (a :func:`save_memory` file,
+    ServeConfig.memory_checkpoint), the spatial expert's measured error and adapter weights it
+    holds, under ``config`` and with none of its episodes; without, unfitted (the retrieval
+    spatial expert then trusts its memory nowhere and abstains)."""
+    if not fitted:
+        return MemoryExperts(model, config)
+    memory = load_memory(fitted, model)
+    memory.set_config(config)  # ConfigError when the file was fitted with another key
+    memory.spatial_stores.clear()  # the replica's episodes are the ones posted to it
+    memory.store = None  # LoRA adapters too; the first post copies the loaded model's denoiser
+    return memory
+
+
+def fit_served_memory(checkpoint: str, data: str, config: MemoryConfig, out: str | Path) -> Path:
+    """Measure the spatial expert's error (:meth:`MemoryExperts.fit_spatial`) on the real
+    episode shards ``data`` with the world model ``checkpoint``, and write it (no episode in
+    it) to ``out``, the file ServeConfig.memory_checkpoint names."""
+    from moedream.data import read_episodes
+
+    model = WorldModel.load(checkpoint, map_location="cpu")
+    _, episodes = read_episodes(data)
+    memory = MemoryExperts(model, config)
+    info = memory.fit_spatial([(e.obs, e.action) for e in episodes])
+    logger.info("served memory fitted on %d real episodes of %s (%d memory answers): %s",
+                len(episodes), data, info["hits"], out)  # fmt: skip
+    return save_memory(memory, out)
 
 
 def remember_seeded(

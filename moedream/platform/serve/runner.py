@@ -132,9 +132,9 @@ def run_imagine(
 def _run_imagine_with_memory(
     loaded: LoadedModel, job: ImagineJob, episodes: EpisodeCache | None
 ) -> dict[str, Any]:
-    """Every row composes the memory of ``job.episode_id``; the start is the episode's step
-    ``entry.steps`` (its latest posted observation), so memory answers only from real
-    transitions the short context does not already hold."""
+    """Every row composes the memory of ``job.episode_id``; the context (if any) starts at
+    the episode's step ``entry.steps`` (its latest posted observation), so memory answers
+    only from real transitions the short context does not already hold."""
     if episodes is None:
         raise EpisodeError("episode_id", "this replica has no episode memory (no model loaded)")
     model = loaded.model
@@ -157,15 +157,17 @@ def start_state(
     model: WorldModel, start: np.ndarray, context: dict[str, np.ndarray] | None, step: int
 ) -> WorldModelState:
     """The state ``model.imagine`` would build from start [B, N, D] after ``context``, with
-    the current observation at episode step ``step`` (what the memory experts read)."""
+    the context's first observation at episode step ``step`` (the episode's latest posted
+    one) and so the current observation at ``step`` + T, T the context's steps: a caller
+    that imagines step by step sends the steps imagined since the branch as context, and
+    the memory experts may answer from every real transition older than the short context."""
     obs = torch.as_tensor(start, device=model.obs_mean.device)[:, None]  # [B, 1, N, D]
     action = None
     if context is not None:
         ctx_obs = torch.as_tensor(context["obs"], device=obs.device)  # [B, T, N, D]
         obs, action = torch.cat([ctx_obs, obs], 1), context["action"]
-    state = model.observe(obs, action)
-    step_tensor = torch.full((state.batch_size,), step, dtype=torch.long, device=obs.device)
-    return dataclasses.replace(state, step=step_tensor)
+    state = model.observe(obs, action)  # state.step [B]: T, the context's steps
+    return dataclasses.replace(state, step=state.step + step)
 
 
 def run_step(loaded: LoadedModel, job: StepJob) -> dict[str, Any]:

@@ -60,6 +60,11 @@ class ServeConfig(ConfigBase):
     memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
     """Memory experts of episodes posted to /v1/episodes; ``memory.max_adapters`` is how many
     episodes one replica holds (the least recently used is evicted beyond it)."""
+    memory_checkpoint: str = ""
+    """A fitted memory (moedream.world_model.memory.save_memory file; the pipeline's serve
+    stage writes one when imagination.memory is on): the spatial expert's measured error and
+    adapter weights every episode memory of the replica starts from. Empty: unfitted, and the
+    retrieval spatial expert abstains (only the LoRA expert can change a rollout)."""
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
@@ -69,12 +74,9 @@ class ServeConfig(ConfigBase):
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
             check(ok, f"{prefix}{name}", value, "must be an integer >= 1")
         check_positive(f"{prefix}batch_wait_timeout_s", self.batch_wait_timeout_s, allow_zero=True)
-        check(
-            isinstance(self.checkpoint, str),
-            f"{prefix}checkpoint",
-            self.checkpoint,
-            "must be a path",
-        )
+        for name in ("checkpoint", "memory_checkpoint"):
+            check(isinstance(getattr(self, name), str), f"{prefix}{name}", getattr(self, name),
+                  "must be a path (a string; empty for none)")  # fmt: skip
         if self.num_threads is not None:
             check(
                 isinstance(self.num_threads, int) and self.num_threads >= 1,
@@ -258,8 +260,9 @@ class ImagineRequest(_Strict):
     episode_id: EpisodeId | None = Field(
         None,
         description="Compose the memory experts of this episode (posted to /v1/episodes) into "
-        "every step; start_obs is taken as the episode's latest posted observation. Unknown or "
-        "evicted: 404. Absent: the plain model.",
+        "every step; start_obs is taken as the episode's latest posted observation, or, with "
+        "a context, the context as the steps imagined since it (start_obs T steps later). "
+        "Unknown or evicted: 404. Absent: the plain model.",
     )
 
 

@@ -1,0 +1,64 @@
+"""Readers of finished team-training runs for benchmarks: final evaluations, TensorBoard means,
+mean ± SE and paired differences with a t interval (gate_training, memory_training)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def final_points(out_dir: Path, variant: str, seeds: tuple[int, ...]) -> dict[int, dict]:
+    """Seed -> the metrics of its evaluation at the budget (finished runs only)."""
+    from moedream.results.runner import done_path, points_path
+
+    out = {}
+    for seed in seeds:
+        if done_path(out_dir, variant, seed).exists():
+            lines = points_path(out_dir, variant, seed).read_text().splitlines()
+            out[seed] = json.loads(lines[-1])
+    return out
+
+
+def iteration_values(run_dir: Path, prefix: str) -> dict[str, list[float]]:
+    """Every TensorBoard scalar of a run whose tag starts with ``prefix`` (the prefix cut
+    off): its value at each iteration, in order (agents.train writes them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[float]] = {}
+    for events in sorted(run_dir.glob("team/tensorboard/events.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            if tag.startswith(prefix):
+                out.setdefault(tag[len(prefix) :], []).extend(e.value for e in acc.Scalars(tag))
+    return out
+
+
+def iteration_means(run_dir: Path, prefix: str) -> dict[str, float]:
+    """Mean over a run's iterations of every TensorBoard scalar under ``prefix``."""
+    return {k: float(np.mean(v)) for k, v in iteration_values(run_dir, prefix).items()}
+
+
+def mean_se(values: list[float], digits: int = 2) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f} (1 run)"
+    se = np.std(values, ddof=1) / math.sqrt(len(values))
+    return f"{np.mean(values):.{digits}f} ± {se:.{digits}f}"
+
+
+def paired_t_interval(differences: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of paired differences (NaN with fewer than 2)."""
+    from scipy import stats
+
+    n = len(differences)
+    if n < 2:
+        return math.nan, math.nan
+    mean, se = float(np.mean(differences)), float(np.std(differences, ddof=1) / math.sqrt(n))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
+    return mean - half, mean + half
