@@ -39,11 +39,12 @@ DESCRIPTIONS = {
     "report": "evaluate the team against the random team and write the report",
 }
 # Config sections each stage reads (its fingerprint covers these and every earlier stage's); a
-# dotted name is one setting of a section (the gate calibrates on windows of the imagination horizon).
+# dotted name is one setting of a section (serve fits the episode memory when imagination uses it;
+# the gate calibrates on windows of the imagination horizon).
 SECTIONS = {
     "collect": ("collect",),
     "world_model": ("world_model",),
-    "serve": ("serve",),
+    "serve": ("serve", "agents.imagination.memory"),
     "gate": ("gate", "gate_actor", "agents.imagination.horizon"),
     "agents": ("agents",),
     "report": ("eval_episodes",),

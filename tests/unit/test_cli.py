@@ -96,6 +96,14 @@ def test_plan_skips_recorded_stages_and_reruns_from_the_first_changed_config(tmp
     longer = fingerprints(_pipeline_config(tmp_path, agents={"imagination": {"horizon": horizon}}))
     assert longer["serve"] == prints["serve"] and longer["gate"] != prints["gate"]
 
+    # the serve stage fits the episode memory only when imagination uses it
+    memory = not cfg.agents_config().imagination.memory
+    with_memory = fingerprints(
+        _pipeline_config(tmp_path, agents={"imagination": {"memory": memory}})
+    )
+    assert with_memory["world_model"] == prints["world_model"]
+    assert with_memory["serve"] != prints["serve"]
+
     # recording a stage again drops the records made from what it replaced
     reloaded.record("world_model", changed["world_model"], 2.0, {})
     assert list(StageLedger(cfg.run_dir).entries) == ["collect", "world_model"]
