@@ -68,6 +68,7 @@ from moedream.platform.serve.runner import Failure, LoadedModel, execute_batch, 
 from moedream.platform.serve.schemas import RequestError, ServeConfig, parse_imagine
 from moedream.platform.served_retrain import ServedModelRetrainer
 from moedream.policies.imagination import ProviderFailure
+from moedream.world_model.cached_rollout import CachedContextRollout, supports_cached_context
 from moedream.world_model.evaluation import eval_windows, prediction_scores
 from moedream.world_model.model import PREDICTIONS, WorldModel
 from moedream.world_model.trajectory import OPTIONAL_STEP_FIELDS, Trajectories
@@ -101,6 +102,12 @@ class ServedWorldModelImaginerFactory(ConfigBase):
     (which checkpoint is served) instead of horizon x ceil(rows / max_rows) round trips. For
     runs on one machine; the gate's re-imaginations and the held-out scoring still use Serve.
     Not with episode memory (imagination.memory), which lives in the replica."""
+    context_cache: bool = True
+    """With imagine_in_process: encode each imagined step once and keep its attention keys and
+    values for the later steps (moedream/world_model/cached_rollout.py) instead of re-encoding
+    the whole context every step as a stateless request does: the same rollouts up to float
+    rounding, for less compute. False runs the replica's own code (bit-identical to Serve).
+    Used where the model allows it (``supports_cached_context``), else the replica's code."""
     prediction: str = "sample"
     """How the served model predicts each imagined next observation: "sample" (a draw of its
     diffusion head) or "mean" (its regressed mean alone: the ablation of diffusion). The
@@ -186,6 +193,7 @@ class ServedWorldModelImaginerFactory(ConfigBase):
             "gate_recalibrate",
             "retrain_in_background",
             "imagine_in_process",
+            "context_cache",
         ):
             value = getattr(self, name)
             check(isinstance(value, bool), f"{prefix}{name}", value, "must be true or false")
@@ -304,18 +312,24 @@ class ServedWorldModelImaginer:
         obs = [np.asarray(start_obs, dtype=np.float32)]  # list of [B, N, D]
         actions, rewards, terms, loads = [], [], [], []
         model_outputs: dict[str, list[np.ndarray]] = {k: [] for k in OPTIONAL_STEP_FIELDS}
+        cached = self._cached_rollout(obs[0]) if branches is None else None
         for t in range(h):
             encoded = self.spec.encode_actions(policy.act(obs[-1]))  # [B, N, A]
-            out = self._one_step(
-                "imagine",
-                handle,
-                obs[-1],
-                encoded[:, None],  # [B, 1, N, A]: one step
-                # the imagined steps so far are the model's context
-                context_obs=np.stack(obs[:-1], 1) if t else None,  # [B, t, N, D]
-                context_actions=np.stack(actions, 1) if t else None,  # [B, t, N, A]
-                seed=(self._seed * 1_000_003 + self._calls * 1009 + t) % 2**31,
-                branches=branches,
+            seed = (self._seed * 1_000_003 + self._calls * 1009 + t) % 2**31
+            out = (
+                cached.step(encoded, seed)
+                if cached is not None
+                else self._one_step(
+                    "imagine",
+                    handle,
+                    obs[-1],
+                    encoded[:, None],  # [B, 1, N, A]: one step
+                    # the imagined steps so far are the model's context
+                    context_obs=np.stack(obs[:-1], 1) if t else None,  # [B, t, N, D]
+                    context_actions=np.stack(actions, 1) if t else None,  # [B, t, N, A]
+                    seed=seed,
+                    branches=branches,
+                )
             )
             obs.append(out["obs"][:, 1])
             actions.append(encoded)
@@ -339,6 +353,20 @@ class ServedWorldModelImaginer:
         if trajs.expert_load is not None:
             self._expert_load = trajs.expert_load
         return trajs
+
+    def _cached_rollout(self, start: np.ndarray) -> CachedContextRollout | None:
+        """The in-process rollout that encodes each step once (``context_cache``), where the
+        loaded model allows it; None: every step runs the replica's code."""
+        loaded = self._local
+        if not (self.factory.imagine_in_process and self.factory.context_cache):
+            return None
+        assert loaded is not None  # imagine() loads it first
+        if not supports_cached_context(loaded.model, self.horizon):
+            return None
+        return CachedContextRollout(
+            loaded.model, start, chunk_rows=self.factory.max_rows,
+            prediction=self.factory.prediction,
+        )  # fmt: skip
 
     def set_branch_sources(self, episodes: list[Any]) -> None:
         """The real episodes (moedream.data.Episode) memory-composed rounds branch from (the

