@@ -96,9 +96,9 @@ class ServedWorldModelImaginerFactory(ConfigBase):
     max_rows: int = 256
     """Rows per Serve request (the deployment's max_batch)."""
     imagine_in_process: bool = False
-    """Run the imagine requests in this process on the checkpoint the deployment serves (the
-    same requests, parsed and run by the same runner code as the replica: the same rollouts for
-    the same seed) instead of sending every imagined step to Serve: per round one Serve call
+    """Compute the imagine requests' answers in this process on the checkpoint the deployment
+    serves (the same rollouts for the same seed; up to float rounding with ``context_cache``)
+    instead of sending every imagined step to Serve: per round one Serve call
     (which checkpoint is served) instead of horizon x ceil(rows / max_rows) round trips. For
     runs on one machine; the gate's re-imaginations and the held-out scoring still use Serve.
     Not with episode memory (imagination.memory), which lives in the replica."""

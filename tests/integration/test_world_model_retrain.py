@@ -348,9 +348,10 @@ class _ObsPolicy:
 
 @pytest.mark.slow
 def test_in_process_imagination_equals_the_served_rollouts(served_world_model):
-    """imagine_in_process runs the replica's imagine code on the served checkpoint in the
-    algorithm's process: the same rollouts as Serve, also after a retrain hot-swaps the
-    model (which it follows by the served checkpoint's id)."""
+    """imagine_in_process computes the served checkpoint's rollouts in the algorithm's process
+    (each step encoded once: the context cache, the default): the same rollouts as Serve up to
+    float rounding, also after a retrain hot-swaps the model (which it follows by the served
+    checkpoint's id)."""
     import torch
 
     root, data = served_world_model["root"], served_world_model["data"]
@@ -381,10 +382,10 @@ def _compare_rollouts(providers: dict, start: np.ndarray, episodes: list) -> Non
         for local, provider in providers.items():
             torch.manual_seed(round_)
             trajs[local] = provider.imagine(start, _ObsPolicy())
-        for field in ("obs", "action", "reward", "terminated", "uncertainty", "obs_std"):
-            np.testing.assert_array_equal(
-                getattr(trajs[True], field), getattr(trajs[False], field), err_msg=field
-            )
+        np.testing.assert_array_equal(trajs[True].action, trajs[False].action)
+        for field in ("obs", "reward", "terminated", "uncertainty", "obs_std"):
+            np.testing.assert_allclose(getattr(trajs[True], field), getattr(trajs[False], field),
+                                       rtol=1e-4, atol=1e-5, err_msg=field)  # fmt: skip
         served = served_checkpoint(APP, DEPLOYMENT)
         assert providers[True]._local.checkpoint_id == served["id"]
         if round_ == 0:  # fine-tune and hot-swap: the in-process copy must follow
