@@ -96,6 +96,9 @@ class Args:
     retrain_in_background: bool = False
     """Model-based run: fine-tune the world model in a Ray task while the team samples and
     learns, served from the next iteration (imagination.world_model.retrain_in_background)."""
+    imagine_in_process: bool = False
+    """Model-based run: compute the served model's rollouts in the algorithm's process
+    (imagination.world_model.imagine_in_process, as the results table's runs do)."""
     gate_refit: bool = True
     """Model-based run: refit the gate's φ on the team's real episodes every iteration
     (imagination.world_model.gate_refit; --no-gate-refit keeps the random collection's)."""
@@ -169,6 +172,8 @@ def run_config(args: Args, env: str, seed: int, imagination: bool):
             "gate_refit": args.gate_refit,
             "retrain_in_background": args.retrain_in_background,
         }
+    if imagination and args.provider == "world_model" and args.imagine_in_process:
+        data["imagination"].setdefault("world_model", {})["imagine_in_process"] = True
     return AgentsConfig.from_dict(data)
 
 
@@ -191,6 +196,8 @@ def speed_text(args: Args) -> str:
     )
     if args.later_epochs:
         text += f", {args.later_epochs} PPO epoch(s) in each update after the first"
+    if args.imagine_in_process:
+        text += ", imagination computed in the algorithm's process (context cache)"
     return text
 
 
