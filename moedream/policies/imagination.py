@@ -226,6 +226,7 @@ def build_imagined_episodes(
     flat_obs = obs[:, :h].reshape(b * h, spec.n_agents, spec.obs_dim)  # [B * H, N, D]
     flat_act = actions.reshape(b * h, spec.n_agents, *actions.shape[3:])
     inputs, logps = _inputs_and_logp(policy, flat_obs, flat_act)  # per agent [B*H, K], [B*H]
+    spaces = _episode_spaces(spec)  # built once: a gym space per episode cost as much as a step
     return [
         _episode(
             obs[i],
@@ -235,6 +236,7 @@ def build_imagined_episodes(
             inputs,
             logps,
             spec,
+            spaces,
             shared_planner,
             weights_seq_no,
             termination_threshold,
@@ -242,6 +244,15 @@ def build_imagined_episodes(
         )
         for i in range(b)
     ]
+
+
+def _episode_spaces(spec: EnvSpec) -> tuple[gym.spaces.Dict, gym.spaces.Dict]:
+    """The per-agent observation and action spaces of an imagined episode."""
+    agents = spec.agent_ids
+    return (
+        gym.spaces.Dict({a: _box(spec.obs_dims[i]) for i, a in enumerate(agents)}),
+        gym.spaces.Dict({a: _action_space(spec, i) for i, a in enumerate(agents)}),
+    )
 
 
 def _inputs_and_logp(policy: TeamPolicy, obs: np.ndarray, actions: np.ndarray):
@@ -260,7 +271,7 @@ def _inputs_and_logp(policy: TeamPolicy, obs: np.ndarray, actions: np.ndarray):
 
 
 def _episode(
-    obs, actions, trajs, b, inputs, logps, spec, shared, seq_no, threshold, bootstrap
+    obs, actions, trajs, b, inputs, logps, spec, spaces, shared, seq_no, threshold, bootstrap
 ) -> MultiAgentEpisode:
     """One imagined trajectory (obs [H + 1, N, D], actions [H, N, ...]) -> MultiAgentEpisode
     of its first ``length`` steps."""
@@ -269,10 +280,8 @@ def _episode(
     agents = spec.agent_ids
     episode = MultiAgentEpisode(
         id_=f"{IMAGINED_PREFIX}{uuid.uuid4().hex}",
-        observation_space=gym.spaces.Dict(
-            {a: _box(spec.obs_dims[i]) for i, a in enumerate(agents)}
-        ),
-        action_space=gym.spaces.Dict({a: _action_space(spec, i) for i, a in enumerate(agents)}),
+        observation_space=spaces[0],
+        action_space=spaces[1],
         agent_to_module_mapping_fn=lambda agent_id, ep, _s=shared: planner_id(agent_id, _s),
     )
     episode.add_env_reset(observations=_per_agent_obs(obs[0], spec))
