@@ -753,14 +753,27 @@ class WorldModel(nn.Module):
         """E_{v ~ softmax(logits)} (next value v - real next value)^2 in raw units, the one-step
         error a draw from the head makes: logits [M, N, D, V], obs and next_obs [M, N, D] raw
         -> [M, N, D]."""
-        classes = self.obs_values  # [N, D, V] values, or deltas added to obs
-        values = classes if self.config.discrete_target == "value" else obs[..., None] + classes
-        # clamped to the support as decoded values are (_with_discrete): [M, N, D, V]
-        values = torch.maximum(
+        error = (self._class_values(obs) - next_obs[..., None]).pow(2)  # [M, N, D, V]
+        return (torch.softmax(logits.float(), -1) * error).sum(-1)
+
+    def _class_values(self, current: Tensor) -> Tensor:
+        """The next value each class of the discrete head stands for, from current [..., N, D]
+        raw: [..., N, D, V], clamped to the support as decoded values are."""
+        classes = self.obs_values  # [N, D, V] values, or deltas added to the current value
+        values = classes if self.config.discrete_target == "value" else current[..., None] + classes
+        return torch.maximum(
             torch.minimum(values, self.obs_high[..., None]), self.obs_low[..., None]
         )
-        error = (values - next_obs[..., None]).pow(2)  # [M, N, D, V]
-        return (torch.softmax(logits.float(), -1) * error).sum(-1)
+
+    def _decoding_logits(self, logits: Tensor, current: Tensor) -> Tensor:
+        """The head's logits [..., N, D, V] as probabilities of the real data: a head trained
+        with change_weighted learnt p(c) w_c / Z, so log w_c = log(1 + change_c^2) comes off
+        (logit adjustment), or its mode would be the costliest class rather than the likeliest
+        (a cook start predicted wherever one is barely possible). current [..., N, D] raw."""
+        if self.config.discrete_loss != "change_weighted":
+            return logits
+        change = self._class_values(current) - current[..., None]  # [..., N, D, V]
+        return logits - torch.log1p(change.pow(2))
 
     def _with_discrete(
         self,
@@ -776,6 +789,7 @@ class WorldModel(nn.Module):
         ``noise_scale`` 0, else a sample at temperature ``noise_scale`` (None: the sampler's
         default, 1)."""
         temperature = 1.0 if noise_scale is None else float(noise_scale)
+        logits = self._decoding_logits(logits, current)
         if temperature > 0:
             probs = torch.softmax(logits / temperature, -1)  # [..., N, D, V]
             flat = probs.reshape(-1, probs.shape[-1])

@@ -184,19 +184,39 @@ def test_delta_classes_make_a_countdown_discrete_and_decode_inside_the_support()
         tiny_config(discrete_target="value_and_delta")
 
 
-def uniform_head_discrete_loss(discrete_loss: str, batch: dict[str, np.ndarray]) -> float:
-    """The discrete loss of a countdown model whose head gives every class probability 1/4."""
+def countdown_model(discrete_loss: str, batch: dict[str, np.ndarray], logits) -> WorldModel:
+    """A countdown model with delta classes whose head gives every row ``logits`` [4] (the
+    classes: timer changes -1, +9, +9, +9)."""
     spec = EnvSpec("toy", ("a0",), (2,), "discrete", (2,), {})
     config = tiny_config(
         obs_head="discrete", discrete_values=4, discrete_target="delta", discrete_loss=discrete_loss
     )
     model = WorldModel(config, spec)
     model.fit_normalization(batch)
-    with torch.no_grad():  # logits 0 for every class
+    with torch.no_grad():
         model.discrete_head.stay.zero_()
         model.discrete_head.net[-1].weight.zero_()
-        model.discrete_head.net[-1].bias.zero_()
+        model.discrete_head.net[-1].bias.copy_(torch.tensor(logits).repeat(2))
+    return model
+
+
+def uniform_head_discrete_loss(discrete_loss: str, batch: dict[str, np.ndarray]) -> float:
+    """The discrete loss of a countdown model whose head gives every class probability 1/4."""
+    model = countdown_model(discrete_loss, batch, [0.0] * 4)
     return model.loss(batch)[1]["wm/discrete"]
+
+
+def test_change_weighted_heads_decode_the_likeliest_class_not_the_costliest() -> None:
+    batch = countdown_windows()
+    timer = torch.as_tensor(batch["obs"][:, :-1, 0, 0])  # [B, T]
+    logits = [0.0, 1.0, -9.0, -9.0]  # the restart (+9) is e times likelier than the tick
+    plain = countdown_model("cross_entropy", batch, logits)
+    assert bool((plain.predict_windows(batch, noise_scale=0.0)["next_obs"][..., 0, 0] == 9).all())
+    # trained with change_weighted, these logits are log p + log(1 + change^2): the restart's
+    # weight 1 + (9 - timer)^2 comes off, so it stays the mode only within 2 steps of 9
+    weighted = countdown_model("change_weighted", batch, logits)
+    pred = weighted.predict_windows(batch, noise_scale=0.0)["next_obs"][..., 0, 0]
+    assert torch.equal(pred, torch.where(timer >= 7, 9.0, (timer - 1).clamp_min(0)))
 
 
 def test_discrete_losses_weight_the_countdowns_restart_by_its_squared_change() -> None:
