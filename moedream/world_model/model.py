@@ -84,6 +84,9 @@ FORMAT = "moedream.world_model"
 FORMAT_VERSION = "4"  # 2: support bounds (obs_low/obs_high); 3: obs/action skip into heads;
 # 4: the backbone's token embeddings live in backbone.tokenizer (version 3 is read, renamed)
 READABLE_VERSIONS = ("3", FORMAT_VERSION)
+DiscreteLoss = Literal["cross_entropy", "change_weighted", "expected_error"]
+DISCRETE_LOSSES = ("cross_entropy", "change_weighted", "expected_error")
+REWARD_PREDICTIONS = ("mean", "nearest_value")
 RENAMED_IN_4 = {"backbone.obs_embed.": "backbone.tokenizer.obs_embed.",
                 "backbone.action_embed.": "backbone.tokenizer.action_embed."}  # fmt: skip
 WEIGHTS_FILE = "world_model.safetensors"
@@ -163,6 +166,20 @@ class WorldModelConfig(ConfigBase):
     """What the discrete head's classes are: value: the feature's next value; delta: its
     change o_{t+1} - o_t (a countdown's tick is then one class, -1, at every count, where
     the value classes need a different target for each count)."""
+    discrete_loss: DiscreteLoss = "cross_entropy"
+    """The discrete head's loss per feature. cross_entropy: every feature's next class counts
+    alike, so a missed jump (a countdown starting: 0 -> 19) costs like a missed one-cell move,
+    where its squared error is hundreds of times larger. change_weighted: the cross-entropy
+    weighted by 1 + (the feature's real change)^2, the squared error of predicting "no
+    change". expected_error: the cross-entropy plus the expected squared error (raw units) of
+    a value drawn from the head, which also charges a predicted jump where none happens."""
+    reward_prediction: Literal["mean", "nearest_value"] = "mean"
+    """mean: the reward head's regressed expectation; nearest_value: where an agent's reward
+    takes at most ``discrete_values`` distinct values in the fitted data (Overcooked: 0 and a
+    soup's reward), that expectation snapped to the nearest of them. For two values this is
+    the likelier one: the expectation of a sparse reward is a small nonzero value on every step
+    without one, an error the absolute error counts on hundreds of steps per event.
+    ``predict_windows`` also returns the expectation (reward_mean)."""
     support_margin: float | None = 0.0
     """Imagined observations are clamped to the per-feature [min, max] of the data the
     normalisation was fitted on, widened by this many feature stds (None: no clamp). Sampled
@@ -198,6 +215,8 @@ class WorldModelConfig(ConfigBase):
         check_choice(f"{prefix}tokenizer", self.tokenizer, TOKENIZER_KINDS)
         check_choice(f"{prefix}obs_head", self.obs_head, ("diffusion", "discrete"))
         check_choice(f"{prefix}discrete_target", self.discrete_target, ("value", "delta"))
+        check_choice(f"{prefix}discrete_loss", self.discrete_loss, DISCRETE_LOSSES)
+        check_choice(f"{prefix}reward_prediction", self.reward_prediction, REWARD_PREDICTIONS)
         check(
             self.d_model % self.backbone.num_heads == 0,
             f"{prefix}d_model",
@@ -365,6 +384,10 @@ class WorldModel(nn.Module):
             self.register_buffer("obs_values", torch.zeros(n, d, size))
             # distinct values per feature, V + 1 = continuous (until fitted: all continuous)
             self.register_buffer("obs_value_count", torch.full((n, d), size + 1))
+        if self.config.reward_prediction == "nearest_value":
+            size = self.config.discrete_values
+            self.register_buffer("reward_values", torch.zeros(n, size))  # [N, V] seen rewards
+            self.register_buffer("reward_value_count", torch.full((n,), size + 1))  # V+1: many
 
     @torch.no_grad()
     def fit_normalization(self, windows: dict[str, Any]) -> None:
@@ -393,7 +416,16 @@ class WorldModel(nn.Module):
             vocab, counts = value_vocabulary(target, self.config.discrete_values)
             self.obs_values.copy_(vocab)
             self.obs_value_count.copy_(counts)
+        if self.config.reward_prediction == "nearest_value":
+            self._fit_reward_values(flat_reward)
         self.normalization_fitted.fill_(True)
+
+    def _fit_reward_values(self, rewards: Tensor) -> None:
+        """The distinct rewards per agent of rewards [R, N] (at most ``discrete_values``, else
+        the agent's reward counts as continuous and keeps the regressed expectation)."""
+        vocab, counts = value_vocabulary(rewards[..., None], self.config.discrete_values)
+        self.reward_values.copy_(vocab[:, 0])  # [N, V]
+        self.reward_value_count.copy_(counts[:, 0])
 
     @torch.no_grad()
     def refit_reward_normalization(self, windows: dict[str, Any]) -> None:
@@ -422,6 +454,10 @@ class WorldModel(nn.Module):
         out.bias[..., -n:].mul_(old_std / new_std).add_((old_mean - new_mean) / new_std)
         self.reward_mean.copy_(new_mean)
         self.reward_std.copy_(new_std)
+        if self.config.reward_prediction == "nearest_value":  # the old values and the new ones
+            was_continuous = self.reward_value_count > self.config.discrete_values  # [N]
+            self._fit_reward_values(torch.cat([self.reward_values.t(), flat]))
+            self.reward_value_count.masked_fill_(was_continuous, self.config.discrete_values + 1)
 
     @torch.no_grad()
     def widen_support(self, windows: dict[str, Any]) -> None:
@@ -591,7 +627,7 @@ class WorldModel(nn.Module):
             mean = self.mean_head(cond).float()
             ens = self.ensemble(enc["ensemble_in"])  # [K, M, O]
             term = torch.sigmoid(self.termination_head(per_agent))  # [M, N]
-            reward = self.reward_head(per_agent) * self.reward_std + self.reward_mean  # [M, N]
+            reward_mean = self.reward_head(per_agent) * self.reward_std + self.reward_mean
         current = obs[:, :t]  # [B, T, N, D]
         to_obs = lambda x: (
             (current + x.view(b, t, n, d) * self.delta_std + self.delta_mean) * self.obs_mask
@@ -605,10 +641,23 @@ class WorldModel(nn.Module):
         return {
             "next_obs": next_obs,
             "next_obs_mean": next_mean,
-            "reward": reward.view(b, t, n),
+            "reward": self._predicted_reward(reward_mean).view(b, t, n),
+            "reward_mean": reward_mean.view(b, t, n),
             "terminated": term.view(b, t, n),
             **{k: v.view(b, t, *v.shape[1:]) for k, v in ensemble.items()},
         }
+
+    def _predicted_reward(self, expectation: Tensor) -> Tensor:
+        """The reward head's expectation [..., N] in raw units, or with ``reward_prediction``
+        nearest_value the nearest reward seen in the fitted data, for agents whose reward
+        takes few values."""
+        if self.config.reward_prediction == "mean":
+            return expectation
+        vocab = self.reward_values[:, None]  # [N, 1, V]
+        index = nearest_index(expectation[..., None], vocab)  # [..., N, 1]
+        nearest = vocab.expand(*index.shape, -1).gather(-1, index[..., None])[..., 0, 0]
+        few = self.reward_value_count <= self.config.discrete_values  # [N]
+        return torch.where(few, nearest, expectation)
 
     def _ensemble_outputs(self, ens: Tensor, current: Tensor) -> dict[str, Tensor]:
         """The ensemble's view of one step, in raw units, for the coherence gate: ens
@@ -694,7 +743,38 @@ class WorldModel(nn.Module):
         value = next_obs if self.config.discrete_target == "value" else next_obs - obs
         target = nearest_index(value, self.obs_values)  # [M, N, D]
         ce = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none")
-        return (ce.view_as(target) * chosen).sum(-1).mean()
+        per_feature = ce.view_as(target)  # [M, N, D]
+        if self.config.discrete_loss == "change_weighted":
+            per_feature = per_feature * (1.0 + (next_obs - obs).pow(2))
+        elif self.config.discrete_loss == "expected_error":
+            per_feature = per_feature + self._expected_error(logits, obs, next_obs)
+        return (per_feature * chosen).sum(-1).mean()
+
+    def _expected_error(self, logits: Tensor, obs: Tensor, next_obs: Tensor) -> Tensor:
+        """E_{v ~ softmax(logits)} (next value v - real next value)^2 in raw units, the one-step
+        error a draw from the head makes: logits [M, N, D, V], obs and next_obs [M, N, D] raw
+        -> [M, N, D]."""
+        error = (self._class_values(obs) - next_obs[..., None]).pow(2)  # [M, N, D, V]
+        return (torch.softmax(logits.float(), -1) * error).sum(-1)
+
+    def _class_values(self, current: Tensor) -> Tensor:
+        """The next value each class of the discrete head stands for, from current [..., N, D]
+        raw: [..., N, D, V], clamped to the support as decoded values are."""
+        classes = self.obs_values  # [N, D, V] values, or deltas added to the current value
+        values = classes if self.config.discrete_target == "value" else current[..., None] + classes
+        return torch.maximum(
+            torch.minimum(values, self.obs_high[..., None]), self.obs_low[..., None]
+        )
+
+    def _decoding_logits(self, logits: Tensor, current: Tensor) -> Tensor:
+        """The head's logits [..., N, D, V] as probabilities of the real data: a head trained
+        with change_weighted learnt p(c) w_c / Z, so log w_c = log(1 + change_c^2) comes off
+        (logit adjustment), or its mode would be the costliest class rather than the likeliest
+        (a cook start predicted wherever one is barely possible). current [..., N, D] raw."""
+        if self.config.discrete_loss != "change_weighted":
+            return logits
+        change = self._class_values(current) - current[..., None]  # [..., N, D, V]
+        return logits - torch.log1p(change.pow(2))
 
     def _with_discrete(
         self,
@@ -710,6 +790,7 @@ class WorldModel(nn.Module):
         ``noise_scale`` 0, else a sample at temperature ``noise_scale`` (None: the sampler's
         default, 1)."""
         temperature = 1.0 if noise_scale is None else float(noise_scale)
+        logits = self._decoding_logits(logits, current)
         if temperature > 0:
             probs = torch.softmax(logits / temperature, -1)  # [..., N, D, V]
             flat = probs.reshape(-1, probs.shape[-1])
@@ -900,7 +981,9 @@ class WorldModel(nn.Module):
         )  # [K, B, O]
         out = {
             "next_obs": next_obs,
-            "reward": self.reward_head(per_agent) * self.reward_std + self.reward_mean,  # [B, N]
+            "reward": self._predicted_reward(
+                self.reward_head(per_agent) * self.reward_std + self.reward_mean
+            ),  # [B, N]
             "terminated": torch.sigmoid(self.termination_head(per_agent)),  # [B, N]
             **self._ensemble_outputs(ens, current),
             "expert_load": expert_load,  # [L, E]

@@ -184,6 +184,89 @@ def test_delta_classes_make_a_countdown_discrete_and_decode_inside_the_support()
         tiny_config(discrete_target="value_and_delta")
 
 
+def countdown_model(discrete_loss: str, batch: dict[str, np.ndarray], logits) -> WorldModel:
+    """A countdown model with delta classes whose head gives every row ``logits`` [4] (the
+    classes: timer changes -1, +9, +9, +9)."""
+    spec = EnvSpec("toy", ("a0",), (2,), "discrete", (2,), {})
+    config = tiny_config(
+        obs_head="discrete", discrete_values=4, discrete_target="delta", discrete_loss=discrete_loss
+    )
+    model = WorldModel(config, spec)
+    model.fit_normalization(batch)
+    with torch.no_grad():
+        model.discrete_head.stay.zero_()
+        model.discrete_head.net[-1].weight.zero_()
+        model.discrete_head.net[-1].bias.copy_(torch.tensor(logits).repeat(2))
+    return model
+
+
+def uniform_head_discrete_loss(discrete_loss: str, batch: dict[str, np.ndarray]) -> float:
+    """The discrete loss of a countdown model whose head gives every class probability 1/4."""
+    model = countdown_model(discrete_loss, batch, [0.0] * 4)
+    return model.loss(batch)[1]["wm/discrete"]
+
+
+def test_change_weighted_heads_decode_the_likeliest_class_not_the_costliest() -> None:
+    batch = countdown_windows()
+    timer = torch.as_tensor(batch["obs"][:, :-1, 0, 0])  # [B, T]
+    logits = [0.0, 1.0, -9.0, -9.0]  # the restart (+9) is e times likelier than the tick
+    plain = countdown_model("cross_entropy", batch, logits)
+    assert bool((plain.predict_windows(batch, noise_scale=0.0)["next_obs"][..., 0, 0] == 9).all())
+    # trained with change_weighted, these logits are log p + log(1 + change^2): the restart's
+    # weight 1 + (9 - timer)^2 comes off, so it stays the mode only within 2 steps of 9
+    weighted = countdown_model("change_weighted", batch, logits)
+    pred = weighted.predict_windows(batch, noise_scale=0.0)["next_obs"][..., 0, 0]
+    assert torch.equal(pred, torch.where(timer >= 7, 9.0, (timer - 1).clamp_min(0)))
+
+
+def test_discrete_losses_weight_the_countdowns_restart_by_its_squared_change() -> None:
+    batch = countdown_windows()
+    current, after = batch["obs"][:, :-1, 0, 0], batch["obs"][:, 1:, 0, 0]  # timer [B, T]
+    change = after - current  # -1 (a tick) or +9 (the restart)
+    assert set(np.unique(change).tolist()) == {-1.0, 9.0}
+    ce = np.log(4.0)  # per feature, 2 features (timer, flag)
+    assert uniform_head_discrete_loss("cross_entropy", batch) == pytest.approx(2 * ce)
+    weighted = ce * ((1 + change**2) + 1).mean()  # the flag never changes: weight 1
+    assert uniform_head_discrete_loss("change_weighted", batch) == pytest.approx(weighted)
+    # classes: timer changes [-1, 9, 9, 9] (padded), decoded inside the timer's support [0, 9]
+    draws = np.stack([current - 1, *[current + 9] * 3], -1).clip(0, 9)  # [B, T, 4]
+    expected = ((draws - after[..., None]) ** 2).mean(-1).mean()  # the flag's draws are exact
+    assert uniform_head_discrete_loss("expected_error", batch) == pytest.approx(2 * ce + expected)
+    with pytest.raises(ConfigError, match="discrete_loss"):
+        tiny_config(discrete_loss="focal")
+
+
+def reward_model(reward: np.ndarray) -> WorldModel:
+    """A flat model with nearest-value rewards fitted on windows whose rewards are
+    ``reward`` [B, T, 1], its reward head's expectation set to rewards 7 and 13 alternately."""
+    spec = EnvSpec("toy", ("a0",), (2,), "discrete", (2,), {})
+    model = WorldModel(tiny_config(reward_prediction="nearest_value", discrete_values=4), spec)
+    batch = countdown_windows(windows=reward.shape[0])
+    model.fit_normalization({**batch, "reward": reward})
+    return model
+
+
+def test_nearest_value_rewards_snap_the_expectation_to_a_seen_reward() -> None:
+    sparse = np.zeros((10, 4, 1), np.float32)
+    sparse[::3, 1] = 20.0  # a soup now and then: rewards {0, 20}
+    model = reward_model(sparse)
+    assert model.reward_values[0, :2].tolist() == [0.0, 20.0]
+    expectation = torch.tensor([[7.0], [13.0], [-1.0], [26.0]])  # [M, N]
+    assert model._predicted_reward(expectation)[:, 0].tolist() == [0.0, 20.0, 0.0, 20.0]
+    batch = countdown_windows()
+    pred = model.predict_windows({**batch, "reward": sparse}, noise_scale=0.0)
+    assert set(pred["reward"].unique().tolist()) <= {0.0, 20.0}
+    assert not torch.equal(pred["reward"], pred["reward_mean"])  # the expectation as it was
+    unseen = reward_model(np.zeros((10, 4, 1), np.float32))  # a random team: no soup yet
+    assert unseen._predicted_reward(expectation)[:, 0].tolist() == [0.0] * 4
+    unseen.refit_reward_normalization({"reward": sparse})  # a team that cooks: 20 joins
+    assert unseen._predicted_reward(expectation)[:, 0].tolist() == [0.0, 20.0, 0.0, 20.0]
+    dense = np.linspace(-1, 1, 40, dtype=np.float32).reshape(10, 4, 1)  # 40 values > 4
+    assert torch.equal(reward_model(dense)._predicted_reward(expectation), expectation)
+    with pytest.raises(ConfigError, match="reward_prediction"):
+        tiny_config(reward_prediction="median")
+
+
 def test_checkpoints_round_trip_and_format_3_still_loads(tmp_path) -> None:
     spec = toy_spec()
     model = new_model(spec)
