@@ -67,10 +67,10 @@ CONFIDENCE = 0.90  # two-sided t intervals: inside +-delta is TOST at 5%, below 
 
 @dataclasses.dataclass
 class Args:
-    seeds: tuple[int, ...] = (0, 1, 2)
-    batch: int = 2000
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    batch: int = 1000
     """Real env steps per iteration (train_batch_size)."""
-    iterations: int = 3
+    iterations: int = 8
     updates: int = 2
     """PPO updates per real batch on imagination (imagination.updates)."""
     horizon: int = 5
@@ -275,17 +275,20 @@ def criterion(runs: dict[str, dict[int, tuple]], action: str, margin: float) -> 
     equivalent = informative and -delta < gated.lo and gated.hi < delta
     worse = ungated.hi < 0
     met = informative and equivalent and worse
+    learnt = ("above 0, informative" if informative
+              else "not shown above 0: the comparison is not informative")  # fmt: skip
     return (
         f"Criterion on seeds {seeds} (paired by seed; mean [{CONFIDENCE:.0%} t interval]): "
         f"the good-model team's learning gain (return at the budget minus its untrained "
-        f"return) {_interval(gain)}: {'above 0, informative' if informative else 'not shown above 0: the comparison is not informative'}; "
+        f"return) {_interval(gain)}: {learnt}; "
         f"margin δ = {margin} × {gain.point:.2f} = {delta:.2f}. "
         f"bias_gate − good_gate {_interval(gated)}: "
         f"{'inside' if equivalent else 'not inside'} ±δ (TOST at 5%). "
         f"bias_no_gate − good_gate {_interval(ungated)}: "
         f"{'below 0' if worse else 'not below 0'} (one-sided t-test at 5%). "
         f"Fault-action rate minus the good-model run's: bias_gate {stay['bias_gate']}, "
-        f"bias_no_gate {stay['bias_no_gate']} (mean ± SE). Goal: **{'met' if met else 'not met'}**."
+        f"bias_no_gate {stay['bias_no_gate']} (mean ± SE). "
+        f"Goal: **{'met' if met else 'not met'}**."
     )  # fmt: skip
 
 
