@@ -54,11 +54,9 @@ def mean_se(values: list[float], digits: int = 2) -> str:
 
 def paired_t_interval(differences: list[float], confidence: float = 0.95) -> tuple[float, float]:
     """Student-t interval of the mean of paired differences (NaN with fewer than 2)."""
-    from scipy import stats
+    from moedream.results.stats import mean_t_interval
 
-    n = len(differences)
-    if n < 2:
+    if len(differences) < 2:
         return math.nan, math.nan
-    mean, se = float(np.mean(differences)), float(np.std(differences, ddof=1) / math.sqrt(n))
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
-    return mean - half, mean + half
+    _, lo, hi = mean_t_interval(differences, confidence)
+    return lo, hi

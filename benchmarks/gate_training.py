@@ -18,7 +18,23 @@ untouched. Variants, each trained with every seed through moedream/results/platf
 
 The gate is calibrated on the good model (the gate stage's model terms on held-out real
 windows) in every run: the fault stands for a model that went bad after the gate was fitted.
-Finished runs are recorded under ``--out`` (moedream/results/runner.py) and skipped on a re-run.
+Finished runs are recorded under ``--out`` (moedream/results/runner.py) and skipped on a re-run;
+an unfinished one resumes from its last evaluation.
+
+The criterion, fixed before the runs (paired by seed, on the seeds every variant finished; each
+run's return is the mean of ``eval_episodes`` fixed-seed evaluation episodes):
+
+    informative  the good-model team learnt: the 90% t interval of its learning gain (return at
+                 the budget minus the same team's return at real step 0, untrained) is above 0
+    with gate    the 90% t interval of bias_gate - good_gate lies inside +-delta (the TOST
+                 equivalence test at 5%), delta = ``margin`` x the mean learning gain: the gated
+                 team on the faulty model keeps at least half of what imagination from the good
+                 model let the team learn (0.5: the usual non-inferiority margin, which keeps
+                 half of the reference's effect)
+    without      the 90% t interval of bias_no_gate - good_gate lies below 0 (one-sided t-test
+                 at 5%: measurably worse)
+
+The goal is met when all three hold.
 """
 
 from __future__ import annotations
@@ -36,7 +52,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import markdown_table, parse_args, record  # noqa: E402
-from _training import final_points, iteration_means, mean_se  # noqa: E402
+from _training import iteration_means, mean_se  # noqa: E402
 
 from moedream.results.platform_train import PlatformTrainer  # noqa: E402
 from moedream.results.spec import Protocol, ResultsSpec, Variant  # noqa: E402
@@ -46,14 +62,15 @@ OVERCOOKED_ACTIONS = ("up", "down", "right", "left", "stay", "interact")
 VARIANTS = {"good_gate": ("good", True), "bias_gate": ("biased", True),
             "bias_no_gate": ("biased", False)}  # fmt: skip
 EPISODE_STEPS = 400  # Overcooked horizon of the collection (configs/quickstart.yaml)
+CONFIDENCE = 0.90  # two-sided t intervals: inside +-delta is TOST at 5%, below 0 a 5% t-test
 
 
 @dataclasses.dataclass
 class Args:
-    seeds: tuple[int, ...] = (0, 1, 2)
-    batch: int = 2000
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    batch: int = 1000
     """Real env steps per iteration (train_batch_size)."""
-    iterations: int = 3
+    iterations: int = 8
     updates: int = 2
     """PPO updates per real batch on imagination (imagination.updates)."""
     horizon: int = 5
@@ -66,6 +83,8 @@ class Args:
     bias: float = 1.0
     """Extra imagined reward per agent step on that action (raw units; a soup is 20)."""
     eval_episodes: int = 5
+    margin: float = 0.5
+    """Equivalence margin delta as a fraction of the good-model team's mean learning gain."""
     out: str = "runs/gate_training"
     http_port: int = 8473
     summarise_only: bool = False
@@ -91,6 +110,9 @@ def build_spec(args: Args) -> ResultsSpec:
         "imagination.updates": args.updates,
         "imagination.real_every_update": True,
         "imagination.world_model_retrain_every": 0,  # the served model stays as built
+        # the served checkpoint's rollouts computed in the trainer: the same rollouts as Serve's
+        # without a round trip per imagined step (the gate's re-imaginations still use Serve)
+        "imagination.world_model.imagine_in_process": True,
         "prepare.collect.episodes": args.collect_episodes,
         "prepare.world_model.train.steps": args.world_model_steps,
         "fault": {"model": "", "action": args.fault_action, "bias": args.bias},
@@ -121,9 +143,14 @@ class FaultTrainer(PlatformTrainer):
         super().__init__(plain, out_dir, progress=args.progress)
         self.args, self.model = args, "good"
 
-    def __call__(self, variant: Variant, seed: int, callback) -> None:
+    def __call__(self, variant: Variant, seed: int, callback, *, resumed: int = 0) -> None:
         self.model = variant.overrides["fault"]["model"]
-        super().__call__(without_fault(variant), seed, callback)
+        super().__call__(without_fault(variant), seed, callback, resumed=resumed)
+
+    def resolved_config(self, variant: Variant, seed: int) -> dict:
+        """The platform's resolved configs plus the fault the served model carries."""
+        resolved = super().resolved_config(without_fault(variant), seed)
+        return {**resolved, "fault": variant.overrides["fault"]}
 
     def _prepare(self, quickstart) -> int:
         from moedream.platform.pipeline import run_pipeline
@@ -164,6 +191,19 @@ def faulty_checkpoint(shared, good: str, args: Args) -> Path:
 # ------------------------------------------------------------------------------------ table
 
 
+def evaluations(out_dir: Path, variant: str, seeds: tuple[int, ...]) -> dict[int, tuple]:
+    """Seed -> (metrics at real step 0: the untrained team, metrics at the budget), finished
+    runs only."""
+    from moedream.results.runner import done_path, points_path
+
+    out = {}
+    for seed in seeds:
+        if done_path(out_dir, variant, seed).exists():
+            lines = points_path(out_dir, variant, seed).read_text().splitlines()
+            out[seed] = (json.loads(lines[0])["metrics"], json.loads(lines[-1])["metrics"])
+    return out
+
+
 def gate_causes(out_dir: Path, variant: str, seeds: list[int]) -> str:
     """Per cause, the fraction of imagined trajectories not approved whole for it (mean over
     iterations and seeds); '-' without the gate."""
@@ -185,47 +225,75 @@ def imagined_reward(out_dir: Path, variant: str, seeds: list[int]) -> list[float
 
 def render(args: Args, spec: ResultsSpec) -> str:
     out_dir = Path(args.out)
-    finals = {}
-    for v in spec.variants:
-        points = final_points(out_dir, v.name, spec.protocol.seeds)
-        finals[v.name] = {seed: point["metrics"] for seed, point in points.items()}
+    runs = {v.name: evaluations(out_dir, v.name, spec.protocol.seeds) for v in spec.variants}
     action = f"action_rate_{args.fault_action}"
     rows = []
     for variant in spec.variants:
-        runs = finals[variant.name]
+        done = sorted(runs[variant.name])
+        finals = [runs[variant.name][s][1] for s in done]
         model, gate = VARIANTS[variant.name]
-        per_seed = ", ".join(f"{s}: {m['team_return']:.1f}" for s, m in sorted(runs.items()))
-        causes = gate_causes(out_dir, variant.name, sorted(runs)) if gate and runs else "-"
-        shown = mean_se(imagined_reward(out_dir, variant.name, sorted(runs)))
-        rows.append([variant.name, model, "on" if gate else "off", len(runs),
-                     mean_se([m["team_return"] for m in runs.values()]),
-                     mean_se([m[action] for m in runs.values()]),
-                     mean_se([m["gate_approve_rate"] for m in runs.values()]) if gate else "-",
+        per_seed = ", ".join(f"{s}: {m['team_return']:.1f}" for s, m in zip(done, finals))
+        causes = gate_causes(out_dir, variant.name, done) if gate and done else "-"
+        shown = mean_se(imagined_reward(out_dir, variant.name, done))
+        rows.append([variant.name, model, "on" if gate else "off", len(done),
+                     mean_se([runs[variant.name][s][0]["team_return"] for s in done]),
+                     mean_se([m["team_return"] for m in finals]),
+                     mean_se([m[action] for m in finals]),
+                     mean_se([m["gate_approve_rate"] for m in finals]) if gate else "-",
                      causes, shown,
-                     mean_se([m["soups_per_episode"] for m in runs.values()]),
+                     mean_se([m["soups_per_episode"] for m in finals]),
                      per_seed or "-"])  # fmt: skip
-    headers = ["variant", "served model", "gate", "seeds done", "team return at budget",
+    headers = ["variant", "served model", "gate", "seeds done",
+               "team return at real step 0 (untrained)", "team return at budget",
                f"{OVERCOOKED_ACTIONS[args.fault_action]} rate at budget",
-               "gate approve rate (last iterations)",
+               "gate approve rate (since the previous evaluation)",
                "not approved whole, by cause (mean over iterations)",
                "imagined reward per learnt step", "soups per episode",
                "team return per seed"]  # fmt: skip
-    return markdown_table(headers, rows) + "\n\n" + paired_differences(finals, action)
+    return markdown_table(headers, rows) + "\n\n" + criterion(runs, action, args.margin)
 
 
-def paired_differences(finals: dict[str, dict[int, dict]], action: str) -> str:
-    """Each biased variant minus good_gate on the same seeds (mean ± SE of the differences)."""
-    lines = []
-    base = finals["good_gate"]
-    for name in ("bias_gate", "bias_no_gate"):
-        seeds = sorted(set(base) & set(finals[name]))
-        if not seeds:
-            continue
-        ret = [finals[name][s]["team_return"] - base[s]["team_return"] for s in seeds]
-        act = [finals[name][s][action] - base[s][action] for s in seeds]
-        lines.append(f"{name} − good_gate on seeds {seeds}: team return {mean_se(ret)}, "
-                     f"fault-action rate {mean_se(act)}.")  # fmt: skip
-    return " ".join(lines)
+def criterion(runs: dict[str, dict[int, tuple]], action: str, margin: float) -> str:
+    """The goal's test on the seeds every variant finished (see the module docstring)."""
+    from moedream.results.stats import mean_t_interval
+
+    seeds = sorted(set.intersection(*(set(r) for r in runs.values())))
+    if len(seeds) < 2:
+        return f"Criterion: needs >= 2 seeds finished by every variant (have {seeds})."
+
+    def final(name: str, key: str = "team_return") -> np.ndarray:
+        return np.array([runs[name][s][1][key] for s in seeds])
+
+    untrained = np.array([runs["good_gate"][s][0]["team_return"] for s in seeds])
+    gain = mean_t_interval(final("good_gate") - untrained, CONFIDENCE)
+    delta = margin * gain.point
+    gated = mean_t_interval(final("bias_gate") - final("good_gate"), CONFIDENCE)
+    ungated = mean_t_interval(final("bias_no_gate") - final("good_gate"), CONFIDENCE)
+    stay = {n: mean_se(list(final(n, action) - final("good_gate", action)))
+            for n in ("bias_gate", "bias_no_gate")}  # fmt: skip
+    informative = gain.lo > 0
+    equivalent = informative and -delta < gated.lo and gated.hi < delta
+    worse = ungated.hi < 0
+    met = informative and equivalent and worse
+    learnt = ("above 0, informative" if informative
+              else "not shown above 0: the comparison is not informative")  # fmt: skip
+    return (
+        f"Criterion on seeds {seeds} (paired by seed; mean [{CONFIDENCE:.0%} t interval]): "
+        f"the good-model team's learning gain (return at the budget minus its untrained "
+        f"return) {_interval(gain)}: {learnt}; "
+        f"margin δ = {margin} × {gain.point:.2f} = {delta:.2f}. "
+        f"bias_gate − good_gate {_interval(gated)}: "
+        f"{'inside' if equivalent else 'not inside'} ±δ (TOST at 5%). "
+        f"bias_no_gate − good_gate {_interval(ungated)}: "
+        f"{'below 0' if worse else 'not below 0'} (one-sided t-test at 5%). "
+        f"Fault-action rate minus the good-model run's: bias_gate {stay['bias_gate']}, "
+        f"bias_no_gate {stay['bias_no_gate']} (mean ± SE). "
+        f"Goal: **{'met' if met else 'not met'}**."
+    )  # fmt: skip
+
+
+def _interval(interval) -> str:
+    return f"{interval.point:+.2f} [{interval.lo:+.2f}, {interval.hi:+.2f}]"
 
 
 def note(args: Args, spec: ResultsSpec) -> str:

@@ -13,10 +13,15 @@ change the tested set of everything else. The computation is small: ``iqm`` is r
 ``aggregate_iqm`` (scipy's 25% ``trim_mean``: ``int(0.25 * runs)`` runs cut at each end), and
 with one task per table cell rliable's stratified bootstrap is resampling the runs with
 replacement, which ``bootstrap_iqm`` does (each variant is its own stratum).
+
+Paired comparisons of few seeds (the same seed trained two ways) use the mean difference and
+its Student-t interval instead (``mean_t_interval``): with five runs a bootstrap interval is too
+narrow. ``t_quantile`` is computed here because scipy is not a dependency.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import NamedTuple
 
@@ -226,3 +231,40 @@ def verdict(ratio: Interval, baseline_censored: bool, variant_censored: bool) ->
     if baseline_censored:
         return "not shown: baseline runs not reached, the ratio is a lower bound"
     return "worse"
+
+
+def t_quantile(prob: float, df: int) -> float:
+    """Student's t quantile: the x with P(T <= x) = ``prob`` (0.5 <= prob < 1) for ``df`` >= 1
+    degrees of freedom, by bisection on the density integrated numerically (error < 1e-6)."""
+    if not 0.5 <= prob < 1 or not isinstance(df, int) or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 <= prob < 1 and an integer df >= 1, got "
+                         f"prob={prob!r}, df={df!r}")  # fmt: skip
+    scale = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float) -> float:  # 0.5 + the density's integral over [0, x] (it is symmetric)
+        grid = np.linspace(0.0, x, 20_001)
+        return 0.5 + float(np.trapezoid(scale * (1 + grid**2 / df) ** (-(df + 1) / 2), grid))
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < prob:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1e-7:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < prob else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_t_interval(values, confidence: float = 0.90) -> Interval:
+    """The mean of ``values`` (>= 2 finite runs) and its two-sided Student-t interval.
+
+    On paired differences (variant minus baseline, seed by seed) a 90% interval inside
+    (-delta, +delta) is the two one-sided tests (TOST) of equivalence within delta at the 5%
+    level, and a 90% interval below 0 is a one-sided t-test at 5% that the variant is worse.
+    """
+    values = _runs(values, "values")
+    if values.ndim != 1 or values.size < 2:
+        raise ValueError(f"a t interval needs >= 2 runs, got {values.size}")
+    mean = float(values.mean())
+    half = t_quantile((1 + confidence) / 2, values.size - 1) * values.std(ddof=1)
+    half /= math.sqrt(values.size)
+    return Interval(mean, mean - half, mean + half)

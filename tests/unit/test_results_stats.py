@@ -139,3 +139,22 @@ def test_verdict_claims_only_what_the_interval_and_censoring_allow(
     ratio, baseline_censored, variant_censored, expected
 ):
     assert stats.verdict(ratio, baseline_censored, variant_censored).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("prob", "df", "expected"),  # Student's t table
+    [(0.95, 1, 6.313752), (0.95, 4, 2.131847), (0.975, 10, 2.228139), (0.95, 1000, 1.646379)],
+)
+def test_t_quantile_matches_the_t_table(prob, df, expected):
+    assert stats.t_quantile(prob, df) == pytest.approx(expected, abs=1e-5)
+
+
+def test_mean_t_interval_of_known_differences():
+    # mean 1, sd 1 over 5 runs: half-width t(0.95, 4) / sqrt(5) = 0.953392
+    point, lo, hi = stats.mean_t_interval([0.0, 0.0, 1.0, 2.0, 2.0])
+    assert point == pytest.approx(1.0)
+    assert (lo, hi) == pytest.approx((1 - 0.953392, 1 + 0.953392), abs=1e-5)
+    with pytest.raises(ValueError, match=">= 2 runs"):
+        stats.mean_t_interval([1.0])
+    with pytest.raises(ValueError, match="0.5 <= prob < 1"):
+        stats.t_quantile(1.0, 4)
