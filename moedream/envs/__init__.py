@@ -131,10 +131,13 @@ def register_rllib_envs() -> None:
     from ray.tune.registry import register_env
 
     for name in ENVS:
-        register_env(
-            f"moedream/{name}",
-            lambda cfg, _n=name: _rllib_env_class()(make_env(_n, **dict(cfg or {}))),
-        )
+        register_env(f"moedream/{name}", lambda cfg, _n=name: rllib_env(_n, **dict(cfg or {})))
+
+
+def rllib_env(name: str, **options: Any) -> Any:
+    """Env ``name`` as RLlib steps it: a ParallelPettingZooEnv of :func:`make_env`, with
+    ``__all__`` flags and :func:`termination_wins`."""
+    return _rllib_env_class()(make_env(name, **options))
 
 
 def termination_wins(terminateds: dict[str, bool], truncateds: dict[str, bool]) -> dict:
@@ -167,4 +170,6 @@ __all__ = [
     "episode_limit",
     "make_env",
     "register_rllib_envs",
+    "rllib_env",
+    "termination_wins",
 ]
