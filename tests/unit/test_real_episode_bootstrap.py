@@ -96,3 +96,14 @@ def test_a_real_termination_stays_terminated():
     assert not restore_truncation(episode)
     assert episode.is_terminated and not episode.is_truncated
     assert all(a.is_terminated for a in episode.agent_episodes.values())
+
+
+def test_the_setting_reaches_the_algorithm_config_and_must_be_true_or_false():
+    from moedream.config import ConfigError
+    from moedream.platform.agents import AgentsConfig, build_algo_config
+
+    for value in (True, False):
+        cfg = AgentsConfig.from_dict({"bootstrap_truncated_episodes": value})
+        assert build_algo_config(cfg).bootstrap_truncated_episodes is value
+    with pytest.raises(ConfigError, match="bootstrap_truncated_episodes.*true or false"):
+        AgentsConfig.from_dict({"bootstrap_truncated_episodes": "yes"})
