@@ -123,18 +123,43 @@ def _flat_size(space: Any) -> int:
 
 
 def register_rllib_envs() -> None:
-    """Register every env with Ray Tune/RLlib as ``moedream/<name>`` (a ParallelPettingZooEnv).
+    """Register every env with Ray Tune/RLlib as ``moedream/<name>`` (a ParallelPettingZooEnv
+    whose agents are never terminated and truncated at once: :func:`termination_wins`).
 
     RLlib's env config is passed to :func:`make_env` as options.
     """
-    from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
     from ray.tune.registry import register_env
 
     for name in ENVS:
-        register_env(
-            f"moedream/{name}",
-            lambda cfg, _n=name: ParallelPettingZooEnv(make_env(_n, **dict(cfg or {}))),
-        )
+        register_env(f"moedream/{name}", lambda cfg, _n=name: rllib_env(_n, **dict(cfg or {})))
+
+
+def rllib_env(name: str, **options: Any) -> Any:
+    """Env ``name`` as RLlib steps it: a ParallelPettingZooEnv of :func:`make_env`, with
+    ``__all__`` flags and :func:`termination_wins`."""
+    return _rllib_env_class()(make_env(name, **options))
+
+
+def termination_wins(terminateds: dict[str, bool], truncateds: dict[str, bool]) -> dict:
+    """``truncateds`` without the agents ``terminateds`` also ends (Gymnasium: an episode that
+    terminated at its time limit is terminated), so that an agent episode RLlib finds truncated
+    AND terminated was truncated by the env (moedream.policies.episode_ends)."""
+    return {a: bool(v) and not terminateds.get(a, False) for a, v in truncateds.items()}
+
+
+@functools.cache
+def _rllib_env_class() -> type:
+    from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
+
+    class MoedreamRLlibEnv(ParallelPettingZooEnv):
+        def step(self, action_dict):
+            obs, rewards, terminateds, truncateds, infos = self.par_env.step(action_dict)
+            truncateds = termination_wins(terminateds, truncateds)
+            terminateds = {**terminateds, "__all__": all(terminateds.values())}
+            truncateds["__all__"] = all(truncateds.values())
+            return obs, rewards, terminateds, truncateds, infos
+
+    return MoedreamRLlibEnv
 
 
 __all__ = [
@@ -145,4 +170,6 @@ __all__ = [
     "episode_limit",
     "make_env",
     "register_rllib_envs",
+    "rllib_env",
+    "termination_wins",
 ]

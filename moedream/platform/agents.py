@@ -30,6 +30,7 @@ from moedream.config import (
     is_int,
 )
 from moedream.envs import env_names, env_spec
+from moedream.policies.episode_ends import BOOTSTRAP_TRUNCATED_EPISODES
 from moedream.policies.imagination_config import PROVIDERS, ImaginationConfig
 
 
@@ -117,6 +118,10 @@ class AgentsConfig(ConfigBase):
     """torch threads of the learner process (1: no OpenMP spin-waiting on shared cores)."""
     shared_team_reward: bool = True
     """Every agent receives the team reward (true for Overcooked and MaMuJoCo)."""
+    bootstrap_truncated_episodes: bool = BOOTSTRAP_TRUNCATED_EPISODES
+    """Real episodes the env truncated (Overcooked's horizon, MuJoCo's max_episode_steps) reach
+    PPO truncated, so GAE bootstraps from the critic's value of their last state; false: as
+    RLlib leaves them, terminated (no bootstrap; moedream.policies.episode_ends)."""
     obs_norm: bool = False
     """Standardise observations inside the perceiver with a running mean/std updated on the
     learner from real observations (on for MaMuJoCo, whose velocities and angles differ in
@@ -301,6 +306,7 @@ def build_algo_config(cfg: AgentsConfig, *, logdir_root: str | None = None):
             env_spec_json=spec.to_json(),
             shared_planner=t.shared_planner,
             shared_team_reward=cfg.shared_team_reward,
+            bootstrap_truncated_episodes=cfg.bootstrap_truncated_episodes,
             logdir_root=logdir_root,
             torch_num_threads=cfg.torch_num_threads,
         )

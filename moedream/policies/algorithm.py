@@ -65,6 +65,7 @@ from ray.rllib.utils.torch_utils import compute_global_norm
 from moedream.config import ConfigError, fail, is_int
 from moedream.envs.overcooked import SOUP_REWARD
 from moedream.envs.spec import EnvSpec
+from moedream.policies.episode_ends import BOOTSTRAP_TRUNCATED_EPISODES, restore_truncation
 from moedream.policies.imagination import (
     GateDecision,
     ProviderFailure,
@@ -174,6 +175,7 @@ class MBMAPPOConfig(PPOConfig):
         self.env_spec_json: str | None = None
         self.shared_planner = True
         self.shared_team_reward = True
+        self.bootstrap_truncated_episodes = BOOTSTRAP_TRUNCATED_EPISODES
         self.logdir_root: str | None = None
         self.torch_num_threads: int | None = 1
 
@@ -185,6 +187,7 @@ class MBMAPPOConfig(PPOConfig):
         env_spec_json: str | None = NotProvided,
         shared_planner: bool | None = NotProvided,
         shared_team_reward: bool | None = NotProvided,
+        bootstrap_truncated_episodes: bool | None = NotProvided,
         logdir_root: str | None = NotProvided,
         torch_num_threads: int | None = NotProvided,
     ) -> MBMAPPOConfig:
@@ -201,6 +204,10 @@ class MBMAPPOConfig(PPOConfig):
             shared_planner: one planner for all agents (agent-id embedding) or one per agent.
             shared_team_reward: every agent receives the team reward (team return = one
                 agent's return).
+            bootstrap_truncated_episodes: real episodes the env truncated (a time limit, e.g.
+                Overcooked's horizon) reach PPO truncated, so GAE bootstraps from the critic's
+                value of their last state; False: as RLlib leaves them, terminated
+                (moedream.policies.episode_ends).
             logdir_root: where the algorithm's own logs go when it runs outside Tune (RLlib
                 would use ~/ray_results); Tune trials use the trial directory.
             torch_num_threads: torch intra-op threads of the algorithm process (learner and
@@ -401,6 +408,9 @@ class MBMAPPO(PPO):
             if not episodes:
                 return []
             self.metrics.aggregate(env_runner_results, key=ENV_RUNNER_RESULTS)
+        if self.config.bootstrap_truncated_episodes:
+            for episode in episodes:  # before anyone reads them: the learner, the world model
+                restore_truncation(episode)
         real_steps = sum(e.env_steps() for e in episodes)
         self._log_counts(real_env_steps=real_steps)
         return episodes

@@ -31,6 +31,7 @@ from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 from moedream.coherence.kernel import td_residuals as kernel_td_residuals
 from moedream.envs import episode_limit, make_env
 from moedream.envs.spec import EnvSpec
+from moedream.policies.episode_ends import restore_truncation
 from moedream.policies.names import AGENT_INDEX, IMAGINED_PREFIX, REFLECTOR, planner_id
 from moedream.world_model.trajectory import Trajectories
 
@@ -214,8 +215,9 @@ def build_imagined_episodes(
     ``termination_threshold``, else it is cut at its length (H, or the coherent prefix the gate
     kept: ``trajectories.length``). A cut episode is truncated and NOT terminated, for the team
     and every agent, so PPO's GAE bootstraps from the reflector's value of the last imagined
-    state (:func:`_truncate`); ``bootstrap_truncated=False`` marks it terminated instead (no
-    bootstrap: the cut reads as the end of the episode).
+    state (moedream.policies.episode_ends.restore_truncation); ``bootstrap_truncated=False``
+    leaves it terminated, as RLlib marks it (no bootstrap: the cut reads as the end of the
+    episode).
     """
     obs = np.asarray(trajectories.obs, dtype=np.float32)  # [B, H + 1, N, D]
     if obs_transform is not None:
@@ -287,8 +289,7 @@ def _episode(
     episode.add_env_reset(observations=_per_agent_obs(obs[0], spec))
     for t in range(steps):
         terminated = bool(np.max(trajs.terminated[b, t]) >= threshold)
-        # with bootstrap the cut is marked after the loop: add_env_step would terminate it
-        truncated = (t == steps - 1) and not terminated and not bootstrap
+        truncated = (t == steps - 1) and not terminated  # RLlib terminates it too: see below
         row = b * h + t
         episode.add_env_step(
             observations=_per_agent_obs(obs[t + 1], spec),
@@ -307,20 +308,10 @@ def _episode(
         )
         if terminated:
             break
-    if bootstrap and not episode.is_done:
-        _truncate(episode)
+    if bootstrap:
+        restore_truncation(episode)
     episode.validate()
     return episode.to_numpy()
-
-
-def _truncate(episode: MultiAgentEpisode) -> None:
-    """Marks an imagined episode cut short truncated, and not terminated, for the team and
-    every agent. ``add_env_step`` cannot: once every agent is done it declares the episode
-    terminated and hands that to each agent's episode, and PPO's learner connector
-    (AddOneTsToEpisodesAndTruncate) then zeroes the bootstrap value at the cut."""
-    episode.is_truncated = True
-    for agent_episode in episode.agent_episodes.values():
-        agent_episode.is_truncated = True
 
 
 def _per_agent_obs(obs: np.ndarray, spec: EnvSpec) -> dict[str, np.ndarray]:

@@ -213,6 +213,30 @@ def test_two_iterations_with_imagination_on_mamujoco(ray_cluster, storage_path):
         algo.stop()
 
 
+@pytest.mark.parametrize("bootstrap", [True, False])
+def test_real_episodes_the_env_truncates_reach_the_learner_truncated(
+    ray_cluster, storage_path, bootstrap
+):
+    """MBMAPPO's real batch (what the learner, the world model and the gate read): episodes
+    cut by the horizon are truncated, not terminated, with bootstrap_truncated_episodes; as
+    RLlib marks them (terminated) without."""
+    options = {**TINY_OPTIONS["overcooked"], "horizon": 5}
+    cfg = tiny_config("overcooked", imagine=False, env_options=options, train_batch_size=10,
+                      minibatch_size=5, bootstrap_truncated_episodes=bootstrap)  # fmt: skip
+    algo = build_algo_config(cfg, logdir_root=storage_path).build_algo()
+    try:
+        episodes = algo._sample_real()
+    finally:
+        algo.stop()
+    ended = [e for e in episodes if e.is_done]
+    assert sum(e.env_steps() for e in ended) == 10
+    for episode in ended:
+        agents = episode.agent_episodes.values()
+        assert all(a.is_truncated for a in agents)
+        assert all(a.is_terminated is not bootstrap for a in agents)
+        assert episode.is_terminated is not bootstrap
+
+
 @pytest.mark.slow
 def test_same_seed_trains_the_same_weights(ray_cluster, storage_path):
     """Two runs of one config (a remote env runner, imagination from the stand-in) end their

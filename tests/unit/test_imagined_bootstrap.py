@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from moedream.world_model.trajectory import Trajectories
+from tests.gae import last_value_targets
 
 GAMMA, LAMBDA = 0.9, 0.95
 LENGTHS = (5, 2, 3)  # rows 0 and 1 are cut (at H, at the gate's kept prefix); row 2 ...
@@ -43,30 +44,7 @@ def _episodes(imagined, bootstrap_truncated: bool) -> list:
 
 
 def _last_value_targets(episodes: list, values_of) -> list[float]:
-    """Per episode (its first agent): GAE's value target of its last real step, computed by
-    RLlib's own PPO learner pieces (AddOneTsToEpisodesAndTruncate, compute_value_targets) with
-    critic values ``values_of(length)`` [length + 1] (the extra one: the state after the cut)."""
-    from ray.rllib.connectors.learner import AddOneTsToEpisodesAndTruncate
-    from ray.rllib.core.columns import Columns
-    from ray.rllib.utils.postprocessing.value_predictions import compute_value_targets
-
-    batch: dict = {}
-    AddOneTsToEpisodesAndTruncate()(rl_module=None, batch=batch, episodes=episodes,
-                                    shared_data={})  # fmt: skip
-    targets = []
-    for episode in episodes:
-        agent = next(iter(episode.agent_episodes))
-        key = next(k for k in batch[Columns.TERMINATEDS] if k[1] == agent and
-                   k[0].startswith(episode.id_))  # fmt: skip
-        terminateds = np.asarray(batch[Columns.TERMINATEDS][key], np.float32)  # [L + 1]
-        truncateds = np.asarray(batch[Columns.TRUNCATEDS][key], np.float32)
-        length = len(terminateds) - 1
-        rewards = np.append(np.ones(length, np.float32), 0.0)  # the phantom step: reward 0
-        target = compute_value_targets(
-            values_of(length), rewards, terminateds, truncateds, GAMMA, LAMBDA
-        )
-        targets.append(float(target[length - 1]))
-    return targets
+    return last_value_targets(episodes, values_of, GAMMA, LAMBDA)
 
 
 def test_cut_episodes_are_truncated_and_predicted_ends_terminated(imagined):
