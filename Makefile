@@ -13,7 +13,6 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 # Python randomises string hashes per process, and RLlib's results depend on that order: without
 # a fixed hash seed two runs with the same `seed` train differently (moedream/platform/ray_setup.py).
 export PYTHONHASHSEED ?= 0
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/moedream/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test test-fast test-unit bench lint format install clean

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -25,9 +24,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault(
-    "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/moedream/torch_extensions")
-)
 
 from benchmarks._common import (  # noqa: E402
     cpu_bf16_units,

@@ -22,9 +22,6 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault(
-    "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/moedream/torch_extensions")
-)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from benchmarks._common import markdown_table, record  # noqa: E402

@@ -30,9 +30,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # setting for that wait (RAY_raylet_start_wait_time_s and RAY_agent_register_timeout_ms did
 # not change it), so the ray_cluster fixture retries the start once.
 os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
-os.environ.setdefault(
-    "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/moedream/torch_extensions")
-)
 # Ray Train's controller polls its workers (see moedream.platform.ray_setup.worker_env_vars);
 # the test cluster, the drivers tests start and the private heads inherit this environment.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_HEALTH_CHECK_INTERVAL_S)

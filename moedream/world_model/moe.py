@@ -624,12 +624,15 @@ def _init_deepspeed_comm() -> None:
     group the caller already initialised with torch.distributed."""
     import deepspeed.comm as ds_comm
 
+    from moedream.torch_extensions import load_deepspeed_comm_ops
+
     if not dist.is_initialized():
         raise RuntimeError(
             "moe.backend='deepspeed' with an ep_group needs torch.distributed initialised first "
             "(dist.init_process_group)"
         )
     if not ds_comm.is_initialized():
+        load_deepspeed_comm_ops()
         ds_comm.init_distributed(
             dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False
         )

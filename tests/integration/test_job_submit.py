@@ -1,5 +1,7 @@
 """`ray job submit` to a local head: distributed world-model training, and the whole pipeline
-(`python -m moedream.platform.jobs.train`) on tiny budgets, resumed after its world model.
+(`python -m moedream.platform.jobs.train`) on tiny budgets, resumed after its world model. The
+pipeline runs on MaMuJoCo (the local pipeline test, test_quickstart.py, on Overcooked), so
+continuous actions go through every stage: Serve, the gate, the team's imagination, the report.
 
 The shared `ray_cluster` fixture has no dashboard (no job server), so this module starts its own
 head (one for both tests): `ray start --head --include-dashboard true --block` in a new session with a private temp
@@ -129,12 +131,10 @@ def test_ray_job_submit_trains_and_leaves_a_checkpoint(local_head, tmp_path):
 
 def test_ray_job_submit_runs_the_whole_pipeline(local_head, trained_run, tmp_path):
     config = tmp_path / "pipeline.yaml"
-    data = tiny_pipeline(
-        "overcooked", name="job", out=str(tmp_path / "runs"), http_port=free_port()
-    )
+    data = tiny_pipeline("mamujoco", name="job", out=str(tmp_path / "runs"), http_port=free_port())
     # collected data and a trained world model (Ray Train in a job: the test above): the job
     # resumes the run and starts the services and the team in its own cluster
-    run_dir = copy_run(trained_run("overcooked"), tmp_path / "runs", "job")
+    run_dir = copy_run(trained_run("mamujoco"), tmp_path / "runs", "job")
     # one iteration, no retrain (tested locally): the job only has to run every stage
     data["agents"].update(iterations=1)
     data["agents"]["imagination"]["world_model_retrain_every"] = 0
@@ -151,6 +151,12 @@ def test_ray_job_submit_runs_the_whole_pipeline(local_head, trained_run, tmp_pat
     assert job.stdout.count("finished earlier") == len(TRAINED_STAGES), logs
     ledger = json.loads((run_dir / "stages.json").read_text())
     assert list(ledger) == ["collect", "world_model", "serve", "gate", "agents", "report"]
-    assert len(ledger["agents"]["record"]["history"]) == 1
+    (history,) = ledger["agents"]["record"]["history"]
+    # the team imagined through the served model, and the gate judged every trajectory
+    kept = history["charts/imagined_env_steps_iter"]
+    assert kept > 0 and history["learner/imagined_agent_steps"] == pytest.approx(2 * kept)
+    rates = history["gate/approve_rate"] + history["gate/refine_rate"] + history["gate/reject_rate"]
+    assert rates == pytest.approx(1.0)
+    assert 0.7 <= ledger["gate"]["record"]["holdout_real_approval"] <= 1.0
     assert "team return, trained (eval)" in (run_dir / "report.md").read_text()
     # resuming (skipping recorded stages) is shown locally: tests/integration/test_quickstart.py

@@ -230,11 +230,24 @@ def _deepspeed_worker(rank: int, port: int, error_dir: str) -> None:
         raise
 
 
+def _leave_a_stale_build_lock() -> None:
+    """What a build killed mid-way leaves: torch's lock file in the op's build folder (placed
+    under the build flock, so no build of another test process is cut short). Without its
+    removal the ranks' op load would wait for it until the test times out."""
+    from moedream.torch_extensions import TORCH_BUILD_LOCK, build_flock, torch_extensions_dir
+
+    folder = torch_extensions_dir()
+    with build_flock(folder):
+        (folder / "deepspeed_shm_comm").mkdir(exist_ok=True)
+        (folder / "deepspeed_shm_comm" / TORCH_BUILD_LOCK).touch()
+
+
 @pytest.mark.slow
 def test_deepspeed_two_ranks_match_native_single_process(tmp_path):
     """Slow the first time only: DeepSpeed's torch comm backend JIT-compiles its shared-memory
     op (deepspeed_shm_comm, cached under TORCH_EXTENSIONS_DIR; minutes on a busy 2-core box)."""
     pytest.importorskip("deepspeed.moe.layer", reason="deepspeed is not installed (pinned 0.19.8)")
+    _leave_a_stale_build_lock()
     mp.spawn(_deepspeed_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     errors = sorted(tmp_path.glob("rank*.txt"))
     assert not errors, "\n".join(p.read_text() for p in errors)

@@ -481,6 +481,9 @@ def init_deepspeed_comm() -> None:
     """Let deepspeed.comm wrap the process group Ray Train already created."""
     import deepspeed
 
+    from moedream.torch_extensions import load_deepspeed_comm_ops
+
+    load_deepspeed_comm_ops()
     deepspeed.init_distributed(
         dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False
     )
