@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import socket
 import traceback
 
 import pytest
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 
 from moedream.world_model import expert_parallel as ep
 from moedream.world_model.moe import MoEConfig, MoEFeedForward
+from tests.ray_head import free_port
 
 WORLD_SIZE = 2
 TOKENS_PER_RANK = 24
@@ -31,12 +31,6 @@ def layer_cfg(**changes) -> MoEConfig:
 def loss_of(layer: MoEFeedForward, x: torch.Tensor, target: torch.Tensor):
     y, stats = layer(x)
     return y, (y - target).square().mean() + stats.aux_loss, stats
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- single process ----------------------------------------------------------------------------
