@@ -60,3 +60,28 @@ def paired_t_interval(differences: list[float], confidence: float = 0.95) -> tup
         return math.nan, math.nan
     _, lo, hi = mean_t_interval(differences, confidence)
     return lo, hi
+
+
+def train_seed_by_seed_and_record(args, spec, trainer, body, bench: str, title: str) -> None:
+    """Train every (variant, seed) of ``spec`` not yet finished (unless ``args.summarise_only``),
+    seed by seed so that a cut-short sitting still pairs the variants; then print ``body()`` or,
+    with ``args.record``, record it as block ``bench`` with the command that trains."""
+    import dataclasses
+    import sys
+
+    from _common import record
+
+    if not args.summarise_only:
+        from moedream.platform.ray_setup import init_ray
+        from moedream.results.runner import run_all
+
+        init_ray()
+        for seed in spec.protocol.seeds:
+            one = dataclasses.replace(spec.protocol, seeds=(seed,))
+            run_all(dataclasses.replace(spec, protocol=one), trainer, args.out)
+    text = body()
+    if not args.record:
+        print(text)
+        return
+    trains = [a for a in sys.argv[1:] if a != "--summarise-only"]
+    record(bench, title, text, " ".join([f"python benchmarks/{bench}.py", *trains]))

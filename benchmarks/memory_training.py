@@ -40,8 +40,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import markdown_table, parse_args, record  # noqa: E402
-from _training import final_points, iteration_values, mean_se, paired_t_interval  # noqa: E402
+from _common import markdown_table, parse_args  # noqa: E402
+from _training import (  # noqa: E402
+    final_points,
+    iteration_values,
+    mean_se,
+    paired_t_interval,
+    train_seed_by_seed_and_record,
+)
 
 from moedream.results.platform_train import PlatformTrainer  # noqa: E402
 from moedream.results.spec import Protocol, ResultsSpec, Variant  # noqa: E402
@@ -251,26 +257,11 @@ def note(args: Args, spec: ResultsSpec) -> str:
 def main(args: Args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     spec = build_spec(args)
-    if not args.summarise_only:
-        from moedream.platform.ray_setup import init_ray
-        from moedream.results.runner import run_all
-
-        trainer = SharedModelTrainer(spec, args.out, args)
-        init_ray()
-        for seed in spec.protocol.seeds:  # seed by seed: a cut-short run still pairs variants
-            one = dataclasses.replace(spec.protocol, seeds=(seed,))
-            run_all(dataclasses.replace(spec, protocol=one), trainer, args.out)
-    body = note(args, spec) + "\n\n" + render(args, spec)
-    if not args.record:
-        print(body)
-        return
-    trains = [a for a in sys.argv[1:] if a != "--summarise-only"]  # the command that trains
-    record(
-        "memory_training",
-        "Memory-composed imagination at horizon 20: team training",
-        body,
-        " ".join(["python benchmarks/memory_training.py", *trains]),
-    )
+    trainer = None if args.summarise_only else SharedModelTrainer(spec, args.out, args)
+    train_seed_by_seed_and_record(
+        args, spec, trainer, lambda: note(args, spec) + "\n\n" + render(args, spec),
+        "memory_training", "Memory-composed imagination at horizon 20: team training",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
